@@ -1,0 +1,1 @@
+"""LongVILA in JAX."""

@@ -1,0 +1,5 @@
+"""The one place that says what a config may hold, and checks it before any compute."""
+
+from longvila_jax.config.schema import ConfigError, base_config, validate
+
+__all__ = ["ConfigError", "base_config", "validate"]

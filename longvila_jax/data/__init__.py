@@ -1,0 +1,1 @@
+"""Data: tokenizer loading, chat templates, and (later) video decoding and input pipelines."""

@@ -1,0 +1,231 @@
+"""Import Hugging Face / VILA checkpoints into a longvila-jax (orbax) checkpoint.
+
+Accepted sources:
+  (a) a LongVILA folder: top `config.json` with `llm_cfg`, sub-folders `llm/`,
+      `vision_tower/`, `mm_projector/`;
+  (b) a transformers `LlavaForConditionalGeneration` folder (4.x and 5.x key layouts);
+  (c) a Qwen2/Llama folder, optionally with a separate SigLIP folder (`vision=`) and a
+      projector type, to assemble a new model for stage 1 (projector freshly initialised).
+Tensors stream one at a time into preallocated arrays: the model is in host memory once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from longvila_jax.config import ConfigError, base_config, validate
+from longvila_jax.interop import hf_layouts as L
+from longvila_jax.interop.safetensors_io import CheckpointError, SafetensorsFolder
+from longvila_jax.models.projector import Projector
+from longvila_jax.train.checkpoint import load_config, model_params, save_checkpoint
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+class _Source:
+    """Tensors of one component: `local key -> (folder, saved key)`."""
+
+    def __init__(self):
+        self.keys: dict[str, tuple[SafetensorsFolder, str]] = {}
+
+    def add(self, folder: SafetensorsFolder, local: str, saved: str):
+        self.keys[local] = (folder, saved)
+
+
+def _plain(folder: Path, strip) -> _Source:
+    tensors, source = SafetensorsFolder(folder), _Source()
+    for key in tensors.keys():
+        source.add(tensors, strip(key), key)
+    return source
+
+
+def _tokenizer_ids(tokenizer_dir: Path | None):
+    """(`<image>` id, newline id) from tokenizer.json, or Nones when absent."""
+    if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").exists():
+        return None, None
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    newline = tok.encode("\n", add_special_tokens=False).ids
+    return tok.token_to_id("<image>"), newline[0] if len(newline) == 1 else None
+
+
+def _detect(src: Path, vision: Path | None, projector_type: str | None):
+    """Return (config, {component: _Source}, tokenizer_dir, hf media ids)."""
+    config = base_config()
+    model = config.model
+    top = _read_json(src / "config.json")
+    sources = {}
+    if "llm_cfg" in top:  # (a) LongVILA
+        llm_dir = src / "llm"
+        L.llm_config_from_hf(_read_json(llm_dir / "config.json"), str(llm_dir / "config.json"),
+                             model.llm)
+        L.vision_config_from_hf(_read_json(src / "vision_tower" / "config.json"),
+                                str(src / "vision_tower" / "config.json"), model.vision)
+        proj = top.get("mm_projector_cfg") or _read_json(src / "mm_projector" / "config.json")
+        model.projector.type = proj.get("mm_projector_type", "")
+        model.vision.select_layer = top.get("mm_vision_select_layer", -2)
+        sources["llm"] = _plain(llm_dir, L.strip_llm_prefix)
+        sources["vision"] = _plain(src / "vision_tower", L.strip_vision_prefix)
+        sources["projector"] = _plain(src / "mm_projector", lambda k: k)
+        tokenizer_dir = llm_dir if (llm_dir / "tokenizer.json").exists() else src
+        ours = top.get("longvila_jax", {})
+        media = ours.get("media_token_id"), ours.get("newline_token_id", "tokenizer")
+        return config, sources, tokenizer_dir, media, False
+    if top.get("model_type") == "llava":  # (b) transformers LLaVA
+        where = str(src / "config.json")
+        L.llm_config_from_hf(top.get("text_config", {}), f"{where} text_config", model.llm)
+        L.vision_config_from_hf(top.get("vision_config", {}), f"{where} vision_config",
+                                model.vision)
+        strategy = top.get("vision_feature_select_strategy", "default")
+        if strategy != "full":
+            raise CheckpointError(f"{where}: vision_feature_select_strategy={strategy!r} is not "
+                                  "supported (SigLIP towers use 'full')")
+        if top.get("projector_hidden_act", "gelu") != "gelu":
+            raise CheckpointError(f"{where}: projector_hidden_act="
+                                  f"{top['projector_hidden_act']!r} is not supported ('gelu')")
+        model.projector.type = "mlp2x_gelu"
+        layer = top.get("vision_feature_layer", -2)
+        if not isinstance(layer, int):
+            raise CheckpointError(f"{where}: vision_feature_layer={layer!r}: one layer expected")
+        model.vision.select_layer = layer
+        tensors = SafetensorsFolder(src)
+        for key in tensors.keys():
+            component, local = L.normalise_key(key)
+            if component is None:
+                raise CheckpointError(f"{tensors.key_to_file[key]}: unexpected tensor '{key}' "
+                                      "in a LLaVA checkpoint")
+            sources.setdefault(component, _Source()).add(tensors, local, key)
+        return config, sources, src, (top.get("image_token_index"), None), False
+    # (c) a plain LLM folder, optionally with a SigLIP folder
+    L.llm_config_from_hf(top, str(src / "config.json"), model.llm)
+    sources["llm"] = _plain(src, L.strip_llm_prefix)
+    if vision is None:
+        model.vision.enabled = False
+        return config, sources, src, (None, None), False
+    L.vision_config_from_hf(_read_json(vision / "config.json"), str(vision / "config.json"),
+                            model.vision)
+    model.projector.type = projector_type or "mlp_downsample"
+    sources["vision"] = _plain(vision, L.strip_vision_prefix)
+    return config, sources, src, (None, "tokenizer"), True
+
+
+def _component_rules(config, llava: bool):
+    model = config.model
+    rules = {"llm": (L.llm_rules(model.llm), model.llm.num_layers)}
+    if model.vision.enabled:
+        rules["vision"] = (L.vision_rules(), model.vision.num_layers)
+        rules["projector"] = (L.projector_rules(model, llava), 0)
+    return rules
+
+
+def read_params(config, sources, *, llava: bool, fresh_projector: bool, progress: bool) -> dict:
+    """Stream every tensor into flat `{our path: np.ndarray}`, checking names and shapes."""
+    abstract = nnx.eval_shape(lambda: _model(config))
+    shapes = {path: var.shape for path, var in _flat(abstract)}
+    params: dict = {}
+    rules = _component_rules(config, llava)
+    if fresh_projector:
+        rules.pop("projector")
+        proj = Projector(config.model, rngs=nnx.Rngs(config.seed))
+        params.update({("projector", *k): np.asarray(v) for k, v in model_params(proj).items()})
+    total = sum(len(list(L.expand(r, n))) for r, n in rules.values())
+    bar = tqdm(total=total, desc="import", unit="tensor", disable=not progress)
+    for component, (component_rules, num_layers) in rules.items():
+        source = sources.get(component)
+        if source is None:
+            raise CheckpointError(f"no tensors found for the {component} component")
+        expected = set()
+        for local, path, layer, transform in L.expand(component_rules, num_layers):
+            expected.add(local)
+            if local not in source.keys:
+                raise CheckpointError(f"{_folder_of(source)}: missing tensor for '{local}' "
+                                      f"({component})")
+            folder, saved = source.keys[local]
+            array = L.to_ours(folder.get(saved), transform)
+            want = shapes[path][1:] if layer is not None else shapes[path]
+            if tuple(array.shape) != tuple(want):
+                raise CheckpointError(f"{folder.key_to_file[saved]}: '{saved}' has shape "
+                                      f"{tuple(array.shape)} after conversion, config expects "
+                                      f"{tuple(want)}")
+            if layer is None:
+                params[path] = np.ascontiguousarray(array)
+            else:
+                if path not in params:
+                    params[path] = np.empty((num_layers, *want), array.dtype)
+                params[path][layer] = array
+            bar.update()
+        for local, (folder, saved) in source.keys.items():
+            if local not in expected and not any(p.match(local) for p in L.IGNORED):
+                raise CheckpointError(f"{folder.key_to_file[saved]}: unexpected tensor '{saved}' "
+                                      f"(does the config match? {component})")
+    bar.close()
+    return params
+
+
+def _model(config):
+    from longvila_jax.models.longvila import LongVILA
+
+    return LongVILA(config.model, rngs=nnx.Rngs(0))
+
+
+def _flat(model):
+    return [(tuple(str(p) for p in path), var)
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def _folder_of(source: _Source) -> Path:
+    return next(iter(source.keys.values()))[0].folder if source.keys else Path("?")
+
+
+def import_hf(src, dst, *, vision=None, projector_type=None, media_token_id=None,
+              newline_token_id=None, progress: bool = True) -> Path:
+    """Convert a Hugging Face folder to a longvila-jax checkpoint at `dst`; returns `dst`.
+
+    `media_token_id` / `newline_token_id` override what the checkpoint or its tokenizer
+    says (needed only when neither names them).
+    """
+    src = Path(src)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a folder")
+    config, sources, tok_dir, (media, newline), fresh = _detect(
+        src, Path(vision) if vision else None, projector_type)
+    llava = not fresh and "llm_cfg" not in _read_json(src / "config.json")
+    if config.model.vision.enabled:
+        tok_media, tok_newline = _tokenizer_ids(tok_dir)
+        media = media_token_id if media_token_id is not None else (
+            media if media is not None else tok_media)
+        if newline_token_id is not None:
+            newline = newline_token_id
+        elif newline == "tokenizer":
+            newline = tok_newline
+        if media is None:
+            raise CheckpointError(f"{src}: cannot tell the media token id (no '<image>' in "
+                                  "tokenizer.json): pass media_token_id")
+        if newline == "tokenizer" or (newline is None and not llava):
+            raise CheckpointError(f"{src}: cannot tell the newline token id (no tokenizer.json): "
+                                  "pass newline_token_id")
+        config.model.media.media_token_id = int(media)
+        config.model.media.newline_token_id = None if newline is None else int(newline)
+    try:
+        validate(config)
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: imported config is invalid: {e}") from None
+    params = read_params(config, sources, llava=llava, fresh_projector=fresh, progress=progress)
+    has_tokenizer = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
+    return save_checkpoint(dst, config, params, tokenizer_dir=tok_dir if has_tokenizer else None)
+
+
+__all__ = ["import_hf", "load_config"]

@@ -1,0 +1,1 @@
+"""Model definitions: SigLIP vision tower, projectors, Qwen2/Llama decoders, the composite."""

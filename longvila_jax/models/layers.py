@@ -1,0 +1,103 @@
+"""Parameter-holding building blocks shared by the vision tower and the LLM.
+
+Parameters carry logical axis names (`out_sharding` metadata) so a mesh can shard them later
+through logical-to-mesh rules; they are never eagerly sharded at creation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, shape, names, dtype, init="normal", scale=0.02):
+    """An `nnx.Param` with logical axis names; `init` is 'normal', 'zeros' or 'ones'."""
+    if init == "normal":
+        value = scale * jax.random.normal(rngs.params(), shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"param: unknown init {init!r}")
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+
+
+class Linear(nnx.Module):
+    """`y = x @ kernel + bias` with kernel `[in, out]` (the transpose of PyTorch's weight)."""
+
+    def __init__(self, d_in, d_out, *, bias, names, rngs, param_dtype, dtype):
+        self.kernel = param(rngs, (d_in, d_out), names, param_dtype)
+        self.bias = param(rngs, (d_out,), names[1:], param_dtype, "zeros") if bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with scale and bias, statistics in float32."""
+
+    def __init__(self, dim, *, eps, name, rngs, param_dtype):
+        self.scale = param(rngs, (dim,), (name,), param_dtype, "ones")
+        self.bias = param(rngs, (dim,), (name,), param_dtype, "zeros")
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm as Qwen2/Llama define it: normalise in float32, cast, then scale."""
+
+    def __init__(self, dim, *, eps, rngs, param_dtype):
+        self.scale = param(rngs, (dim,), ("norm",), param_dtype, "ones")
+        self.eps = eps
+
+    def __call__(self, x):
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def gelu(x, approximate: bool):
+    return jax.nn.gelu(x, approximate=approximate)
+
+
+def scan_layers(layers: nnx.Module, x, body, *, remat: bool, count: int | None = None):
+    """Run `body(layer, x) -> x` over the first `count` layers of a stacked module.
+
+    Scanning keeps compile time flat in depth (28-80 decoder layers); `remat`
+    recomputes each layer's activations in the backward pass.
+    """
+    graphdef, state = nnx.split(layers)
+    if count is not None:
+        state = jax.tree.map(lambda a: a[:count], state)
+
+    def step(carry, layer_state):
+        return body(nnx.merge(graphdef, layer_state), carry), None
+
+    if remat:
+        step = jax.checkpoint(step, prevent_cse=False)
+    x, _ = jax.lax.scan(step, x, state)
+    return x
+
+
+def stacked(num_layers: int, make, rngs: nnx.Rngs):
+    """Create `num_layers` copies of `make(rngs)` with params stacked on a 'layers' axis."""
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make(r)
+
+    return build(rngs)

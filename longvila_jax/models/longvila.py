@@ -1,0 +1,104 @@
+"""The composite: frames -> SigLIP -> projector (+ per-frame newline) -> spliced into text -> LLM.
+
+Media placeholders are expanded on the host before the model sees them (the way the
+Llava processor does it): each image or video frame occupies `media_tokens_per_frame`
+consecutive positions holding `media_token_id`, so shapes are static under jit and
+splicing is a gather. Media embeddings fill those positions in batch-major order.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from longvila_jax.config import validate
+from longvila_jax.models.llm import CausalLM
+from longvila_jax.models.projector import Projector
+from longvila_jax.models.siglip import SiglipVisionTower
+
+IGNORE_INDEX = -100
+
+
+class LongVILA(nnx.Module):
+    """LongVILA / Llava-style VLM; with `vision.enabled=False` a plain causal LM."""
+
+    def __init__(self, model_cfg, *, rngs: nnx.Rngs):
+        self.llm = CausalLM(model_cfg, rngs=rngs)
+        enabled = model_cfg.vision.enabled
+        self.vision_tower = SiglipVisionTower(model_cfg, rngs=rngs) if enabled else None
+        self.projector = Projector(model_cfg, rngs=rngs) if enabled else None
+        self.media_token_id = model_cfg.media.media_token_id
+        self.newline_token_id = model_cfg.media.newline_token_id
+
+    @property
+    def media_tokens_per_frame(self) -> int:
+        """Positions one frame takes in the LLM sequence (projected tokens + newline)."""
+        return self.projector.tokens_per_image + (self.newline_token_id is not None)
+
+    def encode_frames(self, images):
+        """`[frames, H, W, 3]` -> `[frames, media_tokens_per_frame, llm_hidden]`."""
+        emb = self.projector(self.vision_tower(images))
+        if self.newline_token_id is not None:
+            newline = self.llm.embed(jnp.full((emb.shape[0], 1), self.newline_token_id))
+            emb = jnp.concatenate([emb, newline.astype(emb.dtype)], axis=1)
+        return emb
+
+    def embed(self, input_ids, images=None):
+        """Text embeddings with media positions replaced by frame embeddings."""
+        x = self.llm.embed(input_ids)
+        if images is None:
+            return x
+        media = self.encode_frames(images).reshape(-1, x.shape[-1]).astype(x.dtype)
+        is_media = input_ids == self.media_token_id
+        order = jnp.cumsum(is_media.reshape(-1)).reshape(is_media.shape) - 1
+        gathered = jnp.take(media, jnp.clip(order, 0, media.shape[0] - 1), axis=0)
+        return jnp.where(is_media[..., None], gathered, x)
+
+    def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
+        """Float32 logits `[batch, seq, vocab]`."""
+        batch, seq = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+        if segment_ids is None:
+            segment_ids = jnp.zeros((batch, seq), jnp.int32)
+        h = self.llm.hidden_states(self.embed(input_ids, images), positions, segment_ids)
+        return self.llm.logits(h)
+
+
+def next_token_loss(logits, labels):
+    """Mean cross-entropy of `logits[:, t]` against `labels[:, t+1]`, skipping IGNORE_INDEX.
+
+    Labels are unshifted (as in Hugging Face), so VILA-style label tensors port unchanged.
+    """
+    logits, targets = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
+    valid = targets != IGNORE_INDEX
+    logz = jnp.log(jnp.sum(jnp.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    nll = jnp.where(valid, logz - picked, 0.0)
+    return nll.sum() / jnp.maximum(valid.sum(), 1)
+
+
+def expand_media_tokens(input_ids, media_token_id: int, tokens_per_frame: int,
+                        frames_per_media) -> np.ndarray:
+    """Host-side: repeat each media placeholder to the positions its frames take.
+
+    `frames_per_media[k]` is the frame count of the k-th placeholder (1 for an image).
+    Raises if the placeholder count and `frames_per_media` disagree.
+    """
+    ids = [int(t) for t in input_ids]
+    spots = [i for i, t in enumerate(ids) if t == media_token_id]
+    if len(spots) != len(frames_per_media):
+        raise ValueError(f"expand_media_tokens: {len(spots)} media placeholders in the text "
+                         f"but {len(frames_per_media)} media items given")
+    out, last = [], 0
+    for spot, frames in zip(spots, frames_per_media, strict=True):
+        out += ids[last:spot] + [media_token_id] * (frames * tokens_per_frame)
+        last = spot + 1
+    return np.asarray(out + ids[last:], np.int32)
+
+
+def build_model(config, seed: int | None = None) -> LongVILA:
+    """Validate `config` and build a randomly initialised model."""
+    validate(config)
+    return LongVILA(config.model, rngs=nnx.Rngs(config.seed if seed is None else seed))

@@ -1,0 +1,1 @@
+"""Training state, steps, stages and checkpoints."""

@@ -1,0 +1,116 @@
+"""Model checkpoints: `config.json` + orbax `params/` + optional `tokenizer/`, written atomically.
+
+Everything is written into a hidden temporary folder beside the destination and renamed
+at the end, so an interrupted or failed write never leaves a half checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from longvila_jax.config import validate
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
+                   "generation_config.json", "chat_template.jinja")
+
+
+@contextlib.contextmanager
+def atomic_folder(dst):
+    """Yield a temporary folder that becomes `dst` only if the block succeeds."""
+    dst = Path(dst).absolute()
+    if dst.exists():
+        raise FileExistsError(f"{dst}: already exists; remove it or choose another path")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def flat_to_nested(flat: dict) -> dict:
+    nested = {}
+    for path, value in flat.items():
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(str(part), {})
+        node[str(path[-1])] = value
+    return nested
+
+
+def nested_to_flat(nested: dict, prefix=()) -> dict:
+    flat = {}
+    for key, value in nested.items():
+        if isinstance(value, dict):
+            flat.update(nested_to_flat(value, (*prefix, key)))
+        else:
+            flat[(*prefix, key)] = value
+    return flat
+
+
+def model_params(model: nnx.Module) -> dict:
+    """Flat `{path: array}` of a model's parameters (paths as string tuples)."""
+    return {tuple(str(p) for p in path): var[...]
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def save_checkpoint(dst, config: ml_collections.ConfigDict, params: dict, tokenizer_dir=None):
+    """Write a checkpoint folder; `params` is flat `{path tuple: array}`."""
+    with atomic_folder(dst) as tmp:
+        (tmp / "config.json").write_text(config.to_json(indent=2))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", flat_to_nested(params))
+        if tokenizer_dir is not None:
+            (tmp / "tokenizer").mkdir()
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).exists():
+                    shutil.copy2(Path(tokenizer_dir) / name, tmp / "tokenizer" / name)
+    return Path(dst)
+
+
+def load_config(ckpt) -> ml_collections.ConfigDict:
+    path = Path(ckpt) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (is {ckpt} a longvila-jax checkpoint?)")
+    return validate(ml_collections.ConfigDict(json.loads(path.read_text())))
+
+
+def load_params(ckpt) -> dict:
+    """Flat `{path: np.ndarray}` exactly as stored (dtype preserved)."""
+    path = (Path(ckpt) / "params").absolute()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing (is {ckpt} a longvila-jax checkpoint?)")
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(path)
+    return {k: np.asarray(v) for k, v in nested_to_flat(restored).items()}
+
+
+def load_model(ckpt, config=None):
+    """Build the model from a checkpoint without a throw-away random init."""
+    from longvila_jax.models.longvila import LongVILA
+
+    config = load_config(ckpt) if config is None else validate(config)
+    params = load_params(ckpt)
+    model = nnx.eval_shape(lambda: LongVILA(config.model, rngs=nnx.Rngs(0)))
+    dtype = np.dtype(config.model.param_dtype)
+    state = nnx.state(model, nnx.Param)
+    for path, var in nnx.to_flat_state(state):
+        key = tuple(str(p) for p in path)
+        if key not in params:
+            raise KeyError(f"{ckpt}: parameter {'/'.join(key)} missing from the checkpoint")
+        var.set_value(jax.numpy.asarray(params[key], dtype))
+    nnx.update(model, state)
+    return model

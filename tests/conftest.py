@@ -1,0 +1,72 @@
+"""Shared fixtures: the PyTorch reference environment and fresh random seeds."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = Path(__file__).parent / "reference"
+
+
+def _reference_python() -> Path:
+    """Create (once, under a file lock) and return the reference env's interpreter.
+
+    The env lives in `$LONGVILA_REF_ENV` (default `.ref-env/` in the repo) and is rebuilt
+    when `tests/reference/requirements.txt` changes. `$LONGVILA_REF_PYTHON` picks the
+    interpreter that creates it (default python3.11: the only CPU torch wheel here).
+    """
+    env_dir = Path(os.environ.get("LONGVILA_REF_ENV", ROOT / ".ref-env"))
+    requirements = REFERENCE / "requirements.txt"
+    stamp = hashlib.sha256(requirements.read_bytes()).hexdigest()
+    python = env_dir / "bin" / "python"
+    env_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(str(env_dir) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (env_dir / "stamp").exists() and (env_dir / "stamp").read_text() == stamp:
+            return python
+        creator = os.environ.get("LONGVILA_REF_PYTHON", "python3.11")
+        # pyenv machines: pick the 3.11 install even where .python-version says 3.12.
+        env = {**os.environ, "PYENV_VERSION": os.environ.get("PYENV_VERSION", "3.11")}
+        start = time.time()
+        print(f"\ncreating the PyTorch reference env in {env_dir} ...", file=sys.stderr)
+        subprocess.run([creator, "-m", "venv", "--clear", str(env_dir)], check=True, env=env)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-r", str(requirements)],
+                       check=True)
+        (env_dir / "stamp").write_text(stamp)
+        print(f"reference env ready in {time.time() - start:.0f}s", file=sys.stderr)
+    return python
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """Run a list of actions in the reference env (see tests/reference/hf_reference.py)."""
+    python = _reference_python()
+    counter = iter(range(10**6))
+
+    def run(actions):
+        job = tmp_path_factory.mktemp("job") / f"job{next(counter)}.json"
+        job.write_text(json.dumps(actions))
+        result = subprocess.run([str(python), str(REFERENCE / "hf_reference.py"), str(job)],
+                                capture_output=True, text=True)
+        if result.returncode:
+            raise RuntimeError(f"reference job failed:\n{result.stderr[-4000:]}")
+
+    return run
+
+
+@pytest.fixture
+def rng(request):
+    """A fresh random generator per test; the seed is printed so a failure can be replayed."""
+    seed = int(os.environ.get("LONGVILA_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+    print(f"{request.node.name}: LONGVILA_TEST_SEED={seed}")
+    return np.random.default_rng(seed)
