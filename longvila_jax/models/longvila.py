@@ -8,6 +8,7 @@ splicing is a gather. Media embeddings fill those positions in batch-major order
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -49,8 +50,15 @@ class LongVILA(nnx.Module):
         x = self.llm.embed(input_ids)
         if images is None:
             return x
-        media = self.encode_frames(images).reshape(-1, x.shape[-1]).astype(x.dtype)
+        if self.vision_tower is None:
+            raise ValueError("LongVILA: images given to a model built without a vision tower")
         is_media = input_ids == self.media_token_id
+        if not isinstance(is_media, jax.core.Tracer):  # eager calls can check the count
+            want, have = images.shape[0] * self.media_tokens_per_frame, int(is_media.sum())
+            if want != have:
+                raise ValueError(f"LongVILA: {images.shape[0]} frames need {want} media "
+                                 f"positions (id {self.media_token_id}) but the ids hold {have}")
+        media = self.encode_frames(images).reshape(-1, x.shape[-1]).astype(x.dtype)
         order = jnp.cumsum(is_media.reshape(-1)).reshape(is_media.shape) - 1
         gathered = jnp.take(media, jnp.clip(order, 0, media.shape[0] - 1), axis=0)
         return jnp.where(is_media[..., None], gathered, x)

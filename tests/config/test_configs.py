@@ -1,0 +1,106 @@
+"""Config files: the published shapes, a parameter count from first principles, early errors."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import jax
+import pytest
+from flax import nnx
+
+from longvila_jax.config import ConfigError, validate
+from longvila_jax.models.longvila import LongVILA, build_model
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def load(name: str, *args):
+    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(*args)
+
+
+def llm_param_count(llm) -> int:
+    """Decoder parameters counted from the architecture definition."""
+    d, f, hd = llm.hidden_size, llm.intermediate_size, llm.head_dim
+    q, kv = llm.num_heads * hd, llm.num_kv_heads * hd
+    attn = d * q + 2 * d * kv + q * d + (q + 2 * kv if llm.attention_bias else 0)
+    layer = attn + 3 * d * f + 2 * d
+    head = 0 if llm.tie_embeddings else d * llm.vocab_size
+    return llm.vocab_size * d + llm.num_layers * layer + d + head
+
+
+def abstract(config):
+    return nnx.eval_shape(lambda: LongVILA(validate(config).model, rngs=nnx.Rngs(0)))
+
+
+def count(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+@pytest.mark.parametrize("name,args", [("tiny", ()), ("qwen2_1_5b", ()), ("qwen2_7b", ()),
+                                       ("qwen2_7b", ("1m",)), ("llama3_8b", ())])
+def test_config_builds_with_expected_parameter_count(name, args):
+    config = load(name, *args)
+    model = abstract(config)
+    assert count(model.llm) == llm_param_count(config.model.llm)
+
+
+def test_published_shapes():
+    q15, q7, q7m, l8 = (load("qwen2_1_5b"), load("qwen2_7b"), load("qwen2_7b", "1m"),
+                        load("llama3_8b"))
+    assert (q15.model.llm.rope_theta, q15.model.llm.max_position_embeddings) == (15.3e6, 65536)
+    llm = q7.model.llm
+    assert (llm.num_layers, llm.hidden_size, llm.num_heads, llm.num_kv_heads,
+            llm.vocab_size) == (28, 3584, 28, 4, 151648)
+    assert q7m.model.llm.rope_theta == 1_062_356_830
+    assert (q7m.model.llm.rope_scaling.type, q7m.model.llm.rope_scaling.factor) == ("linear", 4)
+    llm = l8.model.llm
+    assert (llm.family, llm.num_layers, llm.num_kv_heads, llm.vocab_size, llm.rope_theta,
+            llm.max_position_embeddings) == ("llama", 32, 8, 128257, 207_112_184, 262144)
+    assert not llm.attention_bias and q7.model.llm.attention_bias
+    vision = q7.model.vision
+    assert (vision.num_layers, vision.hidden_size, vision.num_heads, vision.intermediate_size,
+            vision.patch_size, vision.image_size) == (27, 1152, 16, 4304, 14, 384)
+    # 27x27 patches -> zero-padded 28x28 -> 2x2 merge -> 196 tokens, plus the newline.
+    assert abstract(q7).media_tokens_per_frame == 197
+    # Approximate published sizes: Qwen2-1.5B, Qwen2-7B, Llama-3-8B decoders.
+    assert abs(llm_param_count(q15.model.llm) / 1e9 - 1.54) < 0.01
+    assert abs(llm_param_count(q7.model.llm) / 1e9 - 7.61) < 0.01
+    assert abs(llm_param_count(l8.model.llm) / 1e9 - 8.03) < 0.01
+
+
+@pytest.mark.parametrize("key,value", [
+    ("model.llm.family", "gpt2"),
+    ("model.llm.num_kv_heads", 3),
+    ("model.llm.hidden_size", 0),
+    ("model.llm.head_dim", 15),
+    ("model.llm.rope_scaling.type", "yarn"),
+    ("model.vision.num_heads", 5),
+    ("model.vision.select_layer", -9),
+    ("model.vision.image_size", 10),
+    ("model.projector.type", "mlp9x"),
+    ("model.media.media_token_id", 10**6),
+    ("model.dtype", "float8"),
+])
+def test_invalid_value_fails_before_compute_naming_the_key(key, value):
+    config = load("tiny")
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as err:
+        build_model(config)
+    assert str(err.value).startswith(key + ":")
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_is_named():
+    config = load("tiny")
+    config.model.unlock()
+    config.model.vison = {}
+    with pytest.raises(ConfigError, match=r"^model\.vison:"):
+        validate(config)

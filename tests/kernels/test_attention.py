@@ -1,0 +1,290 @@
+"""`flash_attention` against a float64 numpy reference: forward, LSE and the backward pass.
+
+The reference applies the documented rule row by row (a query sees a key iff they share a
+segment and, when causal, kv_pos <= q_pos) and writes the softmax-attention backward out
+by hand, so it shares no code path with the library's grouped einsums.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longvila_jax.kernels import flash_attention
+
+FP32_RTOL = 1e-5
+BF16_RTOL = 2e-2
+
+
+def rel_err(actual, expected):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
+
+
+def reference_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale):
+    """Dense float64 attention; returns out, lse and the probabilities [b, h, q, kv]."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    batch, q_len, heads, head_dim = q.shape
+    kv_len, kv_heads = k.shape[1], k.shape[2]
+    groups = heads // kv_heads
+    out = np.zeros((batch, q_len, heads, head_dim))
+    lse = np.full((batch, heads, q_len), -np.inf)
+    probs = np.zeros((batch, heads, q_len, kv_len))
+    for b in range(batch):
+        for h in range(heads):
+            kh = h // groups
+            for i in range(q_len):
+                visible = [j for j in range(kv_len) if q_seg[b, i] == kv_seg[b, j]
+                           and (not causal or kv_pos[b, j] <= q_pos[b, i])]
+                if not visible:
+                    continue
+                scores = np.array([scale * np.dot(q[b, i, h], k[b, j, kh]) for j in visible])
+                top = scores.max()
+                weights = np.exp(scores - top)
+                total = weights.sum()
+                lse[b, h, i] = top + np.log(total)
+                for w, j in zip(weights / total, visible, strict=True):
+                    probs[b, h, i, j] = w
+                    out[b, i, h] += w * v[b, j, kh]
+    return out, lse, probs
+
+
+def reference_backward(q, k, v, out, probs, d_out, d_lse, scale):
+    """Analytic float64 gradients of sum(out * d_out) + sum(lse * d_lse) wrt q, k, v."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    heads, kv_heads = q.shape[2], k.shape[2]
+    groups = heads // kv_heads
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            kh = h // groups
+            p = probs[b, h]                                   # [q, kv]
+            do = d_out[b, :, h]                               # [q, d]
+            dv[b, :, kh] += p.T @ do
+            dp = do @ v[b, :, kh].T                           # [q, kv]
+            delta = np.sum(do * out[b, :, h], axis=-1, keepdims=True)
+            ds = p * (dp - delta) + p * d_lse[b, h][:, None]
+            dq[b, :, h] += scale * ds @ k[b, :, kh]
+            dk[b, :, kh] += scale * ds.T @ q[b, :, h]
+    return dq, dk, dv
+
+
+def sorted_segments(rng, batch, length, count):
+    """Packed-document segment ids: non-decreasing per row."""
+    return np.sort(rng.integers(0, count, (batch, length)), axis=1).astype(np.int32)
+
+
+def random_shape(rng, ratio, head_dim=None):
+    """(batch, q_len, kv_len, heads, kv_heads, head_dim) with heads = ratio * kv_heads."""
+    kv_heads = int(rng.integers(1, 3))
+    return (int(rng.integers(1, 3)), int(rng.integers(1, 10)), int(rng.integers(1, 10)),
+            ratio * kv_heads, kv_heads, head_dim or int(rng.choice([4, 8, 16])))
+
+
+def random_case(rng, *, ratio=None, causal, packed, offset, shape=None, head_dim=None):
+    batch, q_len, kv_len, heads, kv_heads, head_dim = shape or random_shape(rng, ratio, head_dim)
+    q = rng.normal(size=(batch, q_len, heads, head_dim)).astype(np.float32)
+    k = rng.normal(size=(batch, kv_len, kv_heads, head_dim)).astype(np.float32)
+    v = rng.normal(size=(batch, kv_len, kv_heads, head_dim)).astype(np.float32)
+    if offset:
+        # A ring step: this shard's queries start at 37+, the visiting K/V chunk elsewhere.
+        q_start = 37 + rng.integers(0, 8, (batch, 1))
+        kv_start = rng.integers(30, 45, (batch, 1))
+    else:
+        q_start = kv_start = np.zeros((batch, 1), np.int64)
+    q_pos = (q_start + np.arange(q_len)).astype(np.int32)
+    kv_pos = (kv_start + np.arange(kv_len)).astype(np.int32)
+    if packed:
+        q_seg = sorted_segments(rng, batch, q_len, 3)
+        kv_seg = sorted_segments(rng, batch, kv_len, 3)
+    else:
+        q_seg, kv_seg = np.zeros((batch, q_len), np.int32), np.zeros((batch, kv_len), np.int32)
+    return dict(q=q, k=k, v=v, q_pos=q_pos, kv_pos=kv_pos, q_seg=q_seg, kv_seg=kv_seg,
+                causal=causal)
+
+
+# Jitted once per shape; tests reuse one shape across masks so each compiles little.
+_attention = jax.jit(flash_attention, static_argnames=("causal", "softmax_scale", "backend"))
+
+
+def run(case, scale=None, backend="auto"):
+    fn = _attention if backend in ("auto", "xla") else flash_attention
+    return fn(
+        jnp.asarray(case["q"]), jnp.asarray(case["k"]), jnp.asarray(case["v"]),
+        q_positions=jnp.asarray(case["q_pos"]), kv_positions=jnp.asarray(case["kv_pos"]),
+        q_segment_ids=jnp.asarray(case["q_seg"]), kv_segment_ids=jnp.asarray(case["kv_seg"]),
+        causal=case["causal"], softmax_scale=scale, backend=backend)
+
+
+def reference(case, scale=None):
+    scale = case["q"].shape[-1] ** -0.5 if scale is None else scale
+    return reference_forward(case["q"], case["k"], case["v"], case["q_pos"], case["kv_pos"],
+                             case["q_seg"], case["kv_seg"], case["causal"], scale)
+
+
+def check_forward(out, lse, ref_out, ref_lse, rtol):
+    out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    masked = np.isneginf(ref_lse)
+    np.testing.assert_array_equal(np.isneginf(lse), masked)
+    assert np.isfinite(lse[~masked]).all()
+    assert rel_err(out, ref_out) <= rtol
+    if (~masked).any():
+        assert rel_err(lse[~masked], ref_lse[~masked]) <= rtol
+    # Rows that see no key are exactly zero, per head: [b, q, h] vs lse's [b, h, q].
+    assert (out[masked.transpose(0, 2, 1)] == 0).all()
+
+
+@pytest.mark.parametrize("ratio", [1, 4, 7])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_matches_reference(rng, ratio, causal):
+    shape = random_shape(rng, ratio)
+    for packed, offset in [(False, False), (True, False), (False, True), (True, True)]:
+        case = random_case(rng, causal=causal, packed=packed, offset=offset, shape=shape)
+        out, lse = run(case)
+        assert out.dtype == jnp.float32 and lse.dtype == jnp.float32
+        ref_out, ref_lse, _ = reference(case)
+        check_forward(out, lse, ref_out, ref_lse, FP32_RTOL)
+
+
+def test_defaults_mean_arange_positions_and_one_segment(rng):
+    case = random_case(rng, ratio=2, causal=True, packed=False, offset=False)
+    for causal in (False, True):
+        out, lse = _attention(jnp.asarray(case["q"]), jnp.asarray(case["k"]),
+                              jnp.asarray(case["v"]), causal=causal)
+        ref_out, ref_lse, _ = reference({**case, "causal": causal})
+        check_forward(out, lse, ref_out, ref_lse, FP32_RTOL)
+
+
+def test_custom_softmax_scale(rng):
+    case = random_case(rng, ratio=2, causal=True, packed=True, offset=True)
+    scale = float(rng.uniform(0.05, 2.0))
+    out, lse = run(case, scale=scale)
+    ref_out, ref_lse, _ = reference(case, scale=scale)
+    check_forward(out, lse, ref_out, ref_lse, FP32_RTOL)
+    # The scale must matter: the default-scale lse differs measurably.
+    _, default_lse, _ = reference(case)
+    finite = np.isfinite(ref_lse)
+    if finite.any() and abs(scale - case["q"].shape[-1] ** -0.5) > 0.02:
+        assert rel_err(np.asarray(lse)[finite], default_lse[finite]) > 10 * FP32_RTOL
+
+
+def masked_rows_case(rng, ratio):
+    """Packed case where some query rows carry a segment id that no key has."""
+    case = random_case(rng, ratio=ratio, causal=bool(rng.integers(2)), packed=True, offset=True)
+    q_len = case["q"].shape[1]
+    orphan = rng.random(case["q_seg"].shape) < 0.4
+    orphan[0, int(rng.integers(q_len))] = True
+    case["q_seg"] = np.where(orphan, 99, case["q_seg"]).astype(np.int32)
+    return case, orphan
+
+
+@pytest.mark.parametrize("ratio", [1, 4])
+def test_fully_masked_rows_give_zero_and_minus_inf(rng, ratio):
+    case, orphan = masked_rows_case(rng, ratio)
+    out, lse = run(case)
+    out, lse = np.asarray(out), np.asarray(lse)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    assert (out[orphan] == 0).all()
+    assert np.isneginf(lse.transpose(0, 2, 1)[orphan]).all()
+    ref_out, ref_lse, _ = reference(case)
+    check_forward(out, lse, ref_out, ref_lse, FP32_RTOL)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "scale"))
+def _grads(q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, d_lse, *, causal, scale):
+    def loss(q, k, v):
+        out, lse = flash_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos,
+                                   q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
+                                   softmax_scale=scale)
+        finite = jnp.isfinite(lse)
+        return (jnp.sum(out.astype(jnp.float32) * d_out)
+                + jnp.sum(jnp.where(finite, lse * d_lse, 0.0)))
+
+    return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+def loss_and_grads(case, d_out, d_lse, scale=None):
+    """Gradients wrt q, k, v of sum(out * d_out) + sum over finite lse of lse * d_lse."""
+    names = ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg")
+    return _grads(*(jnp.asarray(case[n]) for n in names), jnp.asarray(d_out),
+                  jnp.asarray(d_lse), causal=case["causal"], scale=scale)
+
+
+@pytest.mark.parametrize("ratio", [1, 4, 7])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradients_match_analytic_reference(rng, ratio, causal):
+    case = random_case(rng, ratio=ratio, causal=causal, packed=True, offset=causal)
+    scale = float(rng.uniform(0.1, 1.0))
+    ref_out, ref_lse, probs = reference(case, scale=scale)
+    d_out = rng.normal(size=ref_out.shape).astype(np.float32)
+    d_lse = rng.normal(size=ref_lse.shape).astype(np.float32)
+    grads = loss_and_grads(case, d_out, d_lse, scale)
+    # The loss ignores lse where it is -inf, so the reference cotangent is zero there.
+    d_lse_ref = np.where(np.isfinite(ref_lse), d_lse, 0.0)
+    expected = reference_backward(case["q"], case["k"], case["v"], ref_out, probs,
+                                  d_out.astype(np.float64), d_lse_ref, scale)
+    for name, got, want in zip("qkv", grads, expected, strict=True):
+        got = np.asarray(got)
+        assert np.isfinite(got).all(), name
+        if np.linalg.norm(want) == 0:
+            assert (got == 0).all(), name
+        else:
+            assert rel_err(got, want) <= FP32_RTOL, name
+
+
+def test_gradients_through_fully_masked_rows(rng):
+    case, orphan = masked_rows_case(rng, ratio=int(rng.choice([1, 3])))
+    ref_out, ref_lse, probs = reference(case)
+    d_out = rng.normal(size=ref_out.shape).astype(np.float32)
+    d_lse = rng.normal(size=ref_lse.shape).astype(np.float32)
+    dq, dk, dv = (np.asarray(g) for g in loss_and_grads(case, d_out, d_lse))
+    for g in (dq, dk, dv):
+        assert np.isfinite(g).all()
+    assert (dq[orphan] == 0).all()
+    scale = case["q"].shape[-1] ** -0.5
+    expected = reference_backward(case["q"], case["k"], case["v"], ref_out, probs,
+                                  d_out.astype(np.float64),
+                                  np.where(np.isfinite(ref_lse), d_lse, 0.0), scale)
+    for got, want in zip((dq, dk, dv), expected, strict=True):
+        if np.linalg.norm(want) == 0:
+            assert (got == 0).all()
+        else:
+            assert rel_err(got, want) <= FP32_RTOL
+
+
+@pytest.mark.parametrize("ratio", [1, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_inputs(rng, ratio, causal):
+    case = random_case(rng, ratio=ratio, causal=causal, packed=True, offset=causal,
+                       head_dim=16)
+    for name in "qkv":
+        # The reference sees exactly the bf16-rounded inputs the kernel sees.
+        case[name] = np.asarray(jnp.asarray(case[name], jnp.bfloat16).astype(jnp.float32))
+    out, lse = _attention(
+        jnp.asarray(case["q"], jnp.bfloat16), jnp.asarray(case["k"], jnp.bfloat16),
+        jnp.asarray(case["v"], jnp.bfloat16), q_positions=jnp.asarray(case["q_pos"]),
+        kv_positions=jnp.asarray(case["kv_pos"]), q_segment_ids=jnp.asarray(case["q_seg"]),
+        kv_segment_ids=jnp.asarray(case["kv_seg"]), causal=causal)
+    assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
+    ref_out, ref_lse, _ = reference(case)
+    check_forward(out.astype(jnp.float32), lse, ref_out, ref_lse, BF16_RTOL)
+
+
+def test_rejects_unknown_backend(rng):
+    case = random_case(rng, ratio=1, causal=True, packed=False, offset=False)
+    with pytest.raises(ValueError, match="backend"):
+        run(case, backend="cudnn-magic")
+
+
+def test_rejects_heads_not_multiple_of_kv_heads(rng):
+    q = jnp.asarray(rng.normal(size=(1, 4, 5, 8)), jnp.float32)
+    kv = jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32)
+    with pytest.raises(ValueError, match="kv_heads"):
+        flash_attention(q, kv, kv, causal=True)
