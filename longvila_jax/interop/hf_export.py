@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from longvila_jax.interop import hf_layouts as L
 from longvila_jax.interop.safetensors_io import CheckpointError, write_sharded
-from longvila_jax.train.checkpoint import atomic_folder, load_config, load_params
+from longvila_jax.train.checkpoint import atomic_folder, ensure_new_path, load_config, load_params
 
 FORMATS = ("longvila", "llava")
 SHARD_BYTES = 5 * 10**9
@@ -48,6 +48,7 @@ def export_hf(ckpt, out, *, fmt: str = "longvila", max_shard_bytes: int = SHARD_
     if fmt not in FORMATS:
         raise ValueError(f"export format {fmt!r}: expected one of {FORMATS}")
     ckpt = Path(ckpt)
+    ensure_new_path(out)
     config = load_config(ckpt)
     model = config.model
     if fmt == "llava" and (not model.vision.enabled or model.projector.type != "mlp2x_gelu"):

@@ -19,19 +19,23 @@ from flax import nnx
 from tqdm import tqdm
 
 from longvila_jax.config import ConfigError, base_config, validate
+from longvila_jax.config.schema import DTYPES
 from longvila_jax.interop import hf_layouts as L
 from longvila_jax.interop.safetensors_io import CheckpointError, SafetensorsFolder
 from longvila_jax.models.projector import Projector
-from longvila_jax.train.checkpoint import load_config, model_params, save_checkpoint
+from longvila_jax.train.checkpoint import ensure_new_path, model_params, save_checkpoint
 
 
 def _read_json(path: Path) -> dict:
     if not path.exists():
         raise CheckpointError(f"{path}: missing")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class _Source:
@@ -75,14 +79,22 @@ def _detect(src: Path, vision: Path | None, projector_type: str | None):
         L.vision_config_from_hf(_read_json(src / "vision_tower" / "config.json"),
                                 str(src / "vision_tower" / "config.json"), model.vision)
         proj = top.get("mm_projector_cfg") or _read_json(src / "mm_projector" / "config.json")
-        model.projector.type = proj.get("mm_projector_type", "")
-        model.vision.select_layer = top.get("mm_vision_select_layer", -2)
+        if not isinstance(proj, dict):
+            raise CheckpointError(f"{src / 'config.json'}: 'mm_projector_cfg' must be an object")
+        model.projector.type = str(proj.get("mm_projector_type", ""))
+        model.vision.select_layer = L.get_int(top, "mm_vision_select_layer",
+                                              str(src / "config.json"), -2)
         sources["llm"] = _plain(llm_dir, L.strip_llm_prefix)
         sources["vision"] = _plain(src / "vision_tower", L.strip_vision_prefix)
         sources["projector"] = _plain(src / "mm_projector", lambda k: k)
         tokenizer_dir = llm_dir if (llm_dir / "tokenizer.json").exists() else src
-        ours = top.get("longvila_jax", {})
-        media = ours.get("media_token_id"), ours.get("newline_token_id", "tokenizer")
+        # Exports of ours record the ids; VILA's own folders leave them to the tokenizer.
+        ours, where = top.get("longvila_jax") or {}, str(src / "config.json")
+        if not isinstance(ours, dict):
+            raise CheckpointError(f"{where}: 'longvila_jax' must be an object")
+        media = (L.get_int(ours, "media_token_id", where, None),
+                 L.get_int(ours, "newline_token_id", where, None)
+                 if "newline_token_id" in ours else "tokenizer")
         return config, sources, tokenizer_dir, media, False
     if top.get("model_type") == "llava":  # (b) transformers LLaVA
         where = str(src / "config.json")
@@ -97,10 +109,7 @@ def _detect(src: Path, vision: Path | None, projector_type: str | None):
             raise CheckpointError(f"{where}: projector_hidden_act="
                                   f"{top['projector_hidden_act']!r} is not supported ('gelu')")
         model.projector.type = "mlp2x_gelu"
-        layer = top.get("vision_feature_layer", -2)
-        if not isinstance(layer, int):
-            raise CheckpointError(f"{where}: vision_feature_layer={layer!r}: one layer expected")
-        model.vision.select_layer = layer
+        model.vision.select_layer = L.get_int(top, "vision_feature_layer", where, -2)
         tensors = SafetensorsFolder(src)
         for key in tensors.keys():
             component, local = L.normalise_key(key)
@@ -108,7 +117,7 @@ def _detect(src: Path, vision: Path | None, projector_type: str | None):
                 raise CheckpointError(f"{tensors.key_to_file[key]}: unexpected tensor '{key}' "
                                       "in a LLaVA checkpoint")
             sources.setdefault(component, _Source()).add(tensors, local, key)
-        return config, sources, src, (top.get("image_token_index"), None), False
+        return config, sources, src, (L.get_int(top, "image_token_index", where), None), False
     # (c) a plain LLM folder, optionally with a SigLIP folder
     L.llm_config_from_hf(top, str(src / "config.json"), model.llm)
     sources["llm"] = _plain(src, L.strip_llm_prefix)
@@ -139,39 +148,47 @@ def read_params(config, sources, *, llava: bool, fresh_projector: bool, progress
     rules = _component_rules(config, llava)
     if fresh_projector:
         rules.pop("projector")
-        proj = Projector(config.model, rngs=nnx.Rngs(config.seed))
-        params.update({("projector", *k): np.asarray(v) for k, v in model_params(proj).items()})
     total = sum(len(list(L.expand(r, n))) for r, n in rules.values())
     bar = tqdm(total=total, desc="import", unit="tensor", disable=not progress)
     for component, (component_rules, num_layers) in rules.items():
         source = sources.get(component)
         if source is None:
             raise CheckpointError(f"no tensors found for the {component} component")
-        expected = set()
-        for local, path, layer, transform in L.expand(component_rules, num_layers):
-            expected.add(local)
-            if local not in source.keys:
-                raise CheckpointError(f"{_folder_of(source)}: missing tensor for '{local}' "
-                                      f"({component})")
-            folder, saved = source.keys[local]
-            array = L.to_ours(folder.get(saved), transform)
-            want = shapes[path][1:] if layer is not None else shapes[path]
-            if tuple(array.shape) != tuple(want):
-                raise CheckpointError(f"{folder.key_to_file[saved]}: '{saved}' has shape "
-                                      f"{tuple(array.shape)} after conversion, config expects "
-                                      f"{tuple(want)}")
-            if layer is None:
-                params[path] = np.ascontiguousarray(array)
-            else:
-                if path not in params:
-                    params[path] = np.empty((num_layers, *want), array.dtype)
-                params[path][layer] = array
-            bar.update()
+        expected = {local for local, *_ in L.expand(component_rules, num_layers)}
         for local, (folder, saved) in source.keys.items():
             if local not in expected and not any(p.match(local) for p in L.IGNORED):
                 raise CheckpointError(f"{folder.key_to_file[saved]}: unexpected tensor '{saved}' "
                                       f"(does the config match? {component})")
+        for local, path, layer, transform in L.expand(component_rules, num_layers):
+            if local not in source.keys:
+                raise CheckpointError(f"{_folder_of(source)}: missing tensor for '{local}' "
+                                      f"({component})")
+            folder, saved = source.keys[local]
+            raw = folder.get(saved)
+            want = shapes[path][1:] if layer is not None else shapes[path]
+            try:
+                array = L.to_ours(raw, transform)
+            except ValueError:  # wrong rank for the transform
+                array = None
+            if array is None or tuple(array.shape) != tuple(want):
+                raise CheckpointError(f"{folder.key_to_file[saved]}: '{saved}' has shape "
+                                      f"{tuple(raw.shape)}, which does not match the config's "
+                                      f"{tuple(want)} (in our layout)")
+            bar.update()
+            if layer is None:
+                params[path] = np.ascontiguousarray(array)
+                continue
+            if path not in params:
+                params[path] = np.empty((num_layers, *want), array.dtype)
+            elif params[path].dtype != array.dtype:  # mixed dtypes: widen, never round
+                params[path] = params[path].astype(np.result_type(params[path], array))
+            params[path][layer] = array
     bar.close()
+    if fresh_projector:  # stage 1 starts from a random projector, stored like the LLM
+        proj = Projector(config.model, rngs=nnx.Rngs(config.seed))
+        dtype = params[("llm", "embed_tokens")].dtype
+        params.update({("projector", *k): np.asarray(v, dtype)
+                       for k, v in model_params(proj).items()})
     return params
 
 
@@ -200,6 +217,7 @@ def import_hf(src, dst, *, vision=None, projector_type=None, media_token_id=None
     src = Path(src)
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
+    ensure_new_path(dst)
     config, sources, tok_dir, (media, newline), fresh = _detect(
         src, Path(vision) if vision else None, projector_type)
     llava = not fresh and "llm_cfg" not in _read_json(src / "config.json")
@@ -224,8 +242,10 @@ def import_hf(src, dst, *, vision=None, projector_type=None, media_token_id=None
     except ConfigError as e:
         raise CheckpointError(f"{src}: imported config is invalid: {e}") from None
     params = read_params(config, sources, llava=llava, fresh_projector=fresh, progress=progress)
+    # Keep the checkpoint's storage dtype, so loading does not silently upcast bf16 weights.
+    stored = params[("llm", "embed_tokens")].dtype.name
+    if stored in DTYPES:
+        config.model.param_dtype = stored
     has_tokenizer = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
     return save_checkpoint(dst, config, params, tokenizer_dir=tok_dir if has_tokenizer else None)
 
-
-__all__ = ["import_hf", "load_config"]

@@ -148,10 +148,31 @@ IGNORED = (re.compile(r"^head\."), re.compile(r".*rotary_emb\.inv_freq$"))
 # ----------------------------------------------------------------------------- configs
 
 
-def _need(cfg: dict, key: str, where: str):
-    if key not in cfg:
+_MISSING = object()
+
+
+def _need(cfg: dict, key: str, where: str, default=_MISSING):
+    if key in cfg and cfg[key] is not None:
+        return cfg[key]
+    if default is _MISSING:
         raise CheckpointError(f"{where}: missing key '{key}'")
-    return cfg[key]
+    return default
+
+
+def get_int(cfg: dict, key: str, where: str, default=_MISSING) -> int:
+    value = _need(cfg, key, where, default)
+    if value is default:
+        return value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise CheckpointError(f"{where}: '{key}' must be an integer, got {value!r}")
+    return value
+
+
+def get_float(cfg: dict, key: str, where: str, default=_MISSING) -> float:
+    value = _need(cfg, key, where, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise CheckpointError(f"{where}: '{key}' must be a number, got {value!r}")
+    return float(value)
 
 
 def llm_config_from_hf(hf: dict, where: str, into):
@@ -161,33 +182,38 @@ def llm_config_from_hf(hf: dict, where: str, into):
         raise CheckpointError(f"{where}: unknown model_type {model_type!r} (expected 'qwen2' "
                               "or 'llama')")
     into.family = model_type
-    into.vocab_size = _need(hf, "vocab_size", where)
-    into.hidden_size = _need(hf, "hidden_size", where)
-    into.intermediate_size = _need(hf, "intermediate_size", where)
-    into.num_layers = _need(hf, "num_hidden_layers", where)
-    into.num_heads = _need(hf, "num_attention_heads", where)
-    into.num_kv_heads = hf.get("num_key_value_heads") or into.num_heads
-    into.head_dim = hf.get("head_dim") or into.hidden_size // into.num_heads
-    into.rms_norm_eps = float(hf.get("rms_norm_eps", 1e-6))
-    into.max_position_embeddings = hf.get("max_position_embeddings", 4096)
+    into.vocab_size = get_int(hf, "vocab_size", where)
+    into.hidden_size = get_int(hf, "hidden_size", where)
+    into.intermediate_size = get_int(hf, "intermediate_size", where)
+    into.num_layers = get_int(hf, "num_hidden_layers", where)
+    into.num_heads = get_int(hf, "num_attention_heads", where)
+    if into.num_heads <= 0 or into.hidden_size % into.num_heads:
+        raise CheckpointError(f"{where}: 'num_attention_heads' = {into.num_heads} does not "
+                              f"divide hidden_size = {into.hidden_size}")
+    into.num_kv_heads = get_int(hf, "num_key_value_heads", where, into.num_heads)
+    into.head_dim = get_int(hf, "head_dim", where, into.hidden_size // into.num_heads)
+    into.rms_norm_eps = get_float(hf, "rms_norm_eps", where, 1e-6)
+    into.max_position_embeddings = get_int(hf, "max_position_embeddings", where, 4096)
     into.tie_embeddings = bool(hf.get("tie_word_embeddings", False))
     into.attention_bias = True if model_type == "qwen2" else bool(hf.get("attention_bias", False))
-    rope = dict(hf.get("rope_parameters") or {})
+    rope = hf.get("rope_parameters") or {}
     legacy = hf.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if not isinstance(rope, dict) or not isinstance(legacy, dict):
+        raise CheckpointError(f"{where}: 'rope_parameters'/'rope_scaling' must be objects")
     kind = rope.get("rope_type") or legacy.get("rope_type") or legacy.get("type") or "default"
     params = {**legacy, **rope}
-    into.rope_theta = float(theta)
+    into.rope_theta = get_float(rope, "rope_theta", where, get_float(hf, "rope_theta", where, 1e4))
+    scaling = f"{where} rope scaling"
     if kind == "default":
         into.rope_scaling.type = "none"
     elif kind in ("linear", "llama3"):
         into.rope_scaling.type = kind
-        into.rope_scaling.factor = float(_need(params, "factor", f"{where} rope scaling"))
+        into.rope_scaling.factor = get_float(params, "factor", scaling)
         if kind == "llama3":
-            for key in ("low_freq_factor", "high_freq_factor",
-                        "original_max_position_embeddings"):
-                into.rope_scaling[key] = type(into.rope_scaling[key])(
-                    _need(params, key, f"{where} rope scaling"))
+            into.rope_scaling.low_freq_factor = get_float(params, "low_freq_factor", scaling)
+            into.rope_scaling.high_freq_factor = get_float(params, "high_freq_factor", scaling)
+            into.rope_scaling.original_max_position_embeddings = get_int(
+                params, "original_max_position_embeddings", scaling)
     else:
         raise CheckpointError(f"{where}: unsupported rope scaling type {kind!r} "
                               "(supported: default, linear, llama3)")
@@ -226,14 +252,17 @@ def vision_config_from_hf(hf: dict, where: str, into):
                               "(expected 'siglip_vision_model')")
     hf = hf.get("vision_config", hf) if hf.get("model_type") == "siglip" else hf
     into.enabled = True
-    into.hidden_size = _need(hf, "hidden_size", where)
-    into.intermediate_size = _need(hf, "intermediate_size", where)
-    into.num_layers = _need(hf, "num_hidden_layers", where)
-    into.num_heads = _need(hf, "num_attention_heads", where)
-    into.patch_size = _need(hf, "patch_size", where)
-    into.image_size = _need(hf, "image_size", where)
-    into.layer_norm_eps = float(hf.get("layer_norm_eps", 1e-6))
-    into.hidden_act = hf.get("hidden_act", "gelu_pytorch_tanh")
+    into.hidden_size = get_int(hf, "hidden_size", where)
+    into.intermediate_size = get_int(hf, "intermediate_size", where)
+    into.num_layers = get_int(hf, "num_hidden_layers", where)
+    into.num_heads = get_int(hf, "num_attention_heads", where)
+    into.patch_size = get_int(hf, "patch_size", where)
+    into.image_size = get_int(hf, "image_size", where)
+    into.layer_norm_eps = get_float(hf, "layer_norm_eps", where, 1e-6)
+    act = hf.get("hidden_act", "gelu_pytorch_tanh")
+    if not isinstance(act, str):
+        raise CheckpointError(f"{where}: 'hidden_act' must be a string, got {act!r}")
+    into.hidden_act = act
 
 
 def vision_config_to_hf(vision) -> dict:

@@ -30,8 +30,11 @@ class SafetensorsFolder:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a safetensors index ({e})") from None
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from None
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(f, str) for f in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
             self.key_to_file = {k: self.folder / f for k, f in weight_map.items()}
         else:
             files = sorted(self.folder.glob("*.safetensors"))
@@ -42,14 +45,14 @@ class SafetensorsFolder:
                 for key in self._open(file, None).keys():
                     self.key_to_file[key] = file
         for key, file in self.key_to_file.items():
-            if not file.exists():
+            if not file.is_file():
                 raise CheckpointError(f"{file}: missing shard (listed in {index.name} for '{key}')")
         self._handles = {}
 
     def _open(self, file: Path, key: str | None):
         try:
             return safe_open(str(file), framework="np")
-        except SafetensorError as e:
+        except (SafetensorError, OSError) as e:
             what = f" (reading '{key}')" if key else ""
             raise CheckpointError(f"{file}: unreadable safetensors file{what}: {e}") from None
 

@@ -25,12 +25,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "chat_template.jinja")
 
 
+def ensure_new_path(dst):
+    """Fail early (before minutes of conversion) if `dst` is taken."""
+    if Path(dst).exists():
+        raise FileExistsError(f"{Path(dst).absolute()}: already exists; remove it or choose "
+                              "another path")
+
+
 @contextlib.contextmanager
 def atomic_folder(dst):
     """Yield a temporary folder that becomes `dst` only if the block succeeds."""
     dst = Path(dst).absolute()
-    if dst.exists():
-        raise FileExistsError(f"{dst}: already exists; remove it or choose another path")
+    ensure_new_path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()

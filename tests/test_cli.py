@@ -1,0 +1,125 @@
+"""The `longvila-jax` command end to end, in subprocesses: exit codes, one-line errors.
+
+Each call pays the JAX import (~3 s), so the checkpoint and its HF export are made once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from longvila_jax.train.checkpoint import load_config, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+
+
+def cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "longvila_jax.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *names):
+    """Exit status 2; stderr ends with `longvila-jax: error: ...` naming each of `names`."""
+    assert result.returncode == 2, result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+    last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("longvila-jax: error:"), result.stderr[-4000:]
+    for name in names:
+        assert str(name) in last, (name, last)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    dst = tmp_path_factory.mktemp("cli") / "ckpt"
+    result = ok(cli("init", f"--config={TINY}", dst))
+    assert f"wrote {dst}" in result.stdout
+    return dst
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    out = ckpt.parent / "hf"
+    # 2e-5 GB = 20 kB: several shards per component, so the index path is exercised.
+    ok(cli("export-hf", "--quiet", "--max_shard_gb=0.00002", ckpt, out))
+    return out
+
+
+def test_init_writes_a_checkpoint(ckpt):
+    config = load_config(ckpt)
+    assert config.model.llm.hidden_size == 64 and config.model.vision.enabled
+    params = load_params(ckpt)
+    assert params and all(np.isfinite(v).all() for v in params.values())
+
+
+def test_export_import_round_trip_is_bit_exact(ckpt, hf, tmp_path):
+    assert len(list((hf / "llm").glob("*.safetensors"))) > 1
+    assert (hf / "llm" / "model.safetensors.index.json").exists()
+    back = tmp_path / "back"
+    result = ok(cli("import-hf", "--quiet", hf, back))
+    assert f"wrote {back}" in result.stdout
+    a, b = load_params(ckpt), load_params(back)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and np.array_equal(a[key], b[key]), key
+    assert load_config(ckpt).to_json() == load_config(back).to_json()
+
+
+def test_show_config_1m_variant():
+    result = ok(cli("show-config", f"--config={ROOT / 'configs' / 'qwen2_7b.py'}:1m"))
+    llm = yaml.safe_load(result.stdout)["model"]["llm"]
+    assert llm["rope_theta"] == 1_062_356_830
+    assert llm["rope_scaling"]["type"] == "linear" and llm["rope_scaling"]["factor"] == 4.0
+
+
+def test_missing_src_folder(tmp_path):
+    result = cli("import-hf", "--quiet", tmp_path / "nowhere", tmp_path / "dst")
+    assert_one_line_error(result, tmp_path / "nowhere")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_truncated_safetensors(hf, tmp_path):
+    src = Path(shutil.copytree(hf, tmp_path / "src"))
+    shard = sorted((src / "vision_tower").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    result = cli("import-hf", "--quiet", src, tmp_path / "dst")
+    assert_one_line_error(result, shard)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_existing_dst(hf, tmp_path):
+    (tmp_path / "dst").mkdir()
+    result = cli("import-hf", "--quiet", hf, tmp_path / "dst")
+    assert_one_line_error(result, tmp_path / "dst", "already exists")
+    assert list((tmp_path / "dst").iterdir()) == []
+
+
+def test_invalid_config_value_names_the_key(tmp_path):
+    config = tmp_path / "bad.py"
+    config.write_text(
+        "from longvila_jax.config import base_config\n\n\n"
+        "def get_config():\n"
+        "    config = base_config()\n"
+        "    config.model.llm.update(num_heads=4, num_kv_heads=3)\n"
+        "    return config\n")
+    result = cli("init", f"--config={config}", tmp_path / "dst")
+    assert_one_line_error(result, "model.llm.num_kv_heads", "invalid value 3")
+    assert not (tmp_path / "dst").exists()
+
+
+def test_unknown_command_prints_usage():
+    result = cli("frobnicate")
+    assert result.returncode != 0
+    assert "unknown command 'frobnicate'" in result.stderr
+    assert "usage: longvila-jax" in result.stderr
