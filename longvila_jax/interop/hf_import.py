@@ -11,15 +11,18 @@ Tensors stream one at a time into preallocated arrays: the model is in host memo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
 from longvila_jax.config import ConfigError, base_config, validate
 from longvila_jax.config.schema import DTYPES
+from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.interop import hf_layouts as L
 from longvila_jax.interop.safetensors_io import CheckpointError, SafetensorsFolder
 from longvila_jax.models.projector import Projector
@@ -38,36 +41,41 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-class _Source:
-    """Tensors of one component: `local key -> (folder, saved key)`."""
-
-    def __init__(self):
-        self.keys: dict[str, tuple[SafetensorsFolder, str]] = {}
-
-    def add(self, folder: SafetensorsFolder, local: str, saved: str):
-        self.keys[local] = (folder, saved)
+# The tensors of one component: `local key -> (folder, key as saved)`.
+Source = dict[str, tuple[SafetensorsFolder, str]]
 
 
-def _plain(folder: Path, strip) -> _Source:
-    tensors, source = SafetensorsFolder(folder), _Source()
-    for key in tensors.keys():
-        source.add(tensors, strip(key), key)
-    return source
+def _plain(folder: Path, strip) -> Source:
+    tensors = SafetensorsFolder(folder)
+    return {strip(key): (tensors, key) for key in tensors.keys()}
 
 
 def _tokenizer_ids(tokenizer_dir: Path | None):
-    """(`<image>` id, newline id) from tokenizer.json, or Nones when absent."""
+    """(`<image>` id, newline id) from tokenizer.json; None where it has no answer."""
     if tokenizer_dir is None or not (tokenizer_dir / "tokenizer.json").exists():
         return None, None
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tok = load_tokenizer(tokenizer_dir)
     newline = tok.encode("\n", add_special_tokens=False).ids
     return tok.token_to_id("<image>"), newline[0] if len(newline) == 1 else None
 
 
-def _detect(src: Path, vision: Path | None, projector_type: str | None):
-    """Return (config, {component: _Source}, tokenizer_dir, hf media ids)."""
+# Marks a token id that the source leaves to its tokenizer.json.
+FROM_TOKENIZER = "tokenizer"
+
+
+@dataclasses.dataclass
+class _Detected:
+    config: ml_collections.ConfigDict
+    sources: dict[str, Source]  # by component: 'llm', 'vision', 'projector'
+    kind: str  # 'longvila', 'llava' or 'llm' (with or without a separate SigLIP)
+    tokenizer_dir: Path | None
+    media_token_id: int | str | None = FROM_TOKENIZER
+    newline_token_id: int | str | None = FROM_TOKENIZER
+    fresh_projector: bool = False
+
+
+def _detect(src: Path, vision: Path | None, projector_type: str | None) -> _Detected:
+    """Recognise the source layout; fill the config and list where each tensor lives."""
     config = base_config()
     model = config.model
     top = _read_json(src / "config.json")
@@ -92,10 +100,9 @@ def _detect(src: Path, vision: Path | None, projector_type: str | None):
         ours, where = top.get("longvila_jax") or {}, str(src / "config.json")
         if not isinstance(ours, dict):
             raise CheckpointError(f"{where}: 'longvila_jax' must be an object")
-        media = (L.get_int(ours, "media_token_id", where, None),
-                 L.get_int(ours, "newline_token_id", where, None)
-                 if "newline_token_id" in ours else "tokenizer")
-        return config, sources, tokenizer_dir, media, False
+        ids = {key: L.get_int(ours, key, where, None) if key in ours else FROM_TOKENIZER
+               for key in ("media_token_id", "newline_token_id")}
+        return _Detected(config, sources, "longvila", tokenizer_dir, **ids)
     if top.get("model_type") == "llava":  # (b) transformers LLaVA
         where = str(src / "config.json")
         L.llm_config_from_hf(top.get("text_config", {}), f"{where} text_config", model.llm)
@@ -116,19 +123,21 @@ def _detect(src: Path, vision: Path | None, projector_type: str | None):
             if component is None:
                 raise CheckpointError(f"{tensors.key_to_file[key]}: unexpected tensor '{key}' "
                                       "in a LLaVA checkpoint")
-            sources.setdefault(component, _Source()).add(tensors, local, key)
-        return config, sources, src, (L.get_int(top, "image_token_index", where), None), False
+            sources.setdefault(component, {})[local] = (tensors, key)
+        return _Detected(config, sources, "llava", src,
+                         media_token_id=L.get_int(top, "image_token_index", where),
+                         newline_token_id=None)
     # (c) a plain LLM folder, optionally with a SigLIP folder
     L.llm_config_from_hf(top, str(src / "config.json"), model.llm)
     sources["llm"] = _plain(src, L.strip_llm_prefix)
     if vision is None:
         model.vision.enabled = False
-        return config, sources, src, (None, None), False
+        return _Detected(config, sources, "llm", src)
     L.vision_config_from_hf(_read_json(vision / "config.json"), str(vision / "config.json"),
                             model.vision)
     model.projector.type = projector_type or "mlp_downsample"
     sources["vision"] = _plain(vision, L.strip_vision_prefix)
-    return config, sources, src, (None, "tokenizer"), True
+    return _Detected(config, sources, "llm", src, fresh_projector=True)
 
 
 def _component_rules(config, llava: bool):
@@ -152,18 +161,18 @@ def read_params(config, sources, *, llava: bool, fresh_projector: bool, progress
     bar = tqdm(total=total, desc="import", unit="tensor", disable=not progress)
     for component, (component_rules, num_layers) in rules.items():
         source = sources.get(component)
-        if source is None:
-            raise CheckpointError(f"no tensors found for the {component} component")
+        if not source:
+            raise CheckpointError(f"no {component} tensors found in the checkpoint")
         expected = {local for local, *_ in L.expand(component_rules, num_layers)}
-        for local, (folder, saved) in source.keys.items():
+        for local, (folder, saved) in source.items():
             if local not in expected and not any(p.match(local) for p in L.IGNORED):
                 raise CheckpointError(f"{folder.key_to_file[saved]}: unexpected tensor '{saved}' "
                                       f"(does the config match? {component})")
         for local, path, layer, transform in L.expand(component_rules, num_layers):
-            if local not in source.keys:
+            if local not in source:
                 raise CheckpointError(f"{_folder_of(source)}: missing tensor for '{local}' "
                                       f"({component})")
-            folder, saved = source.keys[local]
+            folder, saved = source[local]
             raw = folder.get(saved)
             want = shapes[path][1:] if layer is not None else shapes[path]
             try:
@@ -203,8 +212,8 @@ def _flat(model):
             for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
-def _folder_of(source: _Source) -> Path:
-    return next(iter(source.keys.values()))[0].folder if source.keys else Path("?")
+def _folder_of(source: Source) -> Path:
+    return next(iter(source.values()))[0].folder
 
 
 def import_hf(src, dst, *, vision=None, projector_type=None, media_token_id=None,
@@ -218,34 +227,32 @@ def import_hf(src, dst, *, vision=None, projector_type=None, media_token_id=None
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a folder")
     ensure_new_path(dst)
-    config, sources, tok_dir, (media, newline), fresh = _detect(
-        src, Path(vision) if vision else None, projector_type)
-    llava = not fresh and "llm_cfg" not in _read_json(src / "config.json")
+    found = _detect(src, Path(vision) if vision else None, projector_type)
+    config = found.config
     if config.model.vision.enabled:
-        tok_media, tok_newline = _tokenizer_ids(tok_dir)
-        media = media_token_id if media_token_id is not None else (
-            media if media is not None else tok_media)
-        if newline_token_id is not None:
-            newline = newline_token_id
-        elif newline == "tokenizer":
-            newline = tok_newline
-        if media is None:
-            raise CheckpointError(f"{src}: cannot tell the media token id (no '<image>' in "
-                                  "tokenizer.json): pass media_token_id")
-        if newline == "tokenizer" or (newline is None and not llava):
-            raise CheckpointError(f"{src}: cannot tell the newline token id (no tokenizer.json): "
-                                  "pass newline_token_id")
-        config.model.media.media_token_id = int(media)
-        config.model.media.newline_token_id = None if newline is None else int(newline)
+        from_tokenizer = dict(zip(("media_token_id", "newline_token_id"),
+                                  _tokenizer_ids(found.tokenizer_dir), strict=True))
+        given = {"media_token_id": media_token_id, "newline_token_id": newline_token_id}
+        for key, value in given.items():
+            if value is None:
+                value = getattr(found, key)
+            if value == FROM_TOKENIZER:
+                value = from_tokenizer[key]
+                if value is None:
+                    raise CheckpointError(f"{src}: cannot tell {key}: neither the config nor a "
+                                          f"tokenizer.json names it; pass {key}")
+            config.model.media[key] = value
     try:
         validate(config)
     except ConfigError as e:
         raise CheckpointError(f"{src}: imported config is invalid: {e}") from None
-    params = read_params(config, sources, llava=llava, fresh_projector=fresh, progress=progress)
+    params = read_params(config, found.sources, llava=found.kind == "llava",
+                         fresh_projector=found.fresh_projector, progress=progress)
     # Keep the checkpoint's storage dtype, so loading does not silently upcast bf16 weights.
     stored = params[("llm", "embed_tokens")].dtype.name
     if stored in DTYPES:
         config.model.param_dtype = stored
+    tok_dir = found.tokenizer_dir
     has_tokenizer = tok_dir is not None and (tok_dir / "tokenizer.json").exists()
     return save_checkpoint(dst, config, params, tokenizer_dir=tok_dir if has_tokenizer else None)
 

@@ -135,9 +135,9 @@ def test_llava_matches_transformers(layout, reference, rng, tmp_path):
 
 
 def write_tokenizer(folder, vocab_size, rng):
-    """A word-level tokenizer whose '<image>' and '\\n' land on random ids below vocab_size."""
-    ids = rng.permutation(vocab_size)[:2]
-    vocab = {"<image>": int(ids[0]), "\n": int(ids[1])}
+    """A word-level tokenizer with '<image>' in the upper and '\\n' in the lower half of ids."""
+    half = vocab_size // 2
+    vocab = {"<image>": int(rng.integers(half, vocab_size)), "\n": int(rng.integers(0, half))}
     free = (i for i in range(vocab_size) if i not in vocab.values())
     vocab.update({f"w{n}": next(free) for n in range(10)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
