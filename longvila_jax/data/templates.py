@@ -18,7 +18,8 @@ from __future__ import annotations
 import numpy as np
 import tokenizers
 
-IGNORE_INDEX = -100  # label of tokens that the training loss skips
+from longvila_jax.models.longvila import IGNORE_INDEX
+
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
 

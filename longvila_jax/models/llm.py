@@ -91,10 +91,15 @@ class CausalLM(nnx.Module):
             w = self.lm_head[...].astype(self.dtype)
         return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
-    def __call__(self, input_ids, positions=None, segment_ids=None):
-        batch, seq = input_ids.shape
+    def from_embeddings(self, x, positions=None, segment_ids=None):
+        """Logits for input embeddings `[batch, seq, hidden]`; positions default to arange,
+        segments to one document per row."""
+        batch, seq = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
         if segment_ids is None:
             segment_ids = jnp.zeros((batch, seq), jnp.int32)
-        return self.logits(self.hidden_states(self.embed(input_ids), positions, segment_ids))
+        return self.logits(self.hidden_states(x, positions, segment_ids))
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        return self.from_embeddings(self.embed(input_ids), positions, segment_ids)

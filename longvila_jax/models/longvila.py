@@ -65,13 +65,7 @@ class LongVILA(nnx.Module):
 
     def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
         """Float32 logits `[batch, seq, vocab]`."""
-        batch, seq = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if segment_ids is None:
-            segment_ids = jnp.zeros((batch, seq), jnp.int32)
-        h = self.llm.hidden_states(self.embed(input_ids, images), positions, segment_ids)
-        return self.llm.logits(h)
+        return self.llm.from_embeddings(self.embed(input_ids, images), positions, segment_ids)
 
 
 def next_token_loss(logits, labels):
