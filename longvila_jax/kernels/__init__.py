@@ -1,5 +1,5 @@
 """Attention kernels behind one entry point (`flash_attention`)."""
 
-from longvila_jax.kernels.attention import flash_attention
+from longvila_jax.kernels.attention import flash_attention, flash_attention_bwd
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "flash_attention_bwd"]
