@@ -14,16 +14,41 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from longvila_jax.kernels import xla
 
-BACKENDS = ("auto", "xla")
+BACKENDS = ("auto", "xla", "triton", "cudnn")
 
 
 def _backend(name: str):
-    if name not in BACKENDS:
-        raise ValueError(f"flash_attention: unknown backend {name!r}; one of {BACKENDS}")
-    return xla
+    """The backend module; GPU ones are imported only when asked for."""
+    if name == "xla":
+        return xla
+    if name == "triton":
+        from longvila_jax.kernels import triton
+
+        return triton
+    if name == "cudnn":
+        from longvila_jax.kernels import cudnn
+
+        return cudnn
+    raise ValueError(f"flash_attention: unknown backend {name!r}; one of {BACKENDS}")
+
+
+def _choose(backend: str, q, unmasked: bool) -> str:
+    """Resolve 'auto': cuDNN for plain (unpacked, default-position) attention on GPU, our
+    Triton kernel for everything else on GPU, the blockwise XLA path elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"flash_attention: unknown backend {backend!r}; one of {BACKENDS}")
+    if backend != "auto":
+        if backend == "cudnn" and not unmasked:
+            raise ValueError("flash_attention: backend 'cudnn' takes no positions or segment "
+                             "ids; use 'triton' or 'xla' for packed or offset attention")
+        return backend
+    if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    return "cudnn" if unmasked and q.shape[-1] in (64, 128) else "triton"
 
 
 def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, softmax_scale):
@@ -56,10 +81,11 @@ def flash_attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_i
     lse `[batch, heads, q_seq]` float32 (natural log). Rows that see no key give out = 0
     and lse = -inf, and pass no gradient.
     """
+    unmasked = all(x is None for x in (q_positions, kv_positions, q_segment_ids,
+                                       kv_segment_ids)) and q.shape[1] == k.shape[1]
     *masks, scale = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                               softmax_scale)
-    _backend(backend)
-    return _attention(q, k, v, *masks, causal, scale, backend)
+    return _attention(q, k, v, *masks, causal, scale, _choose(backend, q, unmasked))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
@@ -69,19 +95,26 @@ def _attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
 
 
 def _attention_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
-    out, lse = _attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend)
-    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+    args = [p.value for p in (q, k, v, q_pos, kv_pos, q_seg, kv_seg)]  # symbolic_zeros wraps
+    out, lse = _attention(*args, causal, scale, backend)
+    return (out, lse), (*args, out, lse)
 
 
 def _attention_bwd(causal, scale, backend, residuals, cotangents):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
     d_out, d_lse = cotangents
+    # Symbolic zeros tell the backends when nothing flows into lse (cuDNN's backward can
+    # then be used) and when nothing flows into out (ring steps that only merge lse).
+    if isinstance(d_lse, SymbolicZero):
+        d_lse = None
+    if isinstance(d_out, SymbolicZero):
+        d_out = jnp.zeros_like(out)
     grads = _backend(backend).backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out,
                                        d_lse, causal=causal, scale=scale)
     return (*grads, None, None, None, None)
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
 def flash_attention_bwd(q, k, v, out, lse, d_out, d_lse=None, *, q_positions=None,
@@ -93,7 +126,9 @@ def flash_attention_bwd(q, k, v, out, lse, d_out, d_lse=None, *, q_positions=Non
     whole ring; the result is that block's exact share of the gradient. `d_lse` is the
     cotangent of lse (None for zero).
     """
+    unmasked = all(x is None for x in (q_positions, kv_positions, q_segment_ids,
+                                       kv_segment_ids)) and q.shape[1] == k.shape[1]
     *masks, scale = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                               softmax_scale)
-    return _backend(backend).backward(q, k, v, *masks, out, lse, d_out, d_lse, causal=causal,
-                                      scale=scale)
+    return _backend(_choose(backend, q, unmasked)).backward(
+        q, k, v, *masks, out, lse, d_out, d_lse, causal=causal, scale=scale)

@@ -1,0 +1,111 @@
+"""Attention throughput: our Triton kernel vs cuDNN vs the blockwise XLA path, one run.
+
+Causal GQA 32/8 heads, head dim 128, bf16, batch 1, sequence 4K..64K; forward and
+forward+backward TFLOP/s, counting causal as half of dense and fwd+bwd as 3.5x fwd.
+Then a packed case (16 documents in 32K tokens, segment ids) for Triton against cuDNN
+on the same 32K tokens as one dense causal sequence (cuDNN has no segment ids).
+
+  python bench/attention.py [--seqs 4096,8192] [--backends triton,cudnn,xla] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longvila_jax.kernels import flash_attention
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+def timed(fn, *args, reps: int) -> float:
+    """Median over 3 rounds of (time for `reps` back-to-back calls) / reps, in seconds."""
+    jax.block_until_ready(fn(*args))
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            result = fn(*args)
+        jax.block_until_ready(result)
+        rounds.append((time.perf_counter() - start) / reps)
+    return float(np.median(rounds))
+
+
+def functions(backend, masks):
+    def attend(q, k, v):
+        return flash_attention(q, k, v, **masks, causal=True, backend=backend)[0]
+
+    fwd = jax.jit(attend)
+    fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
+    return fwd, fwd_bwd
+
+
+def inputs(seq, key):
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (1, seq, HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(kk, (1, seq, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(kv, (1, seq, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    do = jax.random.normal(kd, q.shape, jnp.bfloat16)
+    return q, k, v, do
+
+
+def causal_fwd_flops(seq: int) -> float:
+    return 4 * seq * seq * HEADS * HEAD_DIM / 2
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seqs", default="4096,8192,16384,32768,65536")
+    parser.add_argument("--backends", default="triton,cudnn,xla")
+    parser.add_argument("--json", default=None, help="also write results here")
+    args = parser.parse_args()
+    seqs = [int(s) for s in args.seqs.split(",")]
+    backends = args.backends.split(",")
+    rows, key = [], jax.random.key(0)
+    print(f"{'seq':>6} {'backend':>7} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
+    for seq in seqs:
+        q, k, v, do = inputs(seq, key)
+        reps = max(2, int(2e12 // causal_fwd_flops(seq)))
+        for backend in backends:
+            fwd, fwd_bwd = functions(backend, {})
+            t_f = timed(fwd, q, k, v, reps=reps)
+            t_fb = timed(fwd_bwd, q, k, v, do, reps=max(1, reps // 3))
+            flops = causal_fwd_flops(seq)
+            row = dict(seq=seq, backend=backend, fwd_ms=t_f * 1e3, fwd_tflops=flops / t_f / 1e12,
+                       fwd_bwd_ms=t_fb * 1e3, fwd_bwd_tflops=3.5 * flops / t_fb / 1e12)
+            rows.append(row)
+            print(f"{seq:>6} {backend:>7} {row['fwd_ms']:8.3f} {row['fwd_tflops']:9.1f} "
+                  f"{row['fwd_bwd_ms']:8.3f} {row['fwd_bwd_tflops']:9.1f}", flush=True)
+
+    seq, docs = 32768, 16
+    q, k, v, do = inputs(seq, key)
+    seg = jnp.asarray(np.arange(seq, dtype=np.int32) // (seq // docs))[None]
+    pos = jnp.asarray(np.arange(seq, dtype=np.int32))[None]
+    packed = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    print(f"\npacked: {docs} documents in {seq} tokens")
+    for backend, masks, label in [("triton", packed, "triton, packed (segment ids)"),
+                                  ("cudnn", {}, "cudnn, dense causal"),
+                                  ("triton", {}, "triton, dense causal")]:
+        if backend not in backends:
+            continue
+        fwd, fwd_bwd = functions(backend, masks)
+        t_f, t_fb = timed(fwd, q, k, v, reps=10), timed(fwd_bwd, q, k, v, do, reps=4)
+        rows.append(dict(case="packed", label=label, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3))
+        print(f"{label:>30}: fwd {t_f * 1e3:8.3f} ms   fwd+bwd {t_fb * 1e3:8.3f} ms", flush=True)
+
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                python=platform.python_version(), date=time.strftime("%Y-%m-%d"))
+    print("\n" + json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""cuDNN flash attention through `jax.nn.dot_product_attention`: the baseline, and a fast path.
+
+cuDNN takes no segment ids or arbitrary positions, so this backend serves only unpacked
+attention with default positions (the API checks that before choosing it). Its LSE comes
+from `return_residual=True`. The backward uses cuDNN's own when no LSE cotangent flows;
+with one (ring merges), the exact blockwise XLA backward takes over.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longvila_jax.kernels import xla
+
+
+def _attend(q, k, v, causal, scale):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                        implementation="cudnn", return_residual=True)
+
+
+def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale):
+    out, lse = _attend(q, k, v, causal, scale)
+    return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [b, sq, h] -> [b, h, sq]
+
+
+def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse, *, causal, scale):
+    if d_lse is not None:
+        return xla.backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse,
+                            causal=causal, scale=scale)
+    _, vjp = jax.vjp(lambda q, k, v: _attend(q, k, v, causal, scale)[0], q, k, v)
+    return vjp(d_out.astype(q.dtype))

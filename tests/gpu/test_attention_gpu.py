@@ -1,0 +1,101 @@
+"""Our Triton kernel (and the cuDNN path) against the blockwise XLA reference, on a GPU.
+
+Run on a GPU machine: `pytest tests/gpu`. Inputs are bf16; the reference runs the XLA
+backend on the same values upcast to float32. Skipped where no GPU is present.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longvila_jax.kernels import flash_attention
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+BF16_RTOL = 1e-2
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_case(rng, *, b, sq, skv, h, kh, d, packed, offset, orphans=False):
+    def normal(*shape):
+        return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+
+    q, k, v = normal(b, sq, h, d), normal(b, skv, kh, d), normal(b, skv, kh, d)
+    q_start = rng.integers(skv // 2, skv, (b, 1)) if offset else np.zeros((b, 1), int)
+    q_pos = (q_start + np.arange(sq)).astype(np.int32)
+    kv_pos = np.broadcast_to(np.arange(skv, dtype=np.int32), (b, skv))
+    if packed:
+        docs = int(rng.integers(2, 12))
+        q_seg = np.sort(rng.integers(0, docs, (b, sq)), 1).astype(np.int32)
+        kv_seg = np.sort(rng.integers(0, docs, (b, skv)), 1).astype(np.int32)
+    else:
+        q_seg, kv_seg = np.zeros((b, sq), np.int32), np.zeros((b, skv), np.int32)
+    if orphans:
+        q_seg[:, rng.random(sq) < 0.2] = 10_000
+    masks = dict(q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos),
+                 q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
+    return (q, k, v), masks
+
+
+def outputs_and_grads(qkv, masks, causal, backend, rng_key):
+    def f(q, k, v):
+        return flash_attention(q, k, v, **masks, causal=causal, backend=backend)
+
+    (out, lse), vjp = jax.vjp(f, *qkv)
+    k1, k2 = jax.random.split(rng_key)
+    d_out = jax.random.normal(k1, out.shape, jnp.float32).astype(out.dtype)
+    d_lse = jnp.where(jnp.isfinite(lse), jax.random.normal(k2, lse.shape), 0.0)
+    return (out, lse, *vjp((d_out, d_lse.astype(jnp.float32))))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("ratio", [1, 4, 7])
+@pytest.mark.parametrize("packed,offset,orphans", [(False, False, False), (True, False, False),
+                                                   (False, True, False), (True, True, True)])
+def test_triton_matches_xla(rng, causal, ratio, packed, offset, orphans):
+    d = int(rng.choice([64, 128]))
+    shape = dict(b=2, sq=int(rng.integers(300, 1100)), skv=int(rng.integers(300, 1100)),
+                 h=ratio * 2, kh=2, d=d)
+    qkv, masks = make_case(rng, packed=packed, offset=offset, orphans=orphans, **shape)
+    key = jax.random.key(int(rng.integers(1 << 30)))
+    ours = outputs_and_grads(qkv, masks, causal, "triton", key)
+    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), masks, causal, "xla",
+                            key)
+    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
+        a, r = np.asarray(a.astype(jnp.float32)), np.asarray(r.astype(jnp.float32))
+        assert not np.isnan(a).any(), name
+        if name == "lse":
+            assert (np.isneginf(a) == np.isneginf(r)).all()
+            a, r = a[np.isfinite(r)], r[np.isfinite(r)]
+        assert rel_err(a, r) <= BF16_RTOL, (name, rel_err(a, r))
+
+
+def test_every_output_element_is_written(rng):
+    """Fill the allocator with NaN buffers of the outputs' sizes, free them, then run: any
+    element the kernel leaves unwritten would come back NaN (fully masked rows included)."""
+    qkv, masks = make_case(rng, b=1, sq=777, skv=1029, h=8, kh=2, d=128, packed=True,
+                           offset=True, orphans=True)
+    for _ in range(3):
+        poison = [jnp.full(x.shape, jnp.nan, x.dtype) for x in (*qkv, *qkv)]
+        jax.block_until_ready(poison)
+        del poison
+        out, lse = flash_attention(*qkv, **masks, causal=True, backend="triton")
+        assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
+        assert not np.isnan(np.asarray(lse)).any()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_cudnn_path_matches_xla(rng, causal):
+    qkv, _ = make_case(rng, b=2, sq=1024, skv=1024, h=8, kh=2, d=128, packed=False,
+                       offset=False)
+    key = jax.random.key(0)
+    ours = outputs_and_grads(qkv, {}, causal, "cudnn", key)
+    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), {}, causal, "xla", key)
+    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
+        assert rel_err(a.astype(jnp.float32), r) <= BF16_RTOL, name
