@@ -6,6 +6,7 @@ Then a packed case (16 documents in 32K tokens, segment ids) for Triton against 
 on the same 32K tokens as one dense causal sequence (cuDNN has no segment ids).
 
   python bench/attention.py [--seqs 4096,8192] [--backends triton,cudnn,xla] [--json PATH]
+                            [--sweep]   (first try Triton block configs at 32K, keep the best)
 """
 
 from __future__ import annotations
@@ -59,12 +60,45 @@ def causal_fwd_flops(seq: int) -> float:
     return 4 * seq * seq * HEADS * HEAD_DIM / 2
 
 
+SWEEP = {
+    "FWD": [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    "BWD_KV": [(64, 128, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 3)],
+    "BWD_Q": [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3)],
+}
+
+
+def sweep(seq=32768):
+    """Time each Triton block config at `seq`; leave the fastest set in the kernel module."""
+    from longvila_jax.kernels import triton as kernels
+
+    q, k, v, do = inputs(seq, jax.random.key(1))
+    print(f"sweep at {seq}: (BLOCK_M, BLOCK_N, warps, stages)")
+    for name, configs in SWEEP.items():
+        best = None
+        for config in configs:
+            setattr(kernels, name, config)
+            fwd, fwd_bwd = functions("triton", {})
+            try:
+                t = timed(fwd, q, k, v, reps=3) if name == "FWD" else timed(
+                    fwd_bwd, q, k, v, do, reps=2)
+            except Exception as e:  # a config can exceed shared memory: report, go on
+                print(f"  {name} {config}: failed ({type(e).__name__}: {str(e)[:80]})")
+                continue
+            print(f"  {name} {config}: {t * 1e3:.3f} ms", flush=True)
+            best = min(best or (t, config), (t, config))
+        setattr(kernels, name, best[1])
+        print(f"  -> {name} = {best[1]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,8192,16384,32768,65536")
     parser.add_argument("--backends", default="triton,cudnn,xla")
     parser.add_argument("--json", default=None, help="also write results here")
+    parser.add_argument("--sweep", action="store_true", help="tune Triton block configs first")
     args = parser.parse_args()
+    if args.sweep:
+        sweep()
     seqs = [int(s) for s in args.seqs.split(",")]
     backends = args.backends.split(",")
     rows, key = [], jax.random.key(0)

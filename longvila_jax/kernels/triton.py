@@ -1,9 +1,12 @@
 """FlashAttention-2 forward and backward as our own Triton kernels, called through jax-triton.
 
-Tiles that the mask hides completely are never computed: per-tile min/max of positions and
-segment ids (computed in JAX, a few KB) bound each program's loop and classify every tile as
-skipped, fully visible (no mask arithmetic) or partial. So causal attention costs about half
-of dense and packed short documents cost close to the sum of their own squares.
+Tiles that the mask hides completely are never computed. Per-tile min/max of positions
+and segment ids (computed in JAX, a few KB) classify every (q tile, kv tile) pair as
+hidden, fully visible or partial, and give each program three loop ranges: a masked head,
+a branch-free middle of fully visible tiles (which Triton can software-pipeline), and a
+masked tail. Hidden tiles inside the masked ranges are skipped by a per-tile test. So causal
+attention costs about half of dense, and packed short documents close to the sum of their
+own squares.
 
 Layouts match the API: q/out/dq `[b, sq, h, d]`, k/v/dk/dv `[b, skv, kh, d]`, lse `[b, h, sq]`.
 GQA: query head h reads K/V head h // (h // kh); dK/dV programs loop over the group's query
@@ -20,165 +23,194 @@ import jax_triton as jt
 import triton
 import triton.language as tl
 
+from longvila_jax.kernels.tiles import schedule
+
 LOG2E = math.log2(math.e)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel; head_dim 64/128 on Hopper.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head_dim 64/128 on Hopper.
 FWD = (128, 64, 8, 3)
 BWD_KV = (64, 128, 8, 2)
 BWD_Q = (128, 64, 8, 2)
 
 
-# ----------------------------------------------------------------------------- tile tables
+@triton.jit
+def _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB: tl.constexpr, CAUSAL: tl.constexpr):
+    """True if no entry of q tile i against kv tile j is visible; stats are [4, NB, n]."""
+    q_pmax = tl.load(q_stats + 1 * NB * nq + b * nq + i)
+    q_smin = tl.load(q_stats + 2 * NB * nq + b * nq + i)
+    q_smax = tl.load(q_stats + 3 * NB * nq + b * nq + i)
+    k_pmin = tl.load(kv_stats + 0 * NB * nk + b * nk + j)
+    k_smin = tl.load(kv_stats + 2 * NB * nk + b * nk + j)
+    k_smax = tl.load(kv_stats + 3 * NB * nk + b * nk + j)
+    hidden = (k_smax < q_smin) | (k_smin > q_smax)
+    if CAUSAL:
+        hidden = hidden | (k_pmin > q_pmax)
+    return hidden
 
 
-def _tile_stats(positions, segments, block):
-    """Per tile `[b, n_tiles]`: min/max position, min/max segment (edge-padded)."""
-    b, s = positions.shape
-    n = -(-s // block)
-    pad = [(0, 0), (0, n * block - s)]
-    pos = jnp.pad(positions, pad, mode="edge").reshape(b, n, block)
-    seg = jnp.pad(segments, pad, mode="edge").reshape(b, n, block)
-    return pos.min(-1), pos.max(-1), seg.min(-1), seg.max(-1)
+@triton.jit
+def _range(ranges, b, r, n, NB: tl.constexpr):
+    lo = tl.load(ranges + 0 * NB * n + b * n + r)
+    full_lo = tl.load(ranges + 1 * NB * n + b * n + r)
+    full_hi = tl.load(ranges + 2 * NB * n + b * n + r)
+    hi = tl.load(ranges + 3 * NB * n + b * n + r)
+    return lo, full_lo, full_hi, hi
 
 
-def _visible(q_stats, kv_stats, causal):
-    """`[b, nq, nk]` True where a (q tile, kv tile) pair may hold a visible entry."""
-    _, q_pmax, q_smin, q_smax = (x[:, :, None] for x in q_stats)
-    k_pmin, _, k_smin, k_smax = (x[:, None, :] for x in kv_stats)
-    vis = (k_smax >= q_smin) & (k_smin <= q_smax)
-    if causal:
-        vis &= k_pmin <= q_pmax
+@triton.jit
+def _load_rows(ptr, rows_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; fully visible in-bounds tiles load without any mask."""
+    if MASKED:
+        return tl.load(ptr, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+    if EVEN_D:
+        return tl.load(ptr)
+    return tl.load(ptr, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _visibility(qp, qs, kp, ks, n_ok, CAUSAL: tl.constexpr):
+    vis = (qs[:, None] == ks[None, :]) & n_ok[None, :]
+    if CAUSAL:
+        vis = vis & (kp[None, :] <= qp[:, None])
     return vis
-
-
-def _bounds(vis):
-    """First and one-past-last True along the last axis (0, 0 where none): int32 `[b, n]`."""
-    n = vis.shape[-1]
-    idx = jnp.arange(n, dtype=jnp.int32)
-    any_ = vis.any(-1)
-    lo = jnp.where(any_, jnp.min(jnp.where(vis, idx, n), -1), 0)
-    hi = jnp.where(any_, jnp.max(jnp.where(vis, idx, -1), -1) + 1, 0)
-    return lo.astype(jnp.int32), hi.astype(jnp.int32)
-
-
-def _tables(q_pos, kv_pos, q_seg, kv_seg, block_m, block_n):
-    q_stats = jnp.stack(_tile_stats(q_pos, q_seg, block_m), 0).astype(jnp.int32)
-    kv_stats = jnp.stack(_tile_stats(kv_pos, kv_seg, block_n), 0).astype(jnp.int32)
-    return q_stats, kv_stats
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
-def _tile_flags(q_stats, kv_stats, b, i, j, nq, nk, NB: tl.constexpr, CAUSAL: tl.constexpr):
-    """(skip, needs_mask) for q tile i against kv tile j; stats are [4, b, n] int32."""
-    q_pmin = tl.load(q_stats + 0 * NB * nq + b * nq + i)
-    q_pmax = tl.load(q_stats + 1 * NB * nq + b * nq + i)
-    q_smin = tl.load(q_stats + 2 * NB * nq + b * nq + i)
-    q_smax = tl.load(q_stats + 3 * NB * nq + b * nq + i)
-    k_pmin = tl.load(kv_stats + 0 * NB * nk + b * nk + j)
-    k_pmax = tl.load(kv_stats + 1 * NB * nk + b * nk + j)
-    k_smin = tl.load(kv_stats + 2 * NB * nk + b * nk + j)
-    k_smax = tl.load(kv_stats + 3 * NB * nk + b * nk + j)
-    skip = (k_smax < q_smin) | (k_smin > q_smax)
-    same = (q_smin == q_smax) & (k_smin == k_smax) & (q_smin == k_smin)
-    if CAUSAL:
-        skip = skip | (k_pmin > q_pmax)
-        same = same & (k_pmax <= q_pmin)
-    return skip, not same
+def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d, d_ok,
+              scale_log2, SKV: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
+              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+              EVEN_D: tl.constexpr):
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < SKV
+    kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
+    kt = _load_rows(k + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
+    vt = _load_rows(v + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
+    s = tl.dot(qt, tl.trans(kt)) * scale_log2
+    if MASKED:
+        kp = tl.load(kv_pos + b * SKV + offs_n, mask=n_ok, other=0)
+        ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
+        s = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep zeros
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    return acc, m_new, l_i
 
 
 @triton.jit
-def _fwd_kernel(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats, lo_ptr, hi_ptr,
-                out, lse, scale_log2,
-                NB: tl.constexpr, SQ: tl.constexpr, SKV: tl.constexpr, H: tl.constexpr,
-                KH: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+def _fwd_kernel(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats, ranges, out, lse,
+                scale_log2, NB: tl.constexpr, SQ: tl.constexpr, SKV: tl.constexpr,
+                H: tl.constexpr, KH: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    i = tl.program_id(0)
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    nq = tl.cdiv(SQ, BLOCK_M)
+    nk = tl.cdiv(SKV, BLOCK_N)
+    i = nq - 1 - tl.program_id(0)  # causal: the longest rows first, so the tail is short
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     kh = h // (H // KH)
-    nq = tl.cdiv(SQ, BLOCK_M)
-    nk = tl.cdiv(SKV, BLOCK_N)
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-    q_rows = q + (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
-    qt = tl.load(q_rows, mask=(offs_m[:, None] < SQ) & d_ok[None, :], other=0.0)
-    qp = tl.load(q_pos + b * SQ + offs_m, mask=offs_m < SQ, other=0)
-    qs = tl.load(q_seg + b * SQ + offs_m, mask=offs_m < SQ, other=0)
+    m_ok = offs_m < SQ
+    q_rows = (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
+    qt = tl.load(q + q_rows, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
+    qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = tl.load(lo_ptr + b * nq + i)
-    hi = tl.load(hi_ptr + b * nq + i)
-    for j in range(lo, hi):
-        skip, masked = _tile_flags(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-        masked = masked | ((j + 1) * BLOCK_N > SKV)
-        if not skip:
-            offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < SKV
-            kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
-            kt = tl.load(k + kv_rows, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            vt = tl.load(v + kv_rows, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(qt, tl.trans(kt)) * scale_log2
-            if masked:
-                kp = tl.load(kv_pos + b * SKV + offs_n, mask=n_ok, other=0)
-                ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
-                vis = (qs[:, None] == ks[None, :]) & n_ok[None, :]
-                if CAUSAL:
-                    vis = vis & (kp[None, :] <= qp[:, None])
-                s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            m_i = m_new
+    lo, full_lo, full_hi, hi = _range(ranges, b, i, nq, NB)
+    for j in range(lo, full_lo):
+        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh,
+                                      j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True,
+                                      CAUSAL, EVEN_D)
+    for j in range(full_lo, full_hi):
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
+                                  offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, False, CAUSAL,
+                                  EVEN_D)
+    for j in range(full_hi, hi):
+        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh,
+                                      j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True,
+                                      CAUSAL, EVEN_D)
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     o = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
-    out_rows = out + (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
-    tl.store(out_rows, o.to(out.dtype.element_ty), mask=(offs_m[:, None] < SQ) & d_ok[None, :])
-    # m_i and log2(l_i) are in base-2 units of the scaled logits; lse is natural log.
+    tl.store(out + q_rows, o.to(out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    # m_i and log2(l_i) are base-2 units of the scaled logits; lse is a natural log.
     lse_val = tl.where(seen, (m_i + tl.math.log2(l_safe)) / 1.4426950408889634, float("-inf"))
-    tl.store(lse + (b * H + h) * SQ + offs_m, lse_val, mask=offs_m < SQ)
+    tl.store(lse + (b * H + h) * SQ + offs_m, lse_val, mask=m_ok)
+
+
+def _common(q, k, causal, scale):
+    b, sq, h, d = q.shape
+    return dict(NB=b, SQ=sq, SKV=k.shape[1], H=h, KH=k.shape[2], D=d,
+                BLOCK_D=triton.next_power_of_2(d), CAUSAL=bool(causal),
+                scale_log2=float(scale * LOG2E))
 
 
 def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale):
-    b, sq, h, d = q.shape
-    skv, kh = k.shape[1], k.shape[2]
+    b, sq, h, _ = q.shape
     bm, bn, warps, stages = FWD
-    q_stats, kv_stats = _tables(q_pos, kv_pos, q_seg, kv_seg, bm, bn)
-    lo, hi = _bounds(_visible(tuple(q_stats), tuple(kv_stats), causal))
-    out, lse = jt.triton_call(
-        q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), q_seg.astype(jnp.int32),
-        kv_seg.astype(jnp.int32), q_stats, kv_stats, lo, hi,
+    ints = [x.astype(jnp.int32) for x in (q_pos, kv_pos, q_seg, kv_seg)]
+    q_stats, kv_stats, ranges = schedule(*ints, causal, bm, bn, over_q=False)
+    return jt.triton_call(
+        q, k, v, *ints, q_stats, kv_stats, ranges,
         kernel=_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
-        grid=(triton.cdiv(sq, bm), b * h),
-        num_warps=warps, num_stages=stages,
-        scale_log2=float(scale * LOG2E),
-        NB=b, SQ=sq, SKV=skv, H=h, KH=kh, D=d, BLOCK_D=triton.next_power_of_2(d),
-        BLOCK_M=bm, BLOCK_N=bn, CAUSAL=bool(causal))
-    return out, lse
+        grid=(triton.cdiv(sq, bm), b * h), num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, **_common(q, k, causal, scale))
 
 
 # ----------------------------------------------------------------------------- backward
 
 
 @triton.jit
+def _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta, q_pos, q_seg, b, h, i,
+                 offs_d, d_ok, n_ok, scale_log2, SQ: tl.constexpr, H: tl.constexpr,
+                 D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+                 CAUSAL: tl.constexpr, EVEN_D: tl.constexpr):
+    offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < SQ
+    q_rows = (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
+    # Rows past SQ load q = dO = 0 and lse2 = +inf, so they add nothing.
+    qt = _load_rows(q + q_rows, m_ok, d_ok, MASKED, EVEN_D)
+    dot_ = _load_rows(do + q_rows, m_ok, d_ok, MASKED, EVEN_D)
+    if MASKED:
+        l2 = tl.load(lse2 + (b * H + h) * SQ + offs_m, mask=m_ok, other=float("inf"))
+        dl = tl.load(delta + (b * H + h) * SQ + offs_m, mask=m_ok, other=0.0)
+    else:
+        l2 = tl.load(lse2 + (b * H + h) * SQ + offs_m)
+        dl = tl.load(delta + (b * H + h) * SQ + offs_m)
+    p = tl.math.exp2(tl.dot(qt, tl.trans(kt)) * scale_log2 - l2[:, None])
+    if MASKED:
+        qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
+        qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
+        p = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), p, 0.0)
+    dv_acc += tl.dot(tl.trans(p.to(dot_.dtype)), dot_)
+    ds = p * (tl.dot(dot_, tl.trans(vt)) - dl[:, None])
+    dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt)
+    return dk_acc, dv_acc
+
+
+@triton.jit
 def _bwd_kv_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats,
-                   lo_ptr, hi_ptr, dk, dv, scale_log2, scale,
-                   NB: tl.constexpr, SQ: tl.constexpr, SKV: tl.constexpr, H: tl.constexpr,
-                   KH: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                   ranges, dk, dv, scale_log2, scale, NB: tl.constexpr, SQ: tl.constexpr,
+                   SKV: tl.constexpr, H: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr):
     """dK, dV for one kv tile of one kv head, looping over its query heads and q tiles."""
-    j = tl.program_id(0)
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    j = tl.program_id(0)  # causal: the first kv tiles see the most rows and start first
     bkh = tl.program_id(1)
     b = bkh // KH
     kh = bkh % KH
@@ -196,53 +228,62 @@ def _bwd_kv_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_sta
     ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo = tl.load(lo_ptr + b * nk + j)
-    hi = tl.load(hi_ptr + b * nk + j)
+    lo, full_lo, full_hi, hi = _range(ranges, b, j, nk, NB)
     for g in range(G):
         h = kh * G + g
-        for i in range(lo, hi):
-            skip, masked = _tile_flags(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-            if not skip:
-                offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-                m_ok = offs_m < SQ
-                q_rows = (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
-                qt = tl.load(q + q_rows, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                dot_ = tl.load(do + q_rows, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-                # lse2: base-2 LSE with +inf on rows that see nothing, so exp2 gives 0.
-                l2 = tl.load(lse2 + (b * H + h) * SQ + offs_m, mask=m_ok, other=float("inf"))
-                dl = tl.load(delta + (b * H + h) * SQ + offs_m, mask=m_ok, other=0.0)
-                s = tl.dot(qt, tl.trans(kt)) * scale_log2
-                p = tl.math.exp2(s - l2[:, None])
-                if masked:
-                    qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
-                    qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
-                    vis = qs[:, None] == ks[None, :]
-                    if CAUSAL:
-                        vis = vis & (kp[None, :] <= qp[:, None])
-                    p = tl.where(vis, p, 0.0)
-                dv_acc += tl.dot(tl.trans(p.to(dot_.dtype)), dot_)
-                dp = tl.dot(dot_, tl.trans(vt))
-                ds = p * (dp - dl[:, None])
-                dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt)
+        for i in range(lo, full_lo):
+            if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+                dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2,
+                                              delta, q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
+                                              scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D)
+        for i in range(full_lo, full_hi):
+            dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta,
+                                          q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
+                                          scale_log2, SQ, H, D, BLOCK_M, False, CAUSAL, EVEN_D)
+        for i in range(full_hi, hi):
+            if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+                dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2,
+                                              delta, q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
+                                              scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D)
     mask = n_ok[:, None] & d_ok[None, :]
     tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=mask)
     tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=mask)
 
 
 @triton.jit
+def _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d, d_ok,
+                scale_log2, SKV: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                EVEN_D: tl.constexpr):
+    offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < SKV
+    kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
+    kt = _load_rows(k + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
+    vt = _load_rows(v + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
+    p = tl.math.exp2(tl.dot(qt, tl.trans(kt)) * scale_log2 - l2[:, None])
+    if MASKED:
+        kp = tl.load(kv_pos + b * SKV + offs_n, mask=n_ok, other=0)
+        ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
+        p = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), p, 0.0)
+    ds = p * (tl.dot(dot_, tl.trans(vt)) - dl[:, None])
+    return dq_acc + tl.dot(ds.to(kt.dtype), kt)
+
+
+@triton.jit
 def _bwd_q_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats,
-                  lo_ptr, hi_ptr, dq, scale_log2, scale,
-                  NB: tl.constexpr, SQ: tl.constexpr, SKV: tl.constexpr, H: tl.constexpr,
-                  KH: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                  ranges, dq, scale_log2, scale, NB: tl.constexpr, SQ: tl.constexpr,
+                  SKV: tl.constexpr, H: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  CAUSAL: tl.constexpr):
     """dQ for one q tile of one head, looping over the kv tiles it may see."""
-    i = tl.program_id(0)
+    EVEN_D: tl.constexpr = BLOCK_D == D
+    nq = tl.cdiv(SQ, BLOCK_M)
+    nk = tl.cdiv(SKV, BLOCK_N)
+    i = nq - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
     kh = h // (H // KH)
-    nq = tl.cdiv(SQ, BLOCK_M)
-    nk = tl.cdiv(SKV, BLOCK_N)
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
@@ -255,61 +296,49 @@ def _bwd_q_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stat
     qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
     qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo = tl.load(lo_ptr + b * nq + i)
-    hi = tl.load(hi_ptr + b * nq + i)
-    for j in range(lo, hi):
-        skip, masked = _tile_flags(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-        masked = masked | ((j + 1) * BLOCK_N > SKV)
-        if not skip:
-            offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < SKV
-            kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
-            kt = tl.load(k + kv_rows, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            vt = tl.load(v + kv_rows, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-            s = tl.dot(qt, tl.trans(kt)) * scale_log2
-            p = tl.math.exp2(s - l2[:, None])
-            if masked:
-                kp = tl.load(kv_pos + b * SKV + offs_n, mask=n_ok, other=0)
-                ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
-                vis = (qs[:, None] == ks[None, :]) & n_ok[None, :]
-                if CAUSAL:
-                    vis = vis & (kp[None, :] <= qp[:, None])
-                p = tl.where(vis, p, 0.0)
-            dp = tl.dot(dot_, tl.trans(vt))
-            ds = p * (dp - dl[:, None])
-            dq_acc += tl.dot(ds.to(kt.dtype), kt)
+    lo, full_lo, full_hi, hi = _range(ranges, b, i, nq, NB)
+    for j in range(lo, full_lo):
+        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+            dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh,
+                                 j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
+                                 EVEN_D)
+    for j in range(full_lo, full_hi):
+        dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
+                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, False, CAUSAL, EVEN_D)
+    for j in range(full_hi, hi):
+        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+            dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh,
+                                 j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
+                                 EVEN_D)
     tl.store(dq + q_rows, (dq_acc * scale).to(dq.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
 
 def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse, *, causal, scale):
-    b, sq, h, d = q.shape
+    b, sq, h, _ = q.shape
     skv, kh = k.shape[1], k.shape[2]
     d_out = d_out.astype(q.dtype)
+    # delta = rowsum(dO * O); an LSE cotangent enters as P * d_lse, i.e. delta - d_lse.
     delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
     if d_lse is not None:
         delta = delta - d_lse.astype(jnp.float32)
+    # Base-2 LSE, +inf on rows that see nothing so that exp2(s - lse2) = 0 there.
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
     ints = [x.astype(jnp.int32) for x in (q_pos, kv_pos, q_seg, kv_seg)]
-    common = dict(scale_log2=float(scale * LOG2E), scale=float(scale), NB=b, SQ=sq, SKV=skv,
-                  H=h, KH=kh, D=d, BLOCK_D=triton.next_power_of_2(d), CAUSAL=bool(causal))
+    common = dict(**_common(q, k, causal, scale), scale=float(scale))
+    inputs = (q, k, v, d_out, lse2, delta, *ints)
 
     bm, bn, warps, stages = BWD_KV
-    q_stats, kv_stats = _tables(q_pos, kv_pos, q_seg, kv_seg, bm, bn)
-    vis = _visible(tuple(q_stats), tuple(kv_stats), causal)
-    lo, hi = _bounds(jnp.swapaxes(vis, 1, 2))
     dk, dv = jt.triton_call(
-        q, k, v, d_out, lse2, delta, *ints, q_stats, kv_stats, lo, hi,
+        *inputs, *schedule(*ints, causal, bm, bn, over_q=True),
         kernel=_bwd_kv_kernel,
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(triton.cdiv(skv, bn), b * kh), num_warps=warps, num_stages=stages,
         BLOCK_M=bm, BLOCK_N=bn, **common)
 
     bm, bn, warps, stages = BWD_Q
-    q_stats, kv_stats = _tables(q_pos, kv_pos, q_seg, kv_seg, bm, bn)
-    lo, hi = _bounds(_visible(tuple(q_stats), tuple(kv_stats), causal))
     dq = jt.triton_call(
-        q, k, v, d_out, lse2, delta, *ints, q_stats, kv_stats, lo, hi,
+        *inputs, *schedule(*ints, causal, bm, bn, over_q=False),
         kernel=_bwd_q_kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(triton.cdiv(sq, bm), b * h), num_warps=warps, num_stages=stages,

@@ -1,0 +1,65 @@
+"""Tile schedules for block-sparse attention kernels, computed in plain JAX.
+
+Per-tile min/max of positions and segment ids classify every (q tile, kv tile) pair as
+hidden, fully visible or partial (conservatively: a pair called full is full), and give
+each kernel program the loop ranges it runs: a masked head, a branch-free middle of fully
+visible tiles and a masked tail. The tables are a few KB; kernels read them per program.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def _tile_stats(positions, segments, block):
+    """`[4, b, n_tiles]` int32: min/max position, min/max segment (edge-padded tiles)."""
+    b, s = positions.shape
+    n = -(-s // block)
+    pad = [(0, 0), (0, n * block - s)]
+    pos = jnp.pad(positions, pad, mode="edge").reshape(b, n, block)
+    seg = jnp.pad(segments, pad, mode="edge").reshape(b, n, block)
+    return jnp.stack([pos.min(-1), pos.max(-1), seg.min(-1), seg.max(-1)]).astype(jnp.int32)
+
+
+def _classify(q_stats, kv_stats, causal, sq, skv, block_m, block_n):
+    """`[b, nq, nk]` (visible: may hold a visible entry, full: every entry visible and in
+    bounds, so the tile needs no mask at all)."""
+    q_pmin, q_pmax, q_smin, q_smax = (x[:, :, None] for x in q_stats)
+    k_pmin, k_pmax, k_smin, k_smax = (x[:, None, :] for x in kv_stats)
+    visible = (k_smax >= q_smin) & (k_smin <= q_smax)
+    full = (q_smin == q_smax) & (k_smin == k_smax) & (q_smin == k_smin)
+    if causal:
+        visible &= k_pmin <= q_pmax
+        full &= k_pmax <= q_pmin
+    q_in = ((jnp.arange(q_stats.shape[-1]) + 1) * block_m <= sq)[:, None]
+    kv_in = (jnp.arange(kv_stats.shape[-1]) + 1) * block_n <= skv
+    return visible, full & visible & q_in & kv_in
+
+
+def _ranges(visible, full):
+    """Per row of the last axis: int32 `[4, b, n]` = (lo, full_lo, full_hi, hi).
+
+    [lo, hi) covers every visible tile; [full_lo, full_hi) is the first run of fully
+    visible tiles inside it (empty, at hi, when there is none).
+    """
+    n = visible.shape[-1]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    any_ = visible.any(-1)
+    lo = jnp.where(any_, jnp.min(jnp.where(visible, idx, n), -1), 0)
+    hi = jnp.where(any_, jnp.max(jnp.where(visible, idx, -1), -1) + 1, 0)
+    full_lo = jnp.min(jnp.where(full, idx, n), -1)
+    after = jnp.min(jnp.where((idx >= full_lo[..., None]) & ~full, idx, n), -1)
+    full_hi = jnp.where(full_lo < n, jnp.minimum(after, hi), hi)
+    full_lo = jnp.minimum(full_lo, hi)
+    return jnp.stack([lo, full_lo, full_hi, hi]).astype(jnp.int32)
+
+
+def schedule(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q: bool):
+    """Stats tables and loop ranges; `over_q` gives ranges over q tiles per kv tile."""
+    q_stats = _tile_stats(q_pos, q_seg, block_m)
+    kv_stats = _tile_stats(kv_pos, kv_seg, block_n)
+    visible, full = _classify(q_stats, kv_stats, causal, q_pos.shape[1], kv_pos.shape[1],
+                              block_m, block_n)
+    if over_q:
+        visible, full = jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2)
+    return q_stats, kv_stats, _ranges(visible, full)
