@@ -27,9 +27,10 @@ from longvila_jax.kernels.tiles import schedule
 
 LOG2E = math.log2(math.e)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head_dim 64/128 on Hopper.
-FWD = (128, 64, 8, 3)
-BWD_KV = (64, 128, 8, 2)
-BWD_Q = (128, 64, 8, 2)
+# Picked by `bench/attention.py --sweep` at 32K on an H200 (bench/NOTES.md).
+FWD = (128, 128, 8, 3)
+BWD_KV = (64, 64, 4, 3)
+BWD_Q = (128, 128, 8, 2)
 
 
 @triton.jit
@@ -93,7 +94,11 @@ def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d,
         ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
         s = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep zeros
+    # Nothing seen yet: subtract 0 so that exp2(-inf) stays 0 (Triton: if/else, no ternary).
+    if MASKED:  # noqa: SIM108
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_safe = m_new
     p = tl.math.exp2(s - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
