@@ -88,18 +88,20 @@ def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d,
     kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
     kt = _load_rows(k + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
     vt = _load_rows(v + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
-    s = tl.dot(qt, tl.trans(kt)) * scale_log2
+    # Raw logits; the softmax scale goes into the row max (scale > 0) and into one FMA
+    # with the max subtraction, sparing a multiply per score.
+    s = tl.dot(qt, tl.trans(kt))
     if MASKED:
         kp = tl.load(kv_pos + b * SKV + offs_n, mask=n_ok, other=0)
         ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
         s = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
     # Nothing seen yet: subtract 0 so that exp2(-inf) stays 0 (Triton: if/else, no ternary).
     if MASKED:  # noqa: SIM108
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_safe = m_new
-    p = tl.math.exp2(s - m_safe[:, None])
+    p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
