@@ -10,6 +10,8 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
+from longvila_jax.kernels.attention import BACKENDS
+
 LLM_FAMILIES = ("qwen2", "llama")
 PROJECTORS = ("mlp2x_gelu", "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
 ROPE_SCALING = ("none", "linear", "llama3")
@@ -69,6 +71,7 @@ def base_config() -> ml_collections.ConfigDict:
     model.dtype = "float32"
     model.param_dtype = "float32"
     model.remat = False
+    model.attention_backend = "auto"
 
     config = ml_collections.ConfigDict()
     config.model = model
@@ -137,6 +140,8 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         newline = model.media.newline_token_id
         _check(newline is None or 0 <= newline < llm.vocab_size, "model.media.newline_token_id",
                newline, f"must be None or in [0, {llm.vocab_size})")
+    _check(model.attention_backend in BACKENDS, "model.attention_backend",
+           model.attention_backend, f"one of {BACKENDS}")
     for key in ("dtype", "param_dtype"):
         _check(model[key] in DTYPES, f"model.{key}", model[key], f"one of {DTYPES}")
     return config

@@ -22,7 +22,7 @@ def _dtypes(model_cfg):
 class DecoderLayer(nnx.Module):
     """Pre-norm attention + SwiGLU block."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg, *, dtype, param_dtype, attention_backend, rngs):
         d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         bias = cfg.attention_bias
@@ -37,17 +37,23 @@ class DecoderLayer(nnx.Module):
         self.up_proj = Linear(d, cfg.intermediate_size, bias=False, names=("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.intermediate_size, d, bias=False, names=("mlp", "embed"), **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+        self.attention_backend = attention_backend
 
     def __call__(self, x, positions, segment_ids, inv_freq):
+        """`positions` `[b, s]` rotate q/k; `positions`/`segment_ids` None means the plain
+        causal mask, which lets the attention pick a kernel without mask inputs (cuDNN)."""
         b, s, _ = x.shape
         y = self.input_norm(x)
         q = self.q_proj(y).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(y).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(y).reshape(b, s, self.num_kv_heads, self.head_dim)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        rope_positions = positions
+        if positions is None:
+            rope_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        q, k = apply_rope(q, rope_positions, inv_freq), apply_rope(k, rope_positions, inv_freq)
         attn, _ = flash_attention(q, k, v, q_positions=positions, kv_positions=positions,
                                   q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                  causal=True)
+                                  causal=True, backend=self.attention_backend)
         x = x + self.o_proj(attn.reshape(b, s, -1))
         y = self.post_attention_norm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
@@ -62,7 +68,8 @@ class CausalLM(nnx.Module):
         self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
                                   param_dtype)
         self.layers = stacked(cfg.num_layers, lambda r: DecoderLayer(
-            cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
+            cfg, dtype=dtype, param_dtype=param_dtype,
+            attention_backend=model_cfg.attention_backend, rngs=r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs,
                             param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_embeddings else param(
@@ -76,8 +83,11 @@ class CausalLM(nnx.Module):
         """`[batch, seq]` int -> `[batch, seq, hidden]` in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def hidden_states(self, x, positions, segment_ids):
-        """Run all decoder layers and the final norm on embeddings `[batch, seq, hidden]`."""
+    def hidden_states(self, x, positions=None, segment_ids=None):
+        """Run all decoder layers and the final norm on embeddings `[batch, seq, hidden]`.
+
+        Positions `[batch, seq]` (None: arange) and segment ids (None: one document per
+        row) are global, so packed and sequence-sharded inputs need nothing else."""
         x = scan_layers(self.layers, x,
                         lambda layer, h: layer(h, positions, segment_ids, self.inv_freq),
                         remat=self.remat)
@@ -92,13 +102,7 @@ class CausalLM(nnx.Module):
         return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
     def from_embeddings(self, x, positions=None, segment_ids=None):
-        """Logits for input embeddings `[batch, seq, hidden]`; positions default to arange,
-        segments to one document per row."""
-        batch, seq = x.shape[:2]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if segment_ids is None:
-            segment_ids = jnp.zeros((batch, seq), jnp.int32)
+        """Logits for input embeddings `[batch, seq, hidden]` (see `hidden_states`)."""
         return self.logits(self.hidden_states(x, positions, segment_ids))
 
     def __call__(self, input_ids, positions=None, segment_ids=None):

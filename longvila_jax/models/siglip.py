@@ -15,7 +15,7 @@ from longvila_jax.models.layers import LayerNorm, Linear, gelu, param, scan_laye
 
 
 class EncoderLayer(nnx.Module):
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg, *, dtype, param_dtype, attention_backend, rngs):
         c = cfg.hidden_size
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.layer_norm1 = LayerNorm(c, eps=cfg.layer_norm_eps, name="vit_embed", rngs=rngs,
@@ -29,6 +29,7 @@ class EncoderLayer(nnx.Module):
         self.fc1 = Linear(c, cfg.intermediate_size, bias=True, names=("vit_embed", "vit_mlp"), **kw)
         self.fc2 = Linear(cfg.intermediate_size, c, bias=True, names=("vit_mlp", "vit_embed"), **kw)
         self.num_heads = cfg.num_heads
+        self.attention_backend = attention_backend
         self.approximate_gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def __call__(self, x):
@@ -37,7 +38,7 @@ class EncoderLayer(nnx.Module):
         y = self.layer_norm1(x)
         q, k, v = (p(y).reshape(n, s, self.num_heads, hd)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        attn, _ = flash_attention(q, k, v, causal=False)
+        attn, _ = flash_attention(q, k, v, causal=False, backend=self.attention_backend)
         x = x + self.out_proj(attn.reshape(n, s, c))
         y = self.layer_norm2(x)
         return x + self.fc2(gelu(self.fc1(y), self.approximate_gelu))
@@ -57,7 +58,8 @@ class SiglipVisionTower(nnx.Module):
         self.position_embedding = param(rngs, (self.grid * self.grid, c),
                                         ("vit_patches", "vit_embed"), param_dtype)
         self.layers = stacked(cfg.num_layers, lambda r: EncoderLayer(
-            cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), rngs)
+            cfg, dtype=dtype, param_dtype=param_dtype,
+            attention_backend=model_cfg.attention_backend, rngs=r), rngs)
         self.post_layernorm = LayerNorm(c, eps=cfg.layer_norm_eps, name="vit_embed", rngs=rngs,
                                         param_dtype=param_dtype)
         select = cfg.select_layer

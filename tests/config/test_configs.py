@@ -84,6 +84,7 @@ def test_published_shapes():
     ("model.projector.type", "mlp9x"),
     ("model.media.media_token_id", 10**6),
     ("model.dtype", "float8"),
+    ("model.attention_backend", "flash3"),
 ])
 def test_invalid_value_fails_before_compute_naming_the_key(key, value):
     config = load("tiny")
