@@ -104,7 +104,8 @@ def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d,
     p = tl.math.exp2(s * scale_log2 - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    # Accumulate in the matrix unit's accumulator (no separate add of two register tiles).
+    acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
     return acc, m_new, l_i
 
 
@@ -203,9 +204,9 @@ def _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta, q_pos, q_se
         qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
         qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
         p = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), p, 0.0)
-    dv_acc += tl.dot(tl.trans(p.to(dot_.dtype)), dot_)
+    dv_acc = tl.dot(tl.trans(p.to(dot_.dtype)), dot_, dv_acc)
     ds = p * (tl.dot(dot_, tl.trans(vt)) - dl[:, None])
-    dk_acc += tl.dot(tl.trans(ds.to(qt.dtype)), qt)
+    dk_acc = tl.dot(tl.trans(ds.to(qt.dtype)), qt, dk_acc)
     return dk_acc, dv_acc
 
 
@@ -273,7 +274,7 @@ def _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j
         ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
         p = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), p, 0.0)
     ds = p * (tl.dot(dot_, tl.trans(vt)) - dl[:, None])
-    return dq_acc + tl.dot(ds.to(kt.dtype), kt)
+    return tl.dot(ds.to(kt.dtype), kt, dq_acc)
 
 
 @triton.jit
