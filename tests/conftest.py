@@ -1,4 +1,4 @@
-"""Shared fixtures: the PyTorch reference environment and fresh random seeds."""
+"""Shared set-up: 8 simulated CPU devices, the PyTorch reference env, fresh random seeds."""
 
 from __future__ import annotations
 
@@ -13,6 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+# XLA reads this once, when the first backend starts; pytest (and every xdist worker)
+# imports this file before any test module, so the sequence-parallel tests under
+# tests/parallel see 8 CPU devices. It changes nothing for GPU platforms.
+SIMULATED_DEVICES = 8
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                               f"device_count={SIMULATED_DEVICES}").strip()
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE = Path(__file__).parent / "reference"

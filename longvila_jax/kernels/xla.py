@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from longvila_jax.kernels.manual_axes import varying_like
+
 BLOCK_K = 512
 
 
@@ -59,9 +61,11 @@ def forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *
                         preferred_element_type=jnp.float32)
         return (m_new, denom, alpha[..., None] * acc + pv), None
 
-    init = (jnp.full((b, kh, h // kh, sq), -jnp.inf, jnp.float32),
-            jnp.zeros((b, kh, h // kh, sq), jnp.float32),
-            jnp.zeros((b, kh, h // kh, sq, d), jnp.float32))
+    refs = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    init = tuple(varying_like(x, *refs) for x in (
+        jnp.full((b, kh, h // kh, sq), -jnp.inf, jnp.float32),
+        jnp.zeros((b, kh, h // kh, sq), jnp.float32),
+        jnp.zeros((b, kh, h // kh, sq, d), jnp.float32)))
     (m, denom, acc), _ = jax.lax.scan(step, init, _blocks(k, v, kv_positions, kv_segment_ids,
                                                       block_k))
     seen = denom > 0
@@ -100,8 +104,9 @@ def backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, 
         dk = jnp.einsum("bhgqk,bqhgd->bkhd", ds, qg, preferred_element_type=jnp.float32)
         return dq, (dk, dv)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros((b, sq, kh, g, d), jnp.float32),
-                                _blocks(k, v, kv_positions, kv_segment_ids, block_k))
+    refs = (q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse, d_out)
+    dq0 = varying_like(jnp.zeros((b, sq, kh, g, d), jnp.float32), *refs)
+    dq, (dk, dv) = jax.lax.scan(step, dq0, _blocks(k, v, kv_positions, kv_segment_ids, block_k))
 
     def unblock(x):  # [n, b, block, kh, d] -> [b, skv, kh, d]
         return jnp.moveaxis(x, 0, 1).reshape(b, -1, kh, d)[:, :skv]

@@ -1,0 +1,198 @@
+"""Ring attention over a mesh axis (`node`): K/V blocks travel, queries stay.
+
+Call inside `jax.shard_map` with q/k/v sharded along the sequence on `axis_name`. Each of
+the n steps sends the visiting K/V block (with its positions and segment ids) to the next
+rank BEFORE attending to it, so the transfer can overlap the compute, and folds the block's
+(out, lse) into the running result with the one LSE merge (`merge`). The backward is a
+second ring that carries K, V and their dK/dV accumulators and calls `flash_attention_bwd`
+with the ring-merged out/lse, so memory stays O(local block).
+
+Work skipping: each local shard is cut into `chunks` pieces (2 for the zigzag layout) and a
+(query piece, key piece) pair runs only if its position/segment ranges can see each other.
+With the zigzag layout (`zigzag_permutation`) every rank then does the same causal work.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longvila_jax.kernels import flash_attention, flash_attention_bwd
+from longvila_jax.kernels.manual_axes import varying_like
+
+
+def zigzag_permutation(seq_len: int, ring: int) -> np.ndarray:
+    """Token order that gives rank i the chunks i and 2*ring-1-i of the sequence.
+
+    `x[:, perm]` followed by an even split over `ring` ranks is the zigzag layout; pass
+    `positions = perm` so masks see global positions. `np.argsort(perm)` undoes it.
+    """
+    if seq_len % (2 * ring):
+        raise ValueError(f"zigzag: sequence length {seq_len} is not a multiple of "
+                         f"2 x ring size = {2 * ring}; pad it (padding gets its own segment id)")
+    chunks = np.arange(seq_len).reshape(2 * ring, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * ring - 1 - i]])
+                           for i in range(ring)])
+
+
+def merge(out_a, lse_a, out_b, lse_b):
+    """Combine two partial attentions over disjoint keys: out `[b, s, h, d]`, lse `[b, h, s]`.
+
+    Rows that saw nothing on either side keep out = 0 and lse = -inf (no NaN).
+    """
+    lse = jnp.logaddexp(lse_a, lse_b)
+    finite = jnp.isfinite(lse)
+    safe = jnp.where(finite, lse, 0.0)
+
+    def weight(part):
+        w = jnp.where(finite & jnp.isfinite(part), jnp.exp(part - safe), 0.0)
+        return jnp.swapaxes(w, 1, 2)[..., None]  # [b, s, h, 1]
+
+    out = out_a.astype(jnp.float32) * weight(lse_a) + out_b.astype(jnp.float32) * weight(lse_b)
+    return out, lse
+
+
+def _pieces(x, chunks):
+    return jnp.split(x, chunks, axis=1)
+
+
+def _may_see(q_pos, q_seg, kv_pos, kv_seg, causal):
+    """Scalar: can any query of this piece see any key of that piece (in any batch row)?"""
+    overlap = (kv_seg.max(1) >= q_seg.min(1)) & (kv_seg.min(1) <= q_seg.max(1))
+    if causal:
+        overlap &= kv_pos.min(1) <= q_pos.max(1)
+    return overlap.any()
+
+
+def _step_forward(q, q_pos, q_seg, kv, *, causal, scale, backend, chunks):
+    """(out f32, lse) of local queries against one visiting K/V block, skipping hidden pairs."""
+    k, v, kv_pos, kv_seg = kv
+    outs, lses = [], []
+    for qc, qp, qs in zip(*(_pieces(x, chunks) for x in (q, q_pos, q_seg)), strict=True):
+        b, s, h, d = qc.shape
+        out = jnp.zeros((b, s, h, d), jnp.float32)
+        lse = jnp.full((b, h, s), -jnp.inf, jnp.float32)
+        for kc, vc, kp, ks in zip(*(_pieces(x, chunks) for x in (k, v, kv_pos, kv_seg)),
+                                  strict=True):
+            def attend(qc=qc, qp=qp, qs=qs, kc=kc, vc=vc, kp=kp, ks=ks):
+                o, lse_ = flash_attention(qc, kc, vc, q_positions=qp, kv_positions=kp,
+                                          q_segment_ids=qs, kv_segment_ids=ks, causal=causal,
+                                          softmax_scale=scale, backend=backend)
+                return o.astype(jnp.float32), lse_
+
+            def nothing(qc=qc, kc=kc):
+                empty = (jnp.zeros(qc.shape, jnp.float32),
+                         jnp.full((qc.shape[0], qc.shape[2], qc.shape[1]), -jnp.inf))
+                return tuple(varying_like(x, qc, kc) for x in empty)
+
+            o, lse_ = jax.lax.cond(_may_see(qp, qs, kp, ks, causal), attend, nothing)
+            out, lse = merge(out, lse, o, lse_)
+        outs.append(out)
+        lses.append(lse)
+    return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+
+
+def _step_backward(q, q_pos, q_seg, kv, out, lse, d_out, d_lse, *, causal, scale, backend,
+                   chunks):
+    """(dq, dk, dv) contributions of one visiting K/V block, given the ring-merged out/lse."""
+    k, v, kv_pos, kv_seg = kv
+    q_parts = [_pieces(x, chunks) for x in (q, q_pos, q_seg, out, d_out)]
+    lse_parts, dlse_parts = jnp.split(lse, chunks, axis=2), jnp.split(d_lse, chunks, axis=2)
+    kv_parts = [_pieces(x, chunks) for x in (k, v, kv_pos, kv_seg)]
+    dq = [jnp.zeros(p.shape, jnp.float32) for p in q_parts[0]]
+    dk = [jnp.zeros(p.shape, jnp.float32) for p in kv_parts[0]]
+    dv = [jnp.zeros(p.shape, jnp.float32) for p in kv_parts[1]]
+    for i, (qc, qp, qs, oc, doc) in enumerate(zip(*q_parts, strict=True)):
+        for j, (kc, vc, kp, ks) in enumerate(zip(*kv_parts, strict=True)):
+            def grads(qc=qc, qp=qp, qs=qs, oc=oc, doc=doc, kc=kc, vc=vc, kp=kp, ks=ks, i=i):
+                g = flash_attention_bwd(qc, kc, vc, oc, lse_parts[i], doc, dlse_parts[i],
+                                        q_positions=qp, kv_positions=kp, q_segment_ids=qs,
+                                        kv_segment_ids=ks, causal=causal, softmax_scale=scale,
+                                        backend=backend)
+                return tuple(x.astype(jnp.float32) for x in g)
+
+            def nothing(qc=qc, kc=kc, vc=vc, oc=oc, doc=doc):
+                return tuple(varying_like(jnp.zeros(x.shape, jnp.float32), qc, kc, oc, doc)
+                             for x in (qc, kc, vc))
+
+            gq, gk, gv = jax.lax.cond(_may_see(qp, qs, kp, ks, causal), grads, nothing)
+            dq[i], dk[j], dv[j] = dq[i] + gq, dk[j] + gk, dv[j] + gv
+    return tuple(jnp.concatenate(x, axis=1) for x in (dq, dk, dv))
+
+
+def ring_attention(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
+                   causal: bool, axis_name: str = "node", softmax_scale: float | None = None,
+                   backend: str = "auto", chunks: int = 2):
+    """Exact attention over a sequence sharded on `axis_name`; returns local (out, lse).
+
+    Local shapes: q `[b, s, h, d]`, k/v `[b, s, kh, d]`, positions/segments `[b, s]` (global
+    values), out `[b, s, h, d]`, lse `[b, h, s]`. `s` must divide by `chunks`.
+    """
+    if q.shape[1] % chunks or k.shape[1] % chunks:
+        raise ValueError(f"ring_attention: local lengths {q.shape[1]}, {k.shape[1]} must be "
+                         f"multiples of chunks={chunks}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return _ring(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                 causal, axis_name, scale, backend, chunks)
+
+
+def _shift(tree, axis_name):
+    n = jax.lax.axis_size(axis_name)
+    return jax.lax.ppermute(tree, axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10, 11))
+def _ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale, backend, chunks):
+    return _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale,
+                     backend, chunks)[0]
+
+
+def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale, backend,
+              chunks):
+    kw = dict(causal=causal, scale=scale, backend=backend, chunks=chunks)
+    n = jax.lax.axis_size(axis_name)
+
+    def step(carry, _):
+        out, lse, kv = carry
+        incoming = _shift(kv, axis_name)  # issued first: overlaps the attention below
+        o, lse_ = _step_forward(q, q_pos, q_seg, kv, **kw)
+        out, lse = merge(out, lse, o, lse_)
+        return (out, lse, incoming), None
+
+    b, s, h, d = q.shape
+    init = (varying_like(jnp.zeros((b, s, h, d), jnp.float32), q, k),
+            varying_like(jnp.full((b, h, s), -jnp.inf, jnp.float32), q, k),
+            (k, v, kv_pos, kv_seg))
+    (out, lse, kv), _ = jax.lax.scan(step, init, None, length=n - 1)
+    o, lse_ = _step_forward(q, q_pos, q_seg, kv, **kw)  # last block: nothing left to send
+    out, lse = merge(out, lse, o, lse_)
+    out = out.astype(q.dtype)
+    return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
+
+
+def _ring_bwd(causal, axis_name, scale, backend, chunks, residuals, cotangents):
+    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+    d_out, d_lse = cotangents
+    d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0)
+    kw = dict(causal=causal, scale=scale, backend=backend, chunks=chunks)
+    n = jax.lax.axis_size(axis_name)
+
+    def step(carry, _):
+        dq, kv, dkv = carry
+        incoming = _shift(kv, axis_name)
+        gq, gk, gv = _step_backward(q, q_pos, q_seg, kv, out, lse, d_out, d_lse, **kw)
+        # dK/dV travel with their K/V block; after n shifts they are home again.
+        dkv = _shift((dkv[0] + gk, dkv[1] + gv), axis_name)
+        return (dq + gq, incoming, dkv), None
+
+    refs = (q, k, d_out)
+    init = (varying_like(jnp.zeros(q.shape, jnp.float32), *refs), (k, v, kv_pos, kv_seg),
+            tuple(varying_like(jnp.zeros(x.shape, jnp.float32), *refs) for x in (k, v)))
+    (dq, _, (dk, dv)), _ = jax.lax.scan(step, init, None, length=n)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
