@@ -1,0 +1,148 @@
+"""Sequence-parallel attention on one host's GPUs: ring, Ulysses, 2D vs the usual baselines.
+
+Fixed tokens per GPU (default 32K), GQA 28/4 heads, head dim 128, bf16, causal, zigzag
+layout; forward+backward time and per-GPU TFLOP/s (causal = half of dense, fwd+bwd = 3.5x
+fwd) for each scheme, against (a) one GPU attending over its local length and (b)
+all-gather-KV context parallelism (every GPU gathers all K/V; MaxText's default). The
+efficiency column divides per-GPU TFLOP/s by (a). With --hlo DIR, the compiled ring step's
+HLO is written there and its async collective-permute pairs are counted (overlap needs
+XLA's latency-hiding scheduler, which this script turns on).
+
+  python bench/sequence_parallel.py [--tokens-per-gpu 32768] [--schemes ring,ulysses,2d,allgather]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_gpu_enable_latency_hiding_scheduler=true").strip()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from longvila_jax.kernels import flash_attention
+from longvila_jax.parallel import (
+    attention_2d,
+    make_mesh,
+    ring_attention,
+    ulysses_attention,
+    zigzag_permutation,
+)
+
+
+def timed(fn, *args, reps=3):
+    jax.block_until_ready(fn(*args))
+    rounds = []
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            result = fn(*args)
+        jax.block_until_ready(result)
+        rounds.append((time.perf_counter() - start) / reps)
+    return float(np.median(rounds))
+
+
+def allgather_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, axis_name):
+    """Context parallelism by gathering every K/V block: simple, O(sequence) memory."""
+    def gather(x):
+        return jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
+
+    return flash_attention(q, gather(k), gather(v), q_positions=q_pos,
+                           kv_positions=gather(kv_pos), q_segment_ids=q_seg,
+                           kv_segment_ids=gather(kv_seg), causal=causal)
+
+
+def scheme(name, n):
+    """(mesh (node, local), local attention function, sequence axes) for a scheme on n GPUs."""
+    if name == "ring":
+        return (n, 1), lambda *a: ring_attention(*a, causal=True, axis_name="node")
+    if name == "ulysses":
+        return (1, n), lambda *a: ulysses_attention(*a, causal=True, axis_name="local")
+    if name == "2d":
+        node = 2 if n % 2 == 0 and n > 2 else 1
+        return (node, n // node), lambda *a: attention_2d(*a, causal=True)
+    if name == "allgather":
+        return (n, 1), lambda *a: allgather_attention(*a, causal=True, axis_name="node")
+    raise ValueError(f"unknown scheme {name!r}")
+
+
+def inputs(seq, heads, kv_heads, head_dim, key):
+    kq, kk, kv, kd = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (1, seq, heads, head_dim), jnp.bfloat16)
+    k = jax.random.normal(kk, (1, seq, kv_heads, head_dim), jnp.bfloat16)
+    v = jax.random.normal(kv, (1, seq, kv_heads, head_dim), jnp.bfloat16)
+    return q, k, v, jax.random.normal(kd, q.shape, jnp.bfloat16)
+
+
+def fwd_bwd(attend):
+    return jax.jit(lambda q, k, v, do, *masks: jax.vjp(
+        lambda q, k, v: attend(q, k, v, *masks)[0], q, k, v)[1](do))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens-per-gpu", type=int, default=32768)
+    parser.add_argument("--heads", type=int, default=28)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--schemes", default="ring,ulysses,2d,allgather")
+    parser.add_argument("--hlo", default=None, help="folder for the ring step's compiled HLO")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    n = jax.device_count()
+    local, total = args.tokens_per_gpu, args.tokens_per_gpu * n
+    shape = (args.heads, args.kv_heads, args.head_dim)
+    per_gpu_flops = 3.5 * 4 * total**2 * args.heads * args.head_dim / 2 / n
+    key = jax.random.key(0)
+
+    q, k, v, do = inputs(local, *shape, key)
+    single = timed(fwd_bwd(lambda q, k, v: flash_attention(q, k, v, causal=True)), q, k, v, do)
+    single_tflops = 3.5 * 4 * local**2 * args.heads * args.head_dim / 2 / single / 1e12
+    rows = [dict(scheme="single GPU, local length", ms=single * 1e3, tflops=single_tflops,
+                 efficiency=1.0)]
+    print(f"{n} x {jax.devices()[0].device_kind}; {local} tokens per GPU, {total} in all")
+    print(f"{'scheme':>26} {'mesh':>6} {'f+b ms':>9} {'TF/s/GPU':>9} {'eff.':>6}")
+    print(f"{rows[0]['scheme']:>26} {'1':>6} {single * 1e3:9.2f} {single_tflops:9.1f} {1:6.2f}")
+
+    perm = zigzag_permutation(total, n)
+    q, k, v, do = (x[:, perm] for x in inputs(total, *shape, key))
+    pos = jnp.asarray(perm, jnp.int32)[None]
+    seg = jnp.zeros_like(pos)
+    for name in args.schemes.split(","):
+        (node, local_deg), attend = scheme(name, n)
+        mesh = make_mesh(1, node, local_deg)
+        seq, lse = P(None, ("node", "local")), P(None, None, ("node", "local"))
+        sharded = jax.shard_map(lambda q, k, v, p, s, attend=attend: attend(q, k, v, p, p, s, s),
+                                mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse))
+        step = fwd_bwd(sharded)
+        if name == "ring" and args.hlo:
+            text = step.lower(q, k, v, do, pos, seg).compile().as_text()
+            os.makedirs(args.hlo, exist_ok=True)
+            with open(os.path.join(args.hlo, "ring_fwd_bwd.hlo.txt"), "w") as f:
+                f.write(text)
+            starts = len(re.findall(r"collective-permute-start", text))
+            print(f"ring HLO: {starts} async collective-permute-start ops "
+                  f"({'async: overlap possible' if starts else 'synchronous permutes'})")
+        t = timed(step, q, k, v, do, pos, seg)
+        tflops = per_gpu_flops / t / 1e12
+        rows.append(dict(scheme=name, mesh=f"{node}x{local_deg}", ms=t * 1e3, tflops=tflops,
+                         efficiency=tflops / single_tflops))
+        print(f"{name:>26} {node}x{local_deg:<4} {t * 1e3:9.2f} {tflops:9.1f} "
+              f"{tflops / single_tflops:6.2f}", flush=True)
+    meta = dict(devices=n, device=jax.devices()[0].device_kind, jax=jax.__version__,
+                date=time.strftime("%Y-%m-%d"), tokens_per_gpu=local)
+    print(json.dumps(meta))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
