@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from longvila_jax.kernels import xla
+from longvila_jax.kernels.manual_axes import varying_like
 
 BACKENDS = ("auto", "xla", "triton", "cudnn")
 
@@ -90,8 +91,11 @@ def flash_attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_i
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
-    return _backend(backend).forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
-                                     scale=scale)
+    out, lse = _backend(backend).forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
+                                         scale=scale)
+    # Inside shard_map, kernel outputs must vary over the mesh axes their inputs vary over.
+    refs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    return varying_like(out, *refs), varying_like(lse, *refs)
 
 
 def _attention_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
@@ -111,6 +115,7 @@ def _attention_bwd(causal, scale, backend, residuals, cotangents):
         d_out = jnp.zeros_like(out)
     grads = _backend(backend).backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out,
                                        d_lse, causal=causal, scale=scale)
+    grads = [varying_like(g, p) for g, p in zip(grads, (q, k, v), strict=True)]
     return (*grads, None, None, None, None)
 
 
@@ -130,5 +135,6 @@ def flash_attention_bwd(q, k, v, out, lse, d_out, d_lse=None, *, q_positions=Non
                                        kv_segment_ids)) and q.shape[1] == k.shape[1]
     *masks, scale = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
                               softmax_scale)
-    return _backend(_choose(backend, q, unmasked)).backward(
+    grads = _backend(_choose(backend, q, unmasked)).backward(
         q, k, v, *masks, out, lse, d_out, d_lse, causal=causal, scale=scale)
+    return tuple(varying_like(g, x, out, d_out) for g, x in zip(grads, (q, k, v), strict=True))

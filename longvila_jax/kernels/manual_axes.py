@@ -9,11 +9,16 @@ from __future__ import annotations
 import jax
 
 
+def _varying(x) -> set:
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.12; before: aval.vma
+    return set(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
 def varying_like(x, *refs):
-    """`x` typed as varying over every manual mesh axis that any of `refs` varies over."""
-    axes = set()
-    for ref in refs:
-        aval = jax.typeof(ref)
-        manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.12; before: aval.vma
-        axes |= set(manual.varying if manual is not None else getattr(aval, "vma", ()))
-    return jax.lax.pcast(x, tuple(sorted(axes)), to="varying") if axes else x
+    """`x` typed as varying over every manual mesh axis that any of `refs` varies over.
+
+    Also repairs outputs of custom calls (jax-triton kernels) that come back unvarying.
+    """
+    missing = set().union(*(_varying(r) for r in refs)) - _varying(x)
+    return jax.lax.pcast(x, tuple(sorted(missing)), to="varying") if missing else x
