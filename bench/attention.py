@@ -19,23 +19,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.py`)
 
 from longvila_jax.kernels import flash_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
-
-
-def timed(fn, *args, reps: int) -> float:
-    """Median over 3 rounds of (time for `reps` back-to-back calls) / reps, in seconds."""
-    jax.block_until_ready(fn(*args))
-    rounds = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            result = fn(*args)
-        jax.block_until_ready(result)
-        rounds.append((time.perf_counter() - start) / reps)
-    return float(np.median(rounds))
 
 
 def functions(backend, masks):

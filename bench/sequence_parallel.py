@@ -24,8 +24,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
+from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.py`)
 
 from longvila_jax.kernels import flash_attention
 from longvila_jax.parallel import (
@@ -35,18 +35,6 @@ from longvila_jax.parallel import (
     ulysses_attention,
     zigzag_permutation,
 )
-
-
-def timed(fn, *args, reps=3):
-    jax.block_until_ready(fn(*args))
-    rounds = []
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            result = fn(*args)
-        jax.block_until_ready(result)
-        rounds.append((time.perf_counter() - start) / reps)
-    return float(np.median(rounds))
 
 
 def allgather_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, axis_name):
