@@ -52,7 +52,10 @@ def _choose(backend: str, q, unmasked: bool) -> str:
     return "cudnn" if unmasked and q.shape[-1] in (64, 128) else "triton"
 
 
-def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, softmax_scale):
+def _prepare(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, softmax_scale):
+    """(masks with defaults filled in, scale, unmasked: no mask inputs and square attention)."""
+    unmasked = all(x is None for x in (q_positions, kv_positions, q_segment_ids,
+                                       kv_segment_ids)) and q.shape[1] == k.shape[1]
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if heads % kv_heads:
@@ -64,11 +67,11 @@ def _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, so
     def zeros(n):
         return jnp.zeros((batch, n), jnp.int32)
 
-    return (arange(q_len) if q_positions is None else q_positions,
-            arange(kv_len) if kv_positions is None else kv_positions,
-            zeros(q_len) if q_segment_ids is None else q_segment_ids,
-            zeros(kv_len) if kv_segment_ids is None else kv_segment_ids,
-            head_dim**-0.5 if softmax_scale is None else float(softmax_scale))
+    masks = (arange(q_len) if q_positions is None else q_positions,
+             arange(kv_len) if kv_positions is None else kv_positions,
+             zeros(q_len) if q_segment_ids is None else q_segment_ids,
+             zeros(kv_len) if kv_segment_ids is None else kv_segment_ids)
+    return masks, head_dim**-0.5 if softmax_scale is None else float(softmax_scale), unmasked
 
 
 def flash_attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=None,
@@ -82,10 +85,8 @@ def flash_attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_i
     lse `[batch, heads, q_seq]` float32 (natural log). Rows that see no key give out = 0
     and lse = -inf, and pass no gradient.
     """
-    unmasked = all(x is None for x in (q_positions, kv_positions, q_segment_ids,
-                                       kv_segment_ids)) and q.shape[1] == k.shape[1]
-    *masks, scale = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                              softmax_scale)
+    masks, scale, unmasked = _prepare(q, k, q_positions, kv_positions, q_segment_ids,
+                                      kv_segment_ids, softmax_scale)
     return _attention(q, k, v, *masks, causal, scale, _choose(backend, q, unmasked))
 
 
@@ -131,10 +132,8 @@ def flash_attention_bwd(q, k, v, out, lse, d_out, d_lse=None, *, q_positions=Non
     whole ring; the result is that block's exact share of the gradient. `d_lse` is the
     cotangent of lse (None for zero).
     """
-    unmasked = all(x is None for x in (q_positions, kv_positions, q_segment_ids,
-                                       kv_segment_ids)) and q.shape[1] == k.shape[1]
-    *masks, scale = _defaults(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                              softmax_scale)
+    masks, scale, unmasked = _prepare(q, k, q_positions, kv_positions, q_segment_ids,
+                                      kv_segment_ids, softmax_scale)
     grads = _backend(_choose(backend, q, unmasked)).backward(
         q, k, v, *masks, out, lse, d_out, d_lse, causal=causal, scale=scale)
     return tuple(varying_like(g, x, out, d_out) for g, x in zip(grads, (q, k, v), strict=True))

@@ -67,16 +67,18 @@ def _may_see(q_pos, q_seg, kv_pos, kv_seg, causal):
     return overlap.any()
 
 
-def _step_forward(q, q_pos, q_seg, kv, *, causal, scale, backend, chunks):
-    """(out f32, lse) of local queries against one visiting K/V block, skipping hidden pairs."""
-    k, v, kv_pos, kv_seg = kv
+def _step_forward(q_parts, kv, *, causal, scale, backend, chunks):
+    """(out f32, lse) of local queries against one visiting K/V block, skipping hidden pairs.
+
+    `q_parts`: the query-side pieces `(q, positions, segments)`, cut once per ring.
+    """
     outs, lses = [], []
-    for qc, qp, qs in zip(*(_pieces(x, chunks) for x in (q, q_pos, q_seg)), strict=True):
+    kv_parts = list(zip(*(_pieces(x, chunks) for x in kv), strict=True))
+    for qc, qp, qs in q_parts:
         b, s, h, d = qc.shape
         out = jnp.zeros((b, s, h, d), jnp.float32)
         lse = jnp.full((b, h, s), -jnp.inf, jnp.float32)
-        for kc, vc, kp, ks in zip(*(_pieces(x, chunks) for x in (k, v, kv_pos, kv_seg)),
-                                  strict=True):
+        for kc, vc, kp, ks in kv_parts:
             def attend(qc=qc, qp=qp, qs=qs, kc=kc, vc=vc, kp=kp, ks=ks):
                 o, lse_ = flash_attention(qc, kc, vc, q_positions=qp, kv_positions=kp,
                                           q_segment_ids=qs, kv_segment_ids=ks, causal=causal,
@@ -95,23 +97,22 @@ def _step_forward(q, q_pos, q_seg, kv, *, causal, scale, backend, chunks):
     return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
-def _step_backward(q, q_pos, q_seg, kv, out, lse, d_out, d_lse, *, causal, scale, backend,
-                   chunks):
-    """(dq, dk, dv) contributions of one visiting K/V block, given the ring-merged out/lse."""
-    k, v, kv_pos, kv_seg = kv
-    q_parts = [_pieces(x, chunks) for x in (q, q_pos, q_seg, out, d_out)]
-    lse_parts, dlse_parts = jnp.split(lse, chunks, axis=2), jnp.split(d_lse, chunks, axis=2)
-    kv_parts = [_pieces(x, chunks) for x in (k, v, kv_pos, kv_seg)]
-    dq = [jnp.zeros(p.shape, jnp.float32) for p in q_parts[0]]
-    dk = [jnp.zeros(p.shape, jnp.float32) for p in kv_parts[0]]
-    dv = [jnp.zeros(p.shape, jnp.float32) for p in kv_parts[1]]
-    for i, (qc, qp, qs, oc, doc) in enumerate(zip(*q_parts, strict=True)):
-        for j, (kc, vc, kp, ks) in enumerate(zip(*kv_parts, strict=True)):
-            def grads(qc=qc, qp=qp, qs=qs, oc=oc, doc=doc, kc=kc, vc=vc, kp=kp, ks=ks, i=i):
-                g = flash_attention_bwd(qc, kc, vc, oc, lse_parts[i], doc, dlse_parts[i],
-                                        q_positions=qp, kv_positions=kp, q_segment_ids=qs,
-                                        kv_segment_ids=ks, causal=causal, softmax_scale=scale,
-                                        backend=backend)
+def _step_backward(q_parts, kv, *, causal, scale, backend, chunks):
+    """(dq, dk, dv) contributions of one visiting K/V block, given the ring-merged out/lse.
+
+    `q_parts`: pieces `(q, positions, segments, out, d_out, lse, d_lse)`, cut once per ring.
+    """
+    kv_parts = list(zip(*(_pieces(x, chunks) for x in kv), strict=True))
+    dq = [jnp.zeros(p[0].shape, jnp.float32) for p in q_parts]
+    dk = [jnp.zeros(p[0].shape, jnp.float32) for p in kv_parts]
+    dv = [jnp.zeros(p[1].shape, jnp.float32) for p in kv_parts]
+    for i, (qc, qp, qs, oc, doc, lc, dlc) in enumerate(q_parts):
+        for j, (kc, vc, kp, ks) in enumerate(kv_parts):
+            def grads(qc=qc, qp=qp, qs=qs, oc=oc, doc=doc, lc=lc, dlc=dlc, kc=kc, vc=vc, kp=kp,
+                      ks=ks):
+                g = flash_attention_bwd(qc, kc, vc, oc, lc, doc, dlc, q_positions=qp,
+                                        kv_positions=kp, q_segment_ids=qs, kv_segment_ids=ks,
+                                        causal=causal, softmax_scale=scale, backend=backend)
                 return tuple(x.astype(jnp.float32) for x in g)
 
             def nothing(qc=qc, kc=kc, vc=vc, oc=oc, doc=doc):
@@ -154,11 +155,12 @@ def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale, b
               chunks):
     kw = dict(causal=causal, scale=scale, backend=backend, chunks=chunks)
     n = jax.lax.axis_size(axis_name)
+    q_parts = list(zip(*(_pieces(x, chunks) for x in (q, q_pos, q_seg)), strict=True))
 
     def step(carry, _):
         out, lse, kv = carry
         incoming = _shift(kv, axis_name)  # issued first: overlaps the attention below
-        o, lse_ = _step_forward(q, q_pos, q_seg, kv, **kw)
+        o, lse_ = _step_forward(q_parts, kv, **kw)
         out, lse = merge(out, lse, o, lse_)
         return (out, lse, incoming), None
 
@@ -167,7 +169,7 @@ def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale, b
             varying_like(jnp.full((b, h, s), -jnp.inf, jnp.float32), q, k),
             (k, v, kv_pos, kv_seg))
     (out, lse, kv), _ = jax.lax.scan(step, init, None, length=n - 1)
-    o, lse_ = _step_forward(q, q_pos, q_seg, kv, **kw)  # last block: nothing left to send
+    o, lse_ = _step_forward(q_parts, kv, **kw)  # last block: nothing left to send
     out, lse = merge(out, lse, o, lse_)
     out = out.astype(q.dtype)
     return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
@@ -179,19 +181,27 @@ def _ring_bwd(causal, axis_name, scale, backend, chunks, residuals, cotangents):
     d_lse = jnp.where(jnp.isfinite(lse), d_lse, 0.0)
     kw = dict(causal=causal, scale=scale, backend=backend, chunks=chunks)
     n = jax.lax.axis_size(axis_name)
+    q_side = [_pieces(x, chunks) for x in (q, q_pos, q_seg, out, d_out)]
+    q_side += [jnp.split(x, chunks, axis=2) for x in (lse, d_lse)]
+    q_parts = list(zip(*q_side, strict=True))
+
+    def accumulate(dq, kv, dkv):
+        gq, gk, gv = _step_backward(q_parts, kv, **kw)
+        return dq + gq, (dkv[0] + gk, dkv[1] + gv)
 
     def step(carry, _):
         dq, kv, dkv = carry
         incoming = _shift(kv, axis_name)
-        gq, gk, gv = _step_backward(q, q_pos, q_seg, kv, out, lse, d_out, d_lse, **kw)
-        # dK/dV travel with their K/V block; after n shifts they are home again.
-        dkv = _shift((dkv[0] + gk, dkv[1] + gv), axis_name)
-        return (dq + gq, incoming, dkv), None
+        dq, dkv = accumulate(dq, kv, dkv)
+        # dK/dV travel with their K/V block, one hop behind it.
+        return (dq, incoming, _shift(dkv, axis_name)), None
 
     refs = (q, k, d_out)
     init = (varying_like(jnp.zeros(q.shape, jnp.float32), *refs), (k, v, kv_pos, kv_seg),
             tuple(varying_like(jnp.zeros(x.shape, jnp.float32), *refs) for x in (k, v)))
-    (dq, _, (dk, dv)), _ = jax.lax.scan(step, init, None, length=n)
+    (dq, kv, dkv), _ = jax.lax.scan(step, init, None, length=n - 1)
+    dq, dkv = accumulate(dq, kv, dkv)
+    dk, dv = _shift(dkv, axis_name)  # the last hop home; K/V themselves need not move again
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
 
 
