@@ -2,13 +2,18 @@
 
 Fixed tokens per GPU (default 32K), GQA 28/4 heads, head dim 128, bf16, causal, zigzag
 layout; forward+backward time and per-GPU TFLOP/s (causal = half of dense, fwd+bwd = 3.5x
-fwd) for each scheme, against (a) one GPU attending over its local length and (b)
-all-gather-KV context parallelism (every GPU gathers all K/V; MaxText's default). The
-efficiency column divides per-GPU TFLOP/s by (a). With --hlo DIR, the compiled ring step's
-HLO is written there and its async collective-permute pairs are counted (overlap needs
-XLA's latency-hiding scheduler, which this script turns on).
+fwd) for each scheme, against (a) one GPU attending over its local length, with cuDNN
+(what `auto` picks for plain causal attention) and with our Triton kernel (what every
+ring step runs, given positions), and (b) all-gather-KV context parallelism (every GPU
+gathers all K/V; MaxText's default). Efficiency divides per-GPU TFLOP/s by (a), per
+kernel. With --hlo DIR, the compiled ring step's HLO is written there and its async
+collective-permute pairs are counted (overlap needs XLA's latency-hiding scheduler,
+which this script turns on). With --longest, the ring's fwd+bwd is compiled at doubling
+total lengths and XLA's memory analysis says which fit in device memory; the longest
+that fits is then run once.
 
   python bench/sequence_parallel.py [--tokens-per-gpu 32768] [--schemes ring,ulysses,2d,allgather]
+                                    [--hlo DIR] [--longest] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.py`)
 
@@ -74,6 +80,48 @@ def fwd_bwd(attend):
         lambda q, k, v: attend(q, k, v, *masks)[0], q, k, v)[1](do))
 
 
+def ring_step(n, total):
+    """(jitted ring fwd+bwd on an (n, 1) mesh, its arguments) at `total` tokens."""
+    mesh = make_mesh(1, n, 1)
+    seq, lse = P(None, ("node", "local")), P(None, None, ("node", "local"))
+    sharded = jax.shard_map(
+        lambda q, k, v, p, s: ring_attention(q, k, v, p, p, s, s, causal=True),
+        mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse))
+    return fwd_bwd(sharded), NamedSharding(mesh, seq)
+
+
+def longest_ring(n, shape, key, start, limit):
+    """Double the total length from `start` until the ring's fwd+bwd no longer fits in
+    `limit` bytes per device (XLA's compiled memory analysis), then run the longest that
+    fits once."""
+    heads, kv_heads, head_dim = shape
+    fits, total = None, start
+    while True:
+        step, sharding = ring_step(n, total)
+        spec = [jax.ShapeDtypeStruct((1, total, h, head_dim), jnp.bfloat16, sharding=sharding)
+                for h in (heads, kv_heads, kv_heads, heads)]
+        ids = jax.ShapeDtypeStruct((1, total), jnp.int32, sharding=sharding)
+        mem = step.lower(*spec, ids, ids).compile().memory_analysis()
+        need = (mem.argument_size_in_bytes + mem.output_size_in_bytes
+                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        print(f"  ring fwd+bwd at {total} tokens: {need / 2**30:.2f} GiB per GPU of "
+              f"{limit / 2**30:.2f}", flush=True)
+        if need > limit:
+            break
+        fits, total = total, total * 2
+    q, k, v, do = inputs(fits, heads, kv_heads, head_dim, key)
+    step, sharding = ring_step(n, fits)
+    perm = zigzag_permutation(fits, n)
+    pos = jax.device_put(jnp.asarray(perm, jnp.int32)[None], sharding)
+    args = [jax.device_put(x[:, perm], sharding) for x in (q, k, v, do)]
+    start = time.perf_counter()
+    jax.block_until_ready(step(*args, pos, jnp.zeros_like(pos)))
+    seconds = time.perf_counter() - start
+    print(f"longest ring fwd+bwd that fits: {fits} tokens ({fits // n} per GPU); one step "
+          f"ran in {seconds:.1f} s including compilation")
+    return dict(scheme="ring, longest that fits", tokens=fits, seconds_with_compile=seconds)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens-per-gpu", type=int, default=32768)
@@ -82,6 +130,10 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--schemes", default="ring,ulysses,2d,allgather")
     parser.add_argument("--hlo", default=None, help="folder for the ring step's compiled HLO")
+    parser.add_argument("--longest", action="store_true",
+                        help="find the longest total sequence the ring's fwd+bwd fits")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="memory per device for --longest (default: what the device has)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     n = jax.device_count()
@@ -91,13 +143,17 @@ def main():
     key = jax.random.key(0)
 
     q, k, v, do = inputs(local, *shape, key)
-    single = timed(fwd_bwd(lambda q, k, v: flash_attention(q, k, v, causal=True)), q, k, v, do)
-    single_tflops = 3.5 * 4 * local**2 * args.heads * args.head_dim / 2 / single / 1e12
-    rows = [dict(scheme="single GPU, local length", ms=single * 1e3, tflops=single_tflops,
-                 efficiency=1.0)]
+    rows, base = [], {}
     print(f"{n} x {jax.devices()[0].device_kind}; {local} tokens per GPU, {total} in all")
-    print(f"{'scheme':>26} {'mesh':>6} {'f+b ms':>9} {'TF/s/GPU':>9} {'eff.':>6}")
-    print(f"{rows[0]['scheme']:>26} {'1':>6} {single * 1e3:9.2f} {single_tflops:9.1f} {1:6.2f}")
+    print(f"{'scheme':>26} {'mesh':>6} {'f+b ms':>9} {'TF/s/GPU':>9} {'/cuDNN':>7} {'/ours':>6}")
+    gpu = jax.default_backend() == "gpu"  # elsewhere (a CPU smoke run) both are XLA's
+    for kernel in ("cudnn", "triton"):
+        t = timed(fwd_bwd(lambda q, k, v, kernel=kernel: flash_attention(
+            q, k, v, causal=True, backend=kernel if gpu else "xla")), q, k, v, do)
+        base[kernel] = 3.5 * 4 * local**2 * args.heads * args.head_dim / 2 / t / 1e12
+        name = f"one GPU, local ({kernel})"
+        rows.append(dict(scheme=name, mesh="1", ms=t * 1e3, tflops=base[kernel]))
+        print(f"{name:>26} {'1':>6} {t * 1e3:9.2f} {base[kernel]:9.1f}", flush=True)
 
     perm = zigzag_permutation(total, n)
     q, k, v, do = (x[:, perm] for x in inputs(total, *shape, key))
@@ -121,9 +177,13 @@ def main():
         t = timed(step, q, k, v, do, pos, seg)
         tflops = per_gpu_flops / t / 1e12
         rows.append(dict(scheme=name, mesh=f"{node}x{local_deg}", ms=t * 1e3, tflops=tflops,
-                         efficiency=tflops / single_tflops))
+                         vs_cudnn=tflops / base["cudnn"], vs_ours=tflops / base["triton"]))
         print(f"{name:>26} {node}x{local_deg:<4} {t * 1e3:9.2f} {tflops:9.1f} "
-              f"{tflops / single_tflops:6.2f}", flush=True)
+              f"{tflops / base['cudnn']:7.2f} {tflops / base['triton']:6.2f}", flush=True)
+    if args.longest:
+        stats = jax.devices()[0].memory_stats() or {}
+        limit = args.memory_gib * 2**30 if args.memory_gib else stats["bytes_limit"]
+        rows.append(longest_ring(n, shape, key, total, limit))
     meta = dict(devices=n, device=jax.devices()[0].device_kind, jax=jax.__version__,
                 date=time.strftime("%Y-%m-%d"), tokens_per_gpu=local)
     print(json.dumps(meta))

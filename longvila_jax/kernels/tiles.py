@@ -1,9 +1,12 @@
 """Tile schedules for block-sparse attention kernels, computed in plain JAX.
 
 Per-tile min/max of positions and segment ids classify every (q tile, kv tile) pair as
-hidden, fully visible or partial (conservatively: a pair called full is full), and give
-each kernel program the loop ranges it runs: a masked head, a branch-free middle of fully
-visible tiles and a masked tail. The tables are a few KB; kernels read them per program.
+hidden, fully visible or partial (conservatively: a pair called full is full). Each kernel
+program then runs a masked loop over the visible tiles before its first run of fully
+visible tiles, a branch-free loop over that run, and a masked loop over the visible tiles
+after it. The masked loops run a known COUNT of tiles and find each next visible tile with
+a scalar search, so no `if` wraps the matrix products: that made ptxas serialise every
+wgmma of the kernel (its warning C7515; bench/NOTES.md, v6).
 """
 
 from __future__ import annotations
@@ -37,10 +40,12 @@ def _classify(q_stats, kv_stats, causal, sq, skv, block_m, block_n):
 
 
 def _ranges(visible, full):
-    """Per row of the last axis: int32 `[4, b, n]` = (lo, full_lo, full_hi, hi).
+    """Per row of the last axis: int32 `[6, b, n]` = (lo, full_lo, full_hi, hi, n_head,
+    n_tail).
 
     [lo, hi) covers every visible tile; [full_lo, full_hi) is the first run of fully
-    visible tiles inside it (empty, at hi, when there is none).
+    visible tiles inside it (empty, at hi, when there is none); n_head and n_tail count the
+    visible tiles in [lo, full_lo) and [full_hi, hi).
     """
     n = visible.shape[-1]
     idx = jnp.arange(n, dtype=jnp.int32)
@@ -51,11 +56,13 @@ def _ranges(visible, full):
     after = jnp.min(jnp.where((idx >= full_lo[..., None]) & ~full, idx, n), -1)
     full_hi = jnp.where(full_lo < n, jnp.minimum(after, hi), hi)
     full_lo = jnp.minimum(full_lo, hi)
-    return jnp.stack([lo, full_lo, full_hi, hi]).astype(jnp.int32)
+    n_head = (visible & (idx < full_lo[..., None])).sum(-1)
+    n_tail = (visible & (idx >= full_hi[..., None])).sum(-1)
+    return jnp.stack([lo, full_lo, full_hi, hi, n_head, n_tail]).astype(jnp.int32)
 
 
 def schedule(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q: bool):
-    """Stats tables and loop ranges; `over_q` gives ranges over q tiles per kv tile."""
+    """`(q_stats, kv_stats, ranges)`; `over_q` gives ranges per kv tile (over q tiles)."""
     q_stats = _tile_stats(q_pos, q_seg, block_m)
     kv_stats = _tile_stats(kv_pos, kv_seg, block_n)
     visible, full = _classify(q_stats, kv_stats, causal, q_pos.shape[1], kv_pos.shape[1],

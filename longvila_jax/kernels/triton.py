@@ -29,7 +29,7 @@ LOG2E = math.log2(math.e)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head_dim 64/128 on Hopper.
 # Picked by `bench/attention.py --sweep` at 32K on an H200 (bench/NOTES.md).
 FWD = (128, 128, 8, 3)
-BWD_KV = (64, 64, 4, 3)
+BWD_KV = (64, 64, 8, 2)
 BWD_Q = (128, 128, 8, 2)
 
 
@@ -49,12 +49,44 @@ def _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB: tl.constexpr, CAUSAL: tl.con
 
 
 @triton.jit
-def _range(ranges, b, r, n, NB: tl.constexpr):
+def _plan(ranges, b, r, n, NB: tl.constexpr):
+    """(lo, full_lo, full_hi, n_head, n_tail) of program row r (see tiles._ranges)."""
     lo = tl.load(ranges + 0 * NB * n + b * n + r)
     full_lo = tl.load(ranges + 1 * NB * n + b * n + r)
     full_hi = tl.load(ranges + 2 * NB * n + b * n + r)
-    hi = tl.load(ranges + 3 * NB * n + b * n + r)
-    return lo, full_lo, full_hi, hi
+    n_head = tl.load(ranges + 4 * NB * n + b * n + r)
+    n_tail = tl.load(ranges + 5 * NB * n + b * n + r)
+    return lo, full_lo, full_hi, n_head, n_tail
+
+
+@triton.jit
+def _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB: tl.constexpr,
+                    CAUSAL: tl.constexpr):
+    """The first kv tile >= j that q tile i may see (a scalar search: no matrix work in the
+    loop, so the tile loops that call it stay free of branches around wgmma)."""
+    while _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+        j += 1
+    return j
+
+
+@triton.jit
+def _next_kv_visible(q_stats, kv_stats, b, i, j, nq, nk, NB: tl.constexpr,
+                     CAUSAL: tl.constexpr):
+    """The first q tile >= i that may see kv tile j."""
+    while _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
+        i += 1
+    return i
+
+
+@triton.jit
+def _offsets(first_row, N_ROWS: tl.constexpr, ROW: tl.constexpr, col0, offs_d,
+             WIDE: tl.constexpr):
+    """Element offsets of rows [first_row, first_row + N_ROWS) of a [rows, ROW] array, at
+    columns col0 + offs_d. WIDE (2^31 elements or more): int64, else int32 arithmetic."""
+    rows = first_row + tl.arange(0, N_ROWS)
+    if WIDE:
+        rows = rows.to(tl.int64)
+    return rows[:, None] * ROW + col0 + offs_d[None, :]
 
 
 @triton.jit
@@ -82,10 +114,10 @@ def _visibility(qp, qs, kp, ks, n_ok, CAUSAL: tl.constexpr):
 def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d, d_ok,
               scale_log2, SKV: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              EVEN_D: tl.constexpr):
+              EVEN_D: tl.constexpr, WIDE_KV: tl.constexpr):
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < SKV
-    kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
+    kv_rows = _offsets(b * SKV + j * BLOCK_N, BLOCK_N, KH * D, kh * D, offs_d, WIDE_KV)
     kt = _load_rows(k + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
     vt = _load_rows(v + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
     # Raw logits; the softmax scale goes into the row max (scale > 0) and into one FMA
@@ -113,7 +145,8 @@ def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d,
 def _fwd_kernel(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats, ranges, out, lse,
                 scale_log2, NB: tl.constexpr, SQ: tl.constexpr, SKV: tl.constexpr,
                 H: tl.constexpr, KH: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+                WIDE_Q: tl.constexpr, WIDE_KV: tl.constexpr):
     EVEN_D: tl.constexpr = BLOCK_D == D
     nq = tl.cdiv(SQ, BLOCK_M)
     nk = tl.cdiv(SKV, BLOCK_N)
@@ -126,7 +159,7 @@ def _fwd_kernel(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats, ranges
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < SQ
-    q_rows = (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
+    q_rows = _offsets(b * SQ + i * BLOCK_M, BLOCK_M, H * D, h * D, offs_d, WIDE_Q)
     qt = tl.load(q + q_rows, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
     qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
@@ -134,21 +167,25 @@ def _fwd_kernel(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats, ranges
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, hi = _range(ranges, b, i, nq, NB)
-    for j in range(lo, full_lo):
-        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh,
-                                      j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True,
-                                      CAUSAL, EVEN_D)
+    lo, full_lo, full_hi, n_head, n_tail = _plan(ranges, b, i, nq, NB)
+    j = lo
+    for _ in range(n_head):
+        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
+                                  offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
+                                  EVEN_D, WIDE_KV)
+        j += 1
     for j in range(full_lo, full_hi):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
                                   offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, False, CAUSAL,
-                                  EVEN_D)
-    for j in range(full_hi, hi):
-        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh,
-                                      j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True,
-                                      CAUSAL, EVEN_D)
+                                  EVEN_D, WIDE_KV)
+    j = full_hi
+    for _ in range(n_tail):
+        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
+                                  offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
+                                  EVEN_D, WIDE_KV)
+        j += 1
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     o = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
@@ -162,6 +199,7 @@ def _common(q, k, causal, scale):
     b, sq, h, d = q.shape
     return dict(NB=b, SQ=sq, SKV=k.shape[1], H=h, KH=k.shape[2], D=d,
                 BLOCK_D=triton.next_power_of_2(d), CAUSAL=bool(causal),
+                WIDE_Q=q.size >= 2**31, WIDE_KV=k.size >= 2**31,
                 scale_log2=float(scale * LOG2E))
 
 
@@ -186,10 +224,10 @@ def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale):
 def _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta, q_pos, q_seg, b, h, i,
                  offs_d, d_ok, n_ok, scale_log2, SQ: tl.constexpr, H: tl.constexpr,
                  D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
-                 CAUSAL: tl.constexpr, EVEN_D: tl.constexpr):
+                 CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, WIDE_Q: tl.constexpr):
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < SQ
-    q_rows = (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
+    q_rows = _offsets(b * SQ + i * BLOCK_M, BLOCK_M, H * D, h * D, offs_d, WIDE_Q)
     # Rows past SQ load q = dO = 0 and lse2 = +inf, so they add nothing.
     qt = _load_rows(q + q_rows, m_ok, d_ok, MASKED, EVEN_D)
     dot_ = _load_rows(do + q_rows, m_ok, d_ok, MASKED, EVEN_D)
@@ -199,14 +237,16 @@ def _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta, q_pos, q_se
     else:
         l2 = tl.load(lse2 + (b * H + h) * SQ + offs_m)
         dl = tl.load(delta + (b * H + h) * SQ + offs_m)
-    p = tl.math.exp2(tl.dot(qt, tl.trans(kt)) * scale_log2 - l2[:, None])
+    # Transposed products ([kv, q] tiles): no result tile needs a register transpose,
+    # which spilled at every block size tried.
+    pt = tl.math.exp2(tl.dot(kt, tl.trans(qt)) * scale_log2 - l2[None, :])
     if MASKED:
         qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
         qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
-        p = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), p, 0.0)
-    dv_acc = tl.dot(tl.trans(p.to(dot_.dtype)), dot_, dv_acc)
-    ds = p * (tl.dot(dot_, tl.trans(vt)) - dl[:, None])
-    dk_acc = tl.dot(tl.trans(ds.to(qt.dtype)), qt, dk_acc)
+        pt = tl.where(tl.trans(_visibility(qp, qs, kp, ks, n_ok, CAUSAL)), pt, 0.0)
+    dv_acc = tl.dot(pt.to(dot_.dtype), dot_, dv_acc)
+    dst = pt * (tl.dot(vt, tl.trans(dot_)) - dl[None, :])
+    dk_acc = tl.dot(dst.to(qt.dtype), qt, dk_acc)
     return dk_acc, dv_acc
 
 
@@ -215,7 +255,7 @@ def _bwd_kv_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_sta
                    ranges, dk, dv, scale_log2, scale, NB: tl.constexpr, SQ: tl.constexpr,
                    SKV: tl.constexpr, H: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr):
+                   CAUSAL: tl.constexpr, WIDE_Q: tl.constexpr, WIDE_KV: tl.constexpr):
     """dK, dV for one kv tile of one kv head, looping over its query heads and q tiles."""
     EVEN_D: tl.constexpr = BLOCK_D == D
     j = tl.program_id(0)  # causal: the first kv tiles see the most rows and start first
@@ -229,30 +269,37 @@ def _bwd_kv_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_sta
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     n_ok = offs_n < SKV
-    kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
+    kv_rows = _offsets(b * SKV + j * BLOCK_N, BLOCK_N, KH * D, kh * D, offs_d, WIDE_KV)
     kt = tl.load(k + kv_rows, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     vt = tl.load(v + kv_rows, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     kp = tl.load(kv_pos + b * SKV + offs_n, mask=n_ok, other=0)
     ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, hi = _range(ranges, b, j, nk, NB)
+    lo, full_lo, full_hi, n_head, n_tail = _plan(ranges, b, j, nk, NB)
     for g in range(G):
         h = kh * G + g
-        for i in range(lo, full_lo):
-            if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-                dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2,
-                                              delta, q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
-                                              scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D)
+        i = lo
+        for _ in range(n_head):
+            i = _next_kv_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
+            dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta,
+                                          q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
+                                          scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D,
+                                          WIDE_Q)
+            i += 1
         for i in range(full_lo, full_hi):
             dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta,
                                           q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
-                                          scale_log2, SQ, H, D, BLOCK_M, False, CAUSAL, EVEN_D)
-        for i in range(full_hi, hi):
-            if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-                dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2,
-                                              delta, q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
-                                              scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D)
+                                          scale_log2, SQ, H, D, BLOCK_M, False, CAUSAL, EVEN_D,
+                                          WIDE_Q)
+        i = full_hi
+        for _ in range(n_tail):
+            i = _next_kv_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
+            dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta,
+                                          q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
+                                          scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D,
+                                          WIDE_Q)
+            i += 1
     mask = n_ok[:, None] & d_ok[None, :]
     tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=mask)
     tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=mask)
@@ -262,10 +309,10 @@ def _bwd_kv_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_sta
 def _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d, d_ok,
                 scale_log2, SKV: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
                 BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                EVEN_D: tl.constexpr):
+                EVEN_D: tl.constexpr, WIDE_KV: tl.constexpr):
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < SKV
-    kv_rows = (b * SKV + offs_n[:, None]) * (KH * D) + kh * D + offs_d[None, :]
+    kv_rows = _offsets(b * SKV + j * BLOCK_N, BLOCK_N, KH * D, kh * D, offs_d, WIDE_KV)
     kt = _load_rows(k + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
     vt = _load_rows(v + kv_rows, n_ok, d_ok, MASKED, EVEN_D)
     p = tl.math.exp2(tl.dot(qt, tl.trans(kt)) * scale_log2 - l2[:, None])
@@ -282,7 +329,7 @@ def _bwd_q_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stat
                   ranges, dq, scale_log2, scale, NB: tl.constexpr, SQ: tl.constexpr,
                   SKV: tl.constexpr, H: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
                   BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr):
+                  CAUSAL: tl.constexpr, WIDE_Q: tl.constexpr, WIDE_KV: tl.constexpr):
     """dQ for one q tile of one head, looping over the kv tiles it may see."""
     EVEN_D: tl.constexpr = BLOCK_D == D
     nq = tl.cdiv(SQ, BLOCK_M)
@@ -296,7 +343,7 @@ def _bwd_q_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stat
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     m_ok = offs_m < SQ
-    q_rows = (b * SQ + offs_m[:, None]) * (H * D) + h * D + offs_d[None, :]
+    q_rows = _offsets(b * SQ + i * BLOCK_M, BLOCK_M, H * D, h * D, offs_d, WIDE_Q)
     qt = tl.load(q + q_rows, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     dot_ = tl.load(do + q_rows, mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     l2 = tl.load(lse2 + (b * H + h) * SQ + offs_m, mask=m_ok, other=float("inf"))
@@ -304,20 +351,25 @@ def _bwd_q_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stat
     qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
     qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, hi = _range(ranges, b, i, nq, NB)
-    for j in range(lo, full_lo):
-        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-            dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh,
-                                 j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
-                                 EVEN_D)
+    lo, full_lo, full_hi, n_head, n_tail = _plan(ranges, b, i, nq, NB)
+    j = lo
+    for _ in range(n_head):
+        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
+        dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
+                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL, EVEN_D,
+                             WIDE_KV)
+        j += 1
     for j in range(full_lo, full_hi):
         dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
-                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, False, CAUSAL, EVEN_D)
-    for j in range(full_hi, hi):
-        if not _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-            dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh,
-                                 j, offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
-                                 EVEN_D)
+                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, False, CAUSAL, EVEN_D,
+                             WIDE_KV)
+    j = full_hi
+    for _ in range(n_tail):
+        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
+        dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
+                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL, EVEN_D,
+                             WIDE_KV)
+        j += 1
     tl.store(dq + q_rows, (dq_acc * scale).to(dq.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 

@@ -67,13 +67,23 @@ def _may_see(q_pos, q_seg, kv_pos, kv_seg, causal):
     return overlap.any()
 
 
+def _unstack(block):
+    """The travelling block `(stack([k, v]), stack([positions, segments]))` -> 4 arrays.
+
+    K and V travel stacked so that each hop is one collective-permute: XLA's scheduler
+    keeps one permute in flight, and a separate V permute waited exposed (bench/NOTES.md).
+    """
+    kv, ids = block
+    return kv[0], kv[1], ids[0], ids[1]
+
+
 def _step_forward(q_parts, kv, *, causal, scale, backend, chunks):
     """(out f32, lse) of local queries against one visiting K/V block, skipping hidden pairs.
 
     `q_parts`: the query-side pieces `(q, positions, segments)`, cut once per ring.
     """
     outs, lses = [], []
-    kv_parts = list(zip(*(_pieces(x, chunks) for x in kv), strict=True))
+    kv_parts = list(zip(*(_pieces(x, chunks) for x in _unstack(kv)), strict=True))
     for qc, qp, qs in q_parts:
         b, s, h, d = qc.shape
         out = jnp.zeros((b, s, h, d), jnp.float32)
@@ -102,7 +112,7 @@ def _step_backward(q_parts, kv, *, causal, scale, backend, chunks):
 
     `q_parts`: pieces `(q, positions, segments, out, d_out, lse, d_lse)`, cut once per ring.
     """
-    kv_parts = list(zip(*(_pieces(x, chunks) for x in kv), strict=True))
+    kv_parts = list(zip(*(_pieces(x, chunks) for x in _unstack(kv)), strict=True))
     dq = [jnp.zeros(p[0].shape, jnp.float32) for p in q_parts]
     dk = [jnp.zeros(p[0].shape, jnp.float32) for p in kv_parts]
     dv = [jnp.zeros(p[1].shape, jnp.float32) for p in kv_parts]
@@ -167,7 +177,7 @@ def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale, b
     b, s, h, d = q.shape
     init = (varying_like(jnp.zeros((b, s, h, d), jnp.float32), q, k),
             varying_like(jnp.full((b, h, s), -jnp.inf, jnp.float32), q, k),
-            (k, v, kv_pos, kv_seg))
+            (jnp.stack([k, v]), jnp.stack([kv_pos, kv_seg])))
     (out, lse, kv), _ = jax.lax.scan(step, init, None, length=n - 1)
     o, lse_ = _step_forward(q_parts, kv, **kw)  # last block: nothing left to send
     out, lse = merge(out, lse, o, lse_)
@@ -187,7 +197,7 @@ def _ring_bwd(causal, axis_name, scale, backend, chunks, residuals, cotangents):
 
     def accumulate(dq, kv, dkv):
         gq, gk, gv = _step_backward(q_parts, kv, **kw)
-        return dq + gq, (dkv[0] + gk, dkv[1] + gv)
+        return dq + gq, dkv + jnp.stack([gk, gv])
 
     def step(carry, _):
         dq, kv, dkv = carry
@@ -197,8 +207,9 @@ def _ring_bwd(causal, axis_name, scale, backend, chunks, residuals, cotangents):
         return (dq, incoming, _shift(dkv, axis_name)), None
 
     refs = (q, k, d_out)
-    init = (varying_like(jnp.zeros(q.shape, jnp.float32), *refs), (k, v, kv_pos, kv_seg),
-            tuple(varying_like(jnp.zeros(x.shape, jnp.float32), *refs) for x in (k, v)))
+    init = (varying_like(jnp.zeros(q.shape, jnp.float32), *refs),
+            (jnp.stack([k, v]), jnp.stack([kv_pos, kv_seg])),
+            varying_like(jnp.zeros((2, *k.shape), jnp.float32), *refs))
     (dq, kv, dkv), _ = jax.lax.scan(step, init, None, length=n - 1)
     dq, dkv = accumulate(dq, kv, dkv)
     dk, dv = _shift(dkv, axis_name)  # the last hop home; K/V themselves need not move again

@@ -110,3 +110,31 @@ def test_triton_siglip_head_dim_72_matches_xla(rng):
     ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), masks, False, "xla", key)
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
         assert rel_err(a.astype(jnp.float32), r) <= BF16_RTOL, name
+
+
+def test_offsets_past_2_to_31_elements(rng):
+    """q and k with more than 2^31 elements (int64 row offsets in the kernels): the last
+    packed document of a ~528K-token call equals that document attended alone, forward
+    and backward. Documents are 2048 tokens, so the long call costs little."""
+    heads, d, doc = 32, 128, 2048
+    seq = (2**31 // (heads * d) // doc + 2) * doc
+    q, k, v = (jnp.asarray(rng.standard_normal((1, seq, heads, d)), jnp.bfloat16)
+               for _ in range(3))
+    pos = jnp.arange(seq, dtype=jnp.int32)[None]
+    seg = pos // doc
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.bfloat16)
+    assert q.size >= 2**31 and k.size >= 2**31
+
+    def run(q, k, v, d_out, pos, seg):
+        out, vjp = jax.vjp(lambda q, k, v: flash_attention(
+            q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
+            kv_segment_ids=seg, causal=True, backend="triton")[0], q, k, v)
+        return (out, *vjp(d_out))
+
+    tail = slice(seq - doc, seq)
+    whole = [x[:, tail] for x in run(q, k, v, d_out, pos, seg)]
+    alone = run(*(x[:, tail] for x in (q, k, v, d_out, pos, seg)))
+    for name, a, r in zip(["out", "dq", "dk", "dv"], whole, alone, strict=True):
+        a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
+        assert not np.isnan(a).any(), name
+        assert rel_err(a, r) <= 1e-3, (name, rel_err(a, r))

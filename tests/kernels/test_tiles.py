@@ -1,8 +1,10 @@
 """Tile schedules against a brute-force classification of every (q tile, kv tile) pair.
 
-A kernel that trusts the schedule skips what it calls hidden and drops the mask where it
-calls full, so: every visible tile must lie inside [lo, hi), and every tile in the full
-range must really be fully visible and in bounds.
+A kernel that trusts the schedule runs, around its full run, exactly n_head and n_tail
+tiles that its per-tile test calls visible, and drops the mask where the schedule calls
+full. So: every visible tile lies in [lo, hi), the counts match the tiles the per-tile
+test accepts before and after the run, and every tile in the full run is really fully
+visible and in bounds.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ def truth(q_pos, kv_pos, q_seg, kv_seg, causal, bm, bn):
     return visible, full
 
 
+def kernel_test(q_stats, kv_stats, causal):
+    """[nq, nk]: what the kernels' per-tile `_hidden` test lets through (its negation)."""
+    q_pmax, q_smin, q_smax = (q_stats[r][:, None] for r in (1, 2, 3))
+    k_pmin, k_smin, k_smax = (kv_stats[r][None, :] for r in (0, 2, 3))
+    hidden = (k_smax < q_smin) | (k_smin > q_smax)
+    if causal:
+        hidden |= k_pmin > q_pmax
+    return ~hidden
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("over_q", [False, True])
 def test_schedule_covers_visible_tiles_and_full_ranges_are_full(rng, causal, over_q):
@@ -40,15 +52,19 @@ def test_schedule_covers_visible_tiles_and_full_ranges_are_full(rng, causal, ove
         docs = int(rng.integers(1, 5))
         q_seg = np.sort(rng.integers(0, docs, sq))[None].astype(np.int32)
         kv_seg = np.sort(rng.integers(0, docs, skv))[None].astype(np.int32)
-        _, _, ranges = schedule(*map(jnp.asarray, (q_pos, kv_pos, q_seg, kv_seg)), causal,
-                                bm, bn, over_q=over_q)
+        q_stats, kv_stats, ranges = schedule(
+            *map(jnp.asarray, (q_pos, kv_pos, q_seg, kv_seg)), causal, bm, bn, over_q=over_q)
         visible, full = truth(q_pos, kv_pos, q_seg, kv_seg, causal, bm, bn)
+        accepted = kernel_test(np.asarray(q_stats)[:, 0], np.asarray(kv_stats)[:, 0], causal)
         if over_q:
-            visible, full = visible.T, full.T
-        for row, (lo, full_lo, full_hi, hi) in enumerate(np.asarray(ranges)[:, 0].T):
+            visible, full, accepted = visible.T, full.T, accepted.T
+        for row, (lo, full_lo, full_hi, hi, n_head, n_tail) in enumerate(
+                np.asarray(ranges)[:, 0].T):
             assert lo <= full_lo <= full_hi <= hi
             assert all(lo <= j < hi for j in np.flatnonzero(visible[row]))
             assert full[row, full_lo:full_hi].all()
+            assert n_head == accepted[row, lo:full_lo].sum()
+            assert n_tail == accepted[row, full_hi:hi].sum()
             # Causal, sorted segments: the full tiles form one run, and the schedule finds it.
             if full[row].any() and causal and docs == 1:
                 assert full_hi - full_lo == full[row].sum()
