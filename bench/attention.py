@@ -48,10 +48,10 @@ def causal_fwd_flops(seq: int) -> float:
     return 4 * seq * seq * HEADS * HEAD_DIM / 2
 
 
-SWEEP = {
-    "FWD": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4)],
-    "BWD_KV": [(64, 64, 8, 2), (32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
-    "BWD_Q": [(128, 128, 8, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
+SWEEP = {  # configs that compile without spills or ptxas serialisation warnings, or nearly
+    "FWD": [(128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
+    "BWD_KV": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)],
+    "BWD_Q": [(128, 128, 8, 2), (64, 64, 4, 3)],
 }
 
 

@@ -29,7 +29,7 @@ LOG2E = math.log2(math.e)
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head_dim 64/128 on Hopper.
 # Picked by `bench/attention.py --sweep` at 32K on an H200 (bench/NOTES.md).
 FWD = (128, 128, 8, 3)
-BWD_KV = (64, 64, 8, 2)
+BWD_KV = (64, 128, 8, 2)
 BWD_Q = (128, 128, 8, 2)
 
 
