@@ -7,6 +7,9 @@ on the same 32K tokens as one dense causal sequence (cuDNN has no segment ids).
 
   python bench/attention.py [--seqs 4096,8192] [--backends triton,cudnn,xla] [--json PATH]
                             [--sweep]   (first try Triton block configs at 32K, keep the best)
+  python bench/attention.py --interleave 7 [--seqs 32768]
+      (forward only, Triton and cuDNN timed alternately N times: cuDNN's own time moves
+       by ~10% between runs, so one pair of numbers is a weak basis for a ratio)
 """
 
 from __future__ import annotations
@@ -78,13 +81,34 @@ def sweep(seq=32768):
         print(f"  -> {name} = {best[1]}")
 
 
+def interleave(seq, rounds):
+    """Alternate Triton and cuDNN forward timings; print each ratio and the median."""
+    q, k, v, _ = inputs(seq, jax.random.key(0))
+    fns = {b: functions(b, {})[0] for b in ("triton", "cudnn")}
+    ratios = []
+    for r in range(rounds):
+        t = {b: timed(f, q, k, v, reps=10) for b, f in fns.items()}
+        ratios.append(t["cudnn"] / t["triton"])
+        print(f"round {r}: triton {t['triton'] * 1e3:.3f} ms, cudnn {t['cudnn'] * 1e3:.3f} ms, "
+              f"triton/cudnn throughput {ratios[-1]:.3f}", flush=True)
+    print(f"median ratio over {rounds} rounds at {seq}: {float(np.median(ratios)):.3f} "
+          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+    return ratios
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,8192,16384,32768,65536")
     parser.add_argument("--backends", default="triton,cudnn,xla")
     parser.add_argument("--json", default=None, help="also write results here")
     parser.add_argument("--sweep", action="store_true", help="tune Triton block configs first")
+    parser.add_argument("--interleave", type=int, default=0, metavar="N",
+                        help="only: N alternating Triton/cuDNN forward timings per length")
     args = parser.parse_args()
+    if args.interleave:
+        for seq in args.seqs.split(","):
+            interleave(int(seq), args.interleave)
+        return
     if args.sweep:
         sweep()
     seqs = [int(s) for s in args.seqs.split(",")]

@@ -50,11 +50,16 @@ def compile_report(name: str, config, *, seq=32768, heads=32, kv_heads=8, head_d
             continue
         signature[arg] = "*bf16" if arg in _BF16 else "*i32" if arg in _I32 else "*fp32"
         attrs[(i,)] = [["tt.divisibility", 16]]
-    compiled = triton.compile(ASTSource(fn, signature, constants, attrs),
-                              target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
     ptxas = triton.__path__[0] + "/backends/nvidia/bin/ptxas"
     with tempfile.TemporaryDirectory() as tmp:
+        # Under pytest on the GPU machine Triton found no cache folder; give it one.
+        cache_dir, triton.knobs.cache.dir = triton.knobs.cache.dir, tmp
+        try:
+            compiled = triton.compile(ASTSource(fn, signature, constants, attrs),
+                                      target=GPUTarget("cuda", 90, 32),
+                                      options=dict(num_warps=warps, num_stages=stages))
+        finally:
+            triton.knobs.cache.dir = cache_dir
         with open(f"{tmp}/k.ptx", "w") as f:
             f.write(compiled.asm["ptx"])
         log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f"{tmp}/k.ptx", "-o",
