@@ -36,10 +36,11 @@ from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.p
 
 from longvila_jax.kernels import flash_attention
 from longvila_jax.parallel import (
-    attention_2d,
+    layout_permutation,
     make_mesh,
+    resolve_scheme,
     ring_attention,
-    ulysses_attention,
+    sequence_parallel_attention,
     zigzag_permutation,
 )
 
@@ -55,17 +56,13 @@ def allgather_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, axis_n
 
 
 def scheme(name, n):
-    """(mesh (node, local), local attention function, sequence axes) for a scheme on n GPUs."""
-    if name == "ring":
-        return (n, 1), lambda *a: ring_attention(*a, causal=True, axis_name="node")
-    if name == "ulysses":
-        return (1, n), lambda *a: ulysses_attention(*a, causal=True, axis_name="local")
-    if name == "2d":
-        node = 2 if n % 2 == 0 and n > 2 else 1
-        return (node, n // node), lambda *a: attention_2d(*a, causal=True)
+    """(mesh (node, local), local attention function) for a scheme on n GPUs."""
     if name == "allgather":
         return (n, 1), lambda *a: allgather_attention(*a, causal=True, axis_name="node")
-    raise ValueError(f"unknown scheme {name!r}")
+    node = {"ring": n, "ulysses": 1, "2d": 2 if n % 2 == 0 and n > 2 else 1}[name]
+    resolved = resolve_scheme(name, node, n // node)
+    return (node, n // node), lambda *a: sequence_parallel_attention(*a, scheme=resolved,
+                                                                     causal=True)
 
 
 def inputs(seq, heads, kv_heads, head_dim, key):
@@ -79,6 +76,29 @@ def inputs(seq, heads, kv_heads, head_dim, key):
 def fwd_bwd(attend):
     return jax.jit(lambda q, k, v, do, *masks: jax.vjp(
         lambda q, k, v: attend(q, k, v, *masks)[0], q, k, v)[1](do))
+
+
+def ring_kernel_floor(n, local, shape, key):
+    """Seconds of the ring's attention kernels alone, run back to back on one GPU.
+
+    Zigzag over n ranks gives each rank, per fwd+bwd, one diagonal step (two causal and one
+    full (local/2)^2 piece) and n-1 steps of two full pieces. Timing exactly those calls
+    without any ring separates the kernels' cost at half-chunk size from what the ring adds
+    (communication left exposed, merges, accumulation, control flow).
+    """
+    half = local // 2
+    q, k, v, do = inputs(half, *shape, key)
+    pos = jnp.arange(half, dtype=jnp.int32)[None]
+    seg = jnp.zeros_like(pos)
+
+    def piece(causal, offset):
+        return fwd_bwd(lambda q, k, v, causal=causal, offset=offset: flash_attention(
+            q, k, v, q_positions=pos + offset, kv_positions=pos, q_segment_ids=seg,
+            kv_segment_ids=seg, causal=causal))
+
+    diagonal = timed(piece(True, 0), q, k, v, do)
+    full = timed(piece(True, half), q, k, v, do)  # every key precedes every query
+    return 2 * diagonal + full + (n - 1) * 2 * full
 
 
 def ring_step(n, total):
@@ -149,31 +169,41 @@ def main():
         rows.append(dict(scheme=name, mesh="1", ms=t * 1e3, tflops=base[kernel]))
         print(f"{name:>26} {'1':>6} {t * 1e3:9.2f} {base[kernel]:9.1f}", flush=True)
 
-    perm = zigzag_permutation(total, n)
-    q, k, v, do = (x[:, perm] for x in inputs(total, *shape, key))
-    pos = jnp.asarray(perm, jnp.int32)[None]
-    seg = jnp.zeros_like(pos)
+    q, k, v, do = inputs(total, *shape, key)
     for name in args.schemes.split(","):
         (node, local_deg), attend = scheme(name, n)
+        # Each scheme's own token layout: zigzag over its ring, natural order for Ulysses.
+        perm = (zigzag_permutation(total, n) if name == "allgather" else
+                layout_permutation(total, resolve_scheme(name, node, local_deg), node,
+                                   local_deg))
+        pos = jnp.asarray(perm, jnp.int32)[None]
+        seg = jnp.zeros_like(pos)
         mesh = make_mesh(1, node, local_deg)
         seq, lse = P(None, ("node", "local")), P(None, None, ("node", "local"))
         sharded = jax.shard_map(lambda q, k, v, p, s, attend=attend: attend(q, k, v, p, p, s, s),
                                 mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse))
         step = fwd_bwd(sharded)
+        operands = [x[:, perm] for x in (q, k, v, do)]
         if name == "ring" and args.hlo:
-            text = step.lower(q, k, v, do, pos, seg).compile().as_text()
+            text = step.lower(*operands, pos, seg).compile().as_text()
             os.makedirs(args.hlo, exist_ok=True)
             with open(os.path.join(args.hlo, "ring_fwd_bwd.hlo.txt"), "w") as f:
                 f.write(text)
             starts = len(re.findall(r"collective-permute-start", text))
             print(f"ring HLO: {starts} async collective-permute-start ops "
                   f"({'async: overlap possible' if starts else 'synchronous permutes'})")
-        t = timed(step, q, k, v, do, pos, seg)
+        t = timed(step, *operands, pos, seg)
         tflops = per_gpu_flops / t / 1e12
         rows.append(dict(scheme=name, mesh=f"{node}x{local_deg}", ms=t * 1e3, tflops=tflops,
                          vs_cudnn=tflops / base["cudnn"], vs_ours=tflops / base["triton"]))
         print(f"{name:>26} {node}x{local_deg:<4} {t * 1e3:9.2f} {tflops:9.1f} "
               f"{tflops / base['cudnn']:7.2f} {tflops / base['triton']:6.2f}", flush=True)
+    if "ring" in args.schemes.split(",") and jax.default_backend() == "gpu":
+        floor = ring_kernel_floor(n, local, shape, key)
+        ring = next(r for r in rows if r["scheme"] == "ring")
+        print(f"ring's kernels alone (one GPU, same calls): {floor * 1e3:.2f} ms; the ring adds "
+              f"{ring['ms'] - floor * 1e3:.2f} ms ({1 - floor * 1e3 / ring['ms']:.1%} of its time)")
+        rows.append(dict(scheme="ring kernels alone", ms=floor * 1e3))
     if args.longest:
         stats = jax.devices()[0].memory_stats() or {}
         limit = args.memory_gib * 2**30 if args.memory_gib else stats["bytes_limit"]

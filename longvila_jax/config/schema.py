@@ -73,8 +73,17 @@ def base_config() -> ml_collections.ConfigDict:
     model.remat = False
     model.attention_backend = "auto"
 
+    # Device mesh: `data` x the sequence-parallel group `node` (across hosts, ring) x
+    # `local` (inside a host, all-to-all); `attention` picks the scheme (parallel/schemes.py).
+    parallel = ml_collections.ConfigDict()
+    parallel.data = 1
+    parallel.node = 1
+    parallel.local = 1
+    parallel.attention = "auto"
+
     config = ml_collections.ConfigDict()
     config.model = model
+    config.parallel = parallel
     config.seed = 0
     return config
 
@@ -144,4 +153,23 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            model.attention_backend, f"one of {BACKENDS}")
     for key in ("dtype", "param_dtype"):
         _check(model[key] in DTYPES, f"model.{key}", model[key], f"one of {DTYPES}")
+    if "parallel" in config:
+        _validate_parallel(config.parallel, llm)
     return config
+
+
+def _validate_parallel(parallel, llm):
+    # Imported here: the parallel package imports the kernels, which import this module.
+    from longvila_jax.parallel.mesh import check_ulysses
+    from longvila_jax.parallel.schemes import SCHEMES, resolve_scheme, ulysses_degree
+
+    _positive_int(parallel, "parallel", ["data", "node", "local"])
+    _check(parallel.attention in SCHEMES, "parallel.attention", parallel.attention,
+           f"one of {SCHEMES}")
+    try:
+        scheme = resolve_scheme(parallel.attention, parallel.node, parallel.local)
+        check_ulysses(llm.num_heads, llm.num_kv_heads,
+                      ulysses_degree(scheme, parallel.node, parallel.local))
+    except ValueError as e:
+        raise ConfigError(f"parallel: {e} (node={parallel.node}, local={parallel.local}, "
+                          f"attention={parallel.attention!r})") from None

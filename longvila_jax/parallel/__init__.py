@@ -1,9 +1,16 @@
 """Sequence parallelism: the device mesh and the attention schemes that run over it."""
 
 from longvila_jax.parallel.attention2d import attention_2d
-from longvila_jax.parallel.mesh import AXES, check_ulysses, make_mesh
+from longvila_jax.parallel.mesh import AXES, check_ulysses, make_mesh, mesh_from_config
 from longvila_jax.parallel.ring import merge, ring_attention, zigzag_permutation
+from longvila_jax.parallel.schemes import (
+    SCHEMES,
+    layout_permutation,
+    resolve_scheme,
+    sequence_parallel_attention,
+)
 from longvila_jax.parallel.ulysses import ulysses, ulysses_attention
 
-__all__ = ["AXES", "attention_2d", "check_ulysses", "make_mesh", "merge", "ring_attention",
-           "ulysses", "ulysses_attention", "zigzag_permutation"]
+__all__ = ["AXES", "SCHEMES", "attention_2d", "check_ulysses", "layout_permutation",
+           "make_mesh", "merge", "mesh_from_config", "resolve_scheme", "ring_attention",
+           "sequence_parallel_attention", "ulysses", "ulysses_attention", "zigzag_permutation"]

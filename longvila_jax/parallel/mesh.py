@@ -43,6 +43,21 @@ def make_mesh(data: int, node: int, local: int, devices=None) -> Mesh:
     return Mesh(np.array(devices, dtype=object).reshape(data, node, local), AXES)
 
 
+def mesh_from_config(config, devices=None) -> Mesh:
+    """`make_mesh` from a config's `parallel` section; a size mismatch is a ConfigError."""
+    from longvila_jax.config.schema import ConfigError  # the config package imports this one
+
+    p = config.parallel
+    count = len(jax.devices() if devices is None else devices)
+    if p.data * p.node * p.local != count:
+        raise ConfigError(f"parallel: data*node*local = {p.data}*{p.node}*{p.local} = "
+                          f"{p.data * p.node * p.local} but there are {count} devices")
+    try:
+        return make_mesh(p.data, p.node, p.local, devices)
+    except ValueError as e:
+        raise ConfigError(f"parallel.local: {e}") from None
+
+
 def check_ulysses(num_heads: int, num_kv_heads: int, local: int) -> None:
     """Fail early when a Ulysses degree `local` cannot split the attention heads.
 
