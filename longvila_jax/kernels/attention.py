@@ -52,6 +52,12 @@ def _choose(backend: str, q, unmasked: bool) -> str:
     return "cudnn" if unmasked and q.shape[-1] in (64, 128) else "triton"
 
 
+def skips_hidden_tiles(backend: str, q) -> bool:
+    """Whether masked (positions/segments) attention on `q` runs a kernel that skips fully
+    hidden tiles by itself; callers then need no `lax.cond` around pieces that see nothing."""
+    return _choose(backend, q, unmasked=False) == "triton"
+
+
 def _prepare(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, softmax_scale):
     """(masks with defaults filled in, scale, unmasked: no mask inputs and square attention)."""
     unmasked = all(x is None for x in (q_positions, kv_positions, q_segment_ids,

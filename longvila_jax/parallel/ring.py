@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longvila_jax.kernels import flash_attention, flash_attention_bwd
+from longvila_jax.kernels.attention import skips_hidden_tiles
 from longvila_jax.kernels.manual_axes import varying_like
 
 
@@ -77,6 +78,19 @@ def _unstack(block):
     return kv[0], kv[1], ids[0], ids[1]
 
 
+def _maybe(visible, compute, nothing, backend, q):
+    """`compute()` if the piece pair may see anything, else `nothing()`.
+
+    Our Triton kernel skips hidden tiles itself, so a hidden pair costs it only a launch,
+    while `lax.cond` makes the GPU wait for the host to read the predicate (twice per step
+    and direction); there the call is made unconditionally. The XLA path computes every
+    tile, so it keeps the cond.
+    """
+    if skips_hidden_tiles(backend, q):
+        return compute()
+    return jax.lax.cond(visible, compute, nothing)
+
+
 def _step_forward(q_parts, kv, *, causal, scale, backend, chunks):
     """(out f32, lse) of local queries against one visiting K/V block, skipping hidden pairs.
 
@@ -100,7 +114,7 @@ def _step_forward(q_parts, kv, *, causal, scale, backend, chunks):
                          jnp.full((qc.shape[0], qc.shape[2], qc.shape[1]), -jnp.inf))
                 return tuple(varying_like(x, qc, kc) for x in empty)
 
-            o, lse_ = jax.lax.cond(_may_see(qp, qs, kp, ks, causal), attend, nothing)
+            o, lse_ = _maybe(_may_see(qp, qs, kp, ks, causal), attend, nothing, backend, qc)
             out, lse = merge(out, lse, o, lse_)
         outs.append(out)
         lses.append(lse)
@@ -129,7 +143,7 @@ def _step_backward(q_parts, kv, *, causal, scale, backend, chunks):
                 return tuple(varying_like(jnp.zeros(x.shape, jnp.float32), qc, kc, oc, doc)
                              for x in (qc, kc, vc))
 
-            gq, gk, gv = jax.lax.cond(_may_see(qp, qs, kp, ks, causal), grads, nothing)
+            gq, gk, gv = _maybe(_may_see(qp, qs, kp, ks, causal), grads, nothing, backend, qc)
             dq[i], dk[j], dv[j] = dq[i] + gq, dk[j] + gk, dv[j] + gv
     return tuple(jnp.concatenate(x, axis=1) for x in (dq, dk, dv))
 
@@ -178,7 +192,9 @@ def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale, b
     init = (varying_like(jnp.zeros((b, s, h, d), jnp.float32), q, k),
             varying_like(jnp.full((b, h, s), -jnp.inf, jnp.float32), q, k),
             (jnp.stack([k, v]), jnp.stack([kv_pos, kv_seg])))
-    (out, lse, kv), _ = jax.lax.scan(step, init, None, length=n - 1)
+    # Unrolled (n - 1 is small): no per-step loop predicate, and the scheduler sees across
+    # steps when placing the permutes.
+    (out, lse, kv), _ = jax.lax.scan(step, init, None, length=n - 1, unroll=True)
     o, lse_ = _step_forward(q_parts, kv, **kw)  # last block: nothing left to send
     out, lse = merge(out, lse, o, lse_)
     out = out.astype(q.dtype)
@@ -210,7 +226,7 @@ def _ring_bwd(causal, axis_name, scale, backend, chunks, residuals, cotangents):
     init = (varying_like(jnp.zeros(q.shape, jnp.float32), *refs),
             (jnp.stack([k, v]), jnp.stack([kv_pos, kv_seg])),
             varying_like(jnp.zeros((2, *k.shape), jnp.float32), *refs))
-    (dq, kv, dkv), _ = jax.lax.scan(step, init, None, length=n - 1)
+    (dq, kv, dkv), _ = jax.lax.scan(step, init, None, length=n - 1, unroll=True)
     dq, dkv = accumulate(dq, kv, dkv)
     dk, dv = _shift(dkv, axis_name)  # the last hop home; K/V themselves need not move again
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None, None)
