@@ -1,0 +1,170 @@
+"""The text side of the training sources: LLaVA/VILA conversation records and long plain text.
+
+Conversation records follow the LLaVA layout VILA trains on, one JSON object per line:
+`{"id", "video" | "image" | absent, "conversations": [{"from": "human" | "gpt", "value"}]}`.
+Their `<image>` and `<video>` placeholders become one marker, `MEDIA_PLACEHOLDER`, which the
+tokenizer must hold as an added token so it encodes to the single `media_token_id`; it is then
+expanded to the positions the media's frames take (`expand_media_tokens`), never supervised.
+
+Plain text for the context-extension stage is cut into chunks of exactly the stage's length:
+every chunk fills its sequence, so there is nothing to pack and no padding to mask.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+
+import numpy as np
+import tokenizers
+
+from longvila_jax.data.templates import encode_chat
+from longvila_jax.models.longvila import IGNORE_INDEX, expand_media_tokens
+
+MEDIA_PLACEHOLDER = "<image>"
+_PLACEHOLDERS = ("<image>", "<video>")
+_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSONL file, blank lines skipped; a bad line names file and line."""
+    records = []
+    with open(path, encoding="utf-8") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, not {line.strip()!r}")
+            records.append(record)
+    return records
+
+
+def _media(record: dict) -> tuple[str | None, str | None]:
+    """(kind, relative path) of the record's one media item, or (None, None)."""
+    kinds = [kind for kind in ("video", "image") if record.get(kind) is not None]
+    if not kinds:
+        return None, None
+    if len(kinds) > 1 or not isinstance(record[kinds[0]], str):
+        raise ValueError(f"record {record.get('id')!r}: expected one video or image path")
+    return kinds[0], record[kinds[0]]
+
+
+def conversation_to_messages(record: dict) -> tuple[list[dict], str | None, str | None]:
+    """Chat messages, media kind ("video", "image" or None) and media path of a LLaVA record.
+
+    A record with media but no placeholder gets one prepended to its first human turn, as VILA
+    does; placeholders elsewhere stay where they are.
+    """
+    name = record.get("id")
+    kind, path = _media(record)
+    messages = []
+    for turn in record.get("conversations") or []:
+        if turn.get("from") not in _ROLES:
+            raise ValueError(
+                f"record {name!r}: unknown speaker {turn.get('from')!r} (expected human or gpt)"
+            )
+        content = turn["value"]
+        for placeholder in _PLACEHOLDERS:
+            content = content.replace(placeholder, MEDIA_PLACEHOLDER)
+        messages.append({"role": _ROLES[turn["from"]], "content": content})
+    users = [message for message in messages if message["role"] == "user"]
+    if not users:
+        raise ValueError(f"record {name!r}: no human turn")
+    count = sum(message["content"].count(MEDIA_PLACEHOLDER) for message in messages)
+    if kind is None and count:
+        raise ValueError(f"record {name!r}: {count} media placeholder(s) but no video or image")
+    if kind is not None and count > 1:
+        raise ValueError(f"record {name!r}: one {kind} but {count} media placeholders")
+    if kind is not None and not count:
+        users[0]["content"] = f"{MEDIA_PLACEHOLDER}\n{users[0]['content']}"
+    return messages, kind, path
+
+
+def tokenize_conversation(
+    tokenizer: tokenizers.Tokenizer,
+    family: str,
+    record: dict,
+    *,
+    media_token_id: int,
+    tokens_per_frame: int,
+    num_frames: int,
+) -> dict:
+    """`input_ids` and `labels` (int32 `[seq]`) of a record, its media placeholder expanded.
+
+    The placeholder takes `num_frames * tokens_per_frame` positions (`num_frames` = 1 for an
+    image), all with label -100; only assistant replies are supervised (`encode_chat`).
+    """
+    messages, kind, _ = conversation_to_messages(record)
+    if kind and tokenizer.encode(MEDIA_PLACEHOLDER, add_special_tokens=False).ids != [
+        media_token_id
+    ]:
+        raise ValueError(
+            f"tokenizer does not encode {MEDIA_PLACEHOLDER!r} as the one token {media_token_id}"
+        )
+    ids, labels = encode_chat(tokenizer, family, messages)
+    frames = [num_frames] if kind else []
+    expanded = expand_media_tokens(ids, media_token_id, tokens_per_frame, frames)
+    # Labels carry the placeholder through the same expansion, then ignore what it became.
+    carried = np.where(ids == media_token_id, media_token_id, labels)
+    carried = expand_media_tokens(carried, media_token_id, tokens_per_frame, frames)
+    labels = np.where(expanded == media_token_id, IGNORE_INDEX, carried).astype(np.int32)
+    return {"input_ids": expanded, "labels": labels}
+
+
+def text_chunks(token_ids: np.ndarray, length: int) -> np.ndarray:
+    """`[n, length]` view of 1-D `token_ids`, n = len // length; the remainder is dropped."""
+    if token_ids.ndim != 1 or length < 1:
+        raise ValueError(
+            f"text_chunks: need 1-D tokens and length >= 1, got shape {token_ids.shape}, {length}"
+        )
+    count = len(token_ids) // length
+    return token_ids[: count * length].reshape(count, length)
+
+
+class _Chunks:
+    """Grain random-access source over `self._chunks` `[n, length]`; labels are the ids."""
+
+    _chunks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def __getitem__(self, index: int) -> dict:
+        ids = np.array(self._chunks[index], np.int32)
+        return {"input_ids": ids, "labels": ids.copy()}
+
+
+class TextJsonlSource(_Chunks):
+    """Chunks of a JSONL file's `{"text"}` records, tokenised, each followed by `separator_id`.
+
+    The whole file is tokenised in memory when the source is built; pre-tokenise large corpora
+    into a `.npy` for `TokenArraySource`.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        tokenizer: tokenizers.Tokenizer,
+        length: int,
+        separator_id: int,
+    ):
+        texts = []
+        for index, record in enumerate(read_jsonl(path)):
+            if not isinstance(record.get("text"), str):
+                raise ValueError(f"{path}: record {index} has no 'text' string")
+            texts.append(record["text"])
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
+        joined = itertools.chain.from_iterable([*e.ids, separator_id] for e in encodings)
+        self._chunks = text_chunks(np.fromiter(joined, np.int32), length)
+
+
+class TokenArraySource(_Chunks):
+    """Chunks of a pre-tokenised 1-D `.npy` array, memory-mapped so it is never read whole."""
+
+    def __init__(self, path: str | os.PathLike, length: int):
+        self._chunks = text_chunks(np.load(path, mmap_mode="r"), length)
