@@ -38,6 +38,9 @@ from longvila_jax.data.video import REASONS, MediaError, load_frames
 
 # A source whose first this-many samples all failed is broken, not unlucky.
 ALL_FAILED_AFTER = 16
+# Why a sample was skipped: the media reasons, and a record the text side rejects
+# (no human turn, a placeholder without media, ...).
+SKIP_REASONS = (*REASONS, "bad_record")
 
 
 class DataError(RuntimeError):
@@ -86,12 +89,15 @@ class _Load(grain.transforms.Map):
                                      image_size=spec.image_size, fps=spec.fps)
             else:
                 frames = np.zeros((0, spec.image_size, spec.image_size, 3), np.float32)
+            sample = tokenize_conversation(self._tokenizer, spec.family, record,
+                                           media_token_id=spec.media_token_id,
+                                           tokens_per_frame=spec.tokens_per_frame,
+                                           num_frames=len(frames))
         except MediaError as e:
-            return {"skip": REASONS.index(e.reason), "source": index, "message": str(e)}
-        sample = tokenize_conversation(self._tokenizer, spec.family, record,
-                                       media_token_id=spec.media_token_id,
-                                       tokens_per_frame=spec.tokens_per_frame,
-                                       num_frames=len(frames))
+            return {"skip": SKIP_REASONS.index(e.reason), "source": index, "message": str(e)}
+        except ValueError as e:  # the record itself is malformed
+            return {"skip": SKIP_REASONS.index("bad_record"), "source": index,
+                    "message": f"{source.jsonl}: {e}"}
         return {"input_ids": sample["input_ids"], "labels": sample["labels"], "frames": frames,
                 "source": index}
 
@@ -111,7 +117,7 @@ class _DropSkippedIterator(grain.DatasetIterator):
     def __init__(self, parent, sources: list[Source]):
         super().__init__(parent)
         self._sources = sources
-        self.skipped = np.zeros((len(sources), len(REASONS)), np.int64)
+        self.skipped = np.zeros((len(sources), len(SKIP_REASONS)), np.int64)
         self.loaded = np.zeros(len(sources), np.int64)
         self._logged: set[str] = set()
 
@@ -121,13 +127,13 @@ class _DropSkippedIterator(grain.DatasetIterator):
             if "skip" not in element:
                 self.loaded[element.pop("source")] += 1
                 return element
-            index, reason = element["source"], REASONS[element["skip"]]
+            index, reason = element["source"], SKIP_REASONS[element["skip"]]
             self.skipped[index, element["skip"]] += 1
             if element["message"] not in self._logged:
                 self._logged.add(element["message"])
                 logging.warning("skipping sample (%s): %s", reason, element["message"])
             if self.loaded[index] == 0 and self.skipped[index].sum() >= ALL_FAILED_AFTER:
-                counts = ", ".join(f"{r} {n}" for r, n in zip(REASONS, self.skipped[index],
+                counts = ", ".join(f"{r} {n}" for r, n in zip(SKIP_REASONS, self.skipped[index],
                                                               strict=True) if n)
                 raise DataError(f"source {self._sources[index].name!r} "
                                 f"({self._sources[index].jsonl}): every one of its first "
@@ -135,7 +141,7 @@ class _DropSkippedIterator(grain.DatasetIterator):
 
     def counts(self) -> dict[str, int]:
         """Skipped samples by reason, summed over sources (for training metrics)."""
-        return {f"data/skipped_{r}": int(n) for r, n in zip(REASONS, self.skipped.sum(0),
+        return {f"data/skipped_{r}": int(n) for r, n in zip(SKIP_REASONS, self.skipped.sum(0),
                                                             strict=True)}
 
     def get_state(self):
@@ -170,13 +176,15 @@ class _Tag(grain.transforms.Map):
 
 def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, tokens: int,
           frames: int, batch_size: int, pad_multiple: int = 1, pad_id: int = 0, seed: int = 0,
-          workers: int = 0, shard: tuple[int, int] | None = None) -> grain.IterDataset:
+          workers: int = 0, shard: tuple[int, int] | None = None,
+          pack_stats: packing.PackStats | None = None) -> grain.IterDataset:
     """The whole pipeline as one grain IterDataset of packed batches.
 
     `tokens` / `frames`: budgets of one packed sequence; `pad_multiple`: its length's
     multiple (2 x the ring size for zigzag sequence parallelism); `workers`: grain worker
     processes for decoding (0: in this process, for tests); `shard`: (index, count) of this
-    host, default grain's view of the jax process index/count.
+    host, default grain's view of the jax process index/count; `pack_stats` counts the
+    samples too long for the budgets (dropped by the packer, in this process).
     """
     index, count = shard or grain.sharding.get_process_index_and_count()
     per_source = [host_stream(source, index, count, seed + i).map(_Tag(i))
@@ -191,7 +199,7 @@ def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, token
             flags.FLAGS.mark_as_parsed()
         loaded = loaded.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     packed = packing.pack(_DropSkipped(loaded, sources), tokens=tokens, frames=frames, seed=seed,
-                          pad_id=pad_id)
+                          pad_id=pad_id, stats=pack_stats)
     return packed.map(_PadTo(pad_multiple, pad_id)).batch(batch_size)
 
 
