@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 
@@ -70,7 +71,24 @@ class RMSNorm(nnx.Module):
 
 
 def gelu(x, approximate: bool):
-    return jax.nn.gelu(x, approximate=approximate)
+    """GELU; the exact form is ours (`_gelu_exact`), the tanh form is JAX's."""
+    return jax.nn.gelu(x, approximate=True) if approximate else _gelu_exact(x)
+
+
+@jax.custom_jvp
+def _gelu_exact(x):
+    """x * Phi(x). A custom derivative (Phi(x) + x * phi(x), via exp) because JAX's own
+    derivative of erf fails inside `shard_map` with varying-axis checks (its 'polynomial'
+    primitive rejects unvarying coefficients), which MM-SP's vision stage needs."""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+
+
+@_gelu_exact.defjvp
+def _gelu_exact_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    cdf = 0.5 * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
+    pdf = jnp.exp(-0.5 * x * x) * np.sqrt(0.5 / np.pi).astype(x.dtype)
+    return _gelu_exact(x), (cdf + x * pdf) * t
 
 
 def scan_layers(layers: nnx.Module, x, body, *, remat: bool, count: int | None = None):

@@ -39,9 +39,11 @@ class DecoderLayer(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.attention_backend = attention_backend
 
-    def __call__(self, x, positions, segment_ids, inv_freq):
+    def __call__(self, x, positions, segment_ids, inv_freq, attend=None):
         """`positions` `[b, s]` rotate q/k; `positions`/`segment_ids` None means the plain
-        causal mask, which lets the attention pick a kernel without mask inputs (cuDNN)."""
+        causal mask, which lets the attention pick a kernel without mask inputs (cuDNN).
+        `attend(q, k, v, positions, segment_ids) -> out` replaces the local attention, e.g.
+        with sequence-parallel attention when `x` is this device's shard of the sequence."""
         b, s, _ = x.shape
         y = self.input_norm(x)
         q = self.q_proj(y).reshape(b, s, self.num_heads, self.head_dim)
@@ -51,9 +53,12 @@ class DecoderLayer(nnx.Module):
         if positions is None:
             rope_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         q, k = apply_rope(q, rope_positions, inv_freq), apply_rope(k, rope_positions, inv_freq)
-        attn, _ = flash_attention(q, k, v, q_positions=positions, kv_positions=positions,
-                                  q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                  causal=True, backend=self.attention_backend)
+        if attend is None:
+            attn, _ = flash_attention(q, k, v, q_positions=positions, kv_positions=positions,
+                                      q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                      causal=True, backend=self.attention_backend)
+        else:
+            attn = attend(q, k, v, positions, segment_ids)
         x = x + self.o_proj(attn.reshape(b, s, -1))
         y = self.post_attention_norm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
@@ -83,13 +88,14 @@ class CausalLM(nnx.Module):
         """`[batch, seq]` int -> `[batch, seq, hidden]` in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def hidden_states(self, x, positions=None, segment_ids=None):
+    def hidden_states(self, x, positions=None, segment_ids=None, attend=None):
         """Run all decoder layers and the final norm on embeddings `[batch, seq, hidden]`.
 
         Positions `[batch, seq]` (None: arange) and segment ids (None: one document per
-        row) are global, so packed and sequence-sharded inputs need nothing else."""
+        row) are global, so packed and sequence-sharded inputs need nothing else; a
+        sequence shard also passes `attend` (see `DecoderLayer`)."""
         x = scan_layers(self.layers, x,
-                        lambda layer, h: layer(h, positions, segment_ids, self.inv_freq),
+                        lambda layer, h: layer(h, positions, segment_ids, self.inv_freq, attend),
                         remat=self.remat)
         return self.norm(x)
 
@@ -101,9 +107,9 @@ class CausalLM(nnx.Module):
             w = self.lm_head[...].astype(self.dtype)
         return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
-    def from_embeddings(self, x, positions=None, segment_ids=None):
+    def from_embeddings(self, x, positions=None, segment_ids=None, attend=None):
         """Logits for input embeddings `[batch, seq, hidden]` (see `hidden_states`)."""
-        return self.logits(self.hidden_states(x, positions, segment_ids))
+        return self.logits(self.hidden_states(x, positions, segment_ids, attend))
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.from_embeddings(self.embed(input_ids), positions, segment_ids)

@@ -1,0 +1,133 @@
+"""MM-SP, LongVILA's multi-modal sequence parallelism: two shardings in one step.
+
+Stage one spreads the FRAMES of a batch evenly over all devices of the sequence-parallel
+group (`node` x `local`) for the vision tower and projector: frames are the expensive,
+independent part, and a video's frames are few compared with its tokens. The frame
+embeddings are then all-gathered, so every device can fill the media positions of its own
+token shard. Stage two shards the spliced TOKEN sequence over the same group in the
+scheme's layout (zigzag over a ring, see `schemes.layout_permutation`) and runs the LLM
+with sequence-parallel attention; everything but attention is token-local.
+
+Loss: targets are the labels shifted by one on the GLOBAL sequence before sharding
+(LongVILA shifts inside each shard and loses the token at every shard boundary), and the
+loss is the sum over all shards divided by the global count of target tokens, so the
+sharded step computes exactly the single-device loss.
+
+Host side (`prepare_batch`) builds the sharded arrays; `loss_fn` returns the jittable loss.
+Parameters are replicated over the sequence group here; sharding them (FSDP) composes on
+the same mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from longvila_jax.models.longvila import IGNORE_INDEX
+from longvila_jax.parallel.schemes import layout_permutation, sequence_parallel_attention
+
+SP_AXES = ("node", "local")
+
+
+def media_rows(input_ids: np.ndarray, media_token_id: int) -> np.ndarray:
+    """`[b, s]` int32: for the j-th media position (batch-major order) j, else -1 -- the row
+    of the flattened frame embeddings `[frames * tokens_per_frame, hidden]` it takes."""
+    is_media = input_ids == media_token_id
+    return np.where(is_media, np.cumsum(is_media.reshape(-1)).reshape(is_media.shape) - 1,
+                    -1).astype(np.int32)
+
+
+def shift_targets(labels: np.ndarray) -> np.ndarray:
+    """`targets[:, t] = labels[:, t + 1]` on the whole sequence; the last is ignored."""
+    ignore = np.full((labels.shape[0], 1), IGNORE_INDEX, labels.dtype)
+    return np.concatenate([labels[:, 1:], ignore], axis=1).astype(np.int32)
+
+
+def prepare_batch(input_ids, labels, frames, *, media_token_id: int, tokens_per_frame: int,
+                  scheme: str, data: int, node: int, local: int, positions=None,
+                  segment_ids=None) -> dict:
+    """Host arrays for `loss_fn`, from a natural-order batch.
+
+    `input_ids`/`labels` `[b, s]` (labels unshifted), `frames` `[f, H, W, 3]` in the order
+    their media positions appear (batch-major), `positions`/`segment_ids` `[b, s]` (None:
+    arange / one segment); `tokens_per_frame` as the model's `media_tokens_per_frame`.
+    `b` must divide by `data`; each data shard's rows use their own
+    frames, so frames are regrouped `[data, f_shard, ...]` and padded with zero frames to a
+    multiple of the group size (their embeddings fill no position). `s` must divide by the
+    layout's multiple (2 x ring size x ... : `2 * node * local` always suffices).
+    """
+    b, s = input_ids.shape
+    group = node * local
+    if b % data:
+        raise ValueError(f"mmsp: batch {b} is not a multiple of data={data}")
+    if s % (2 * group):
+        raise ValueError(f"mmsp: sequence {s} is not a multiple of 2 x node x local = "
+                         f"{2 * group}; pad it (pads get their own segment id)")
+    positions = np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)) if positions is None \
+        else np.asarray(positions, np.int32)
+    segment_ids = np.zeros((b, s), np.int32) if segment_ids is None \
+        else np.asarray(segment_ids, np.int32)
+    rows = b // data
+    shards = [slice(d * rows, (d + 1) * rows) for d in range(data)]
+    media = [media_rows(input_ids[sh], media_token_id) for sh in shards]
+    counts = [int((m >= 0).sum()) // tokens_per_frame for m in media]
+    if sum(counts) != len(frames):
+        raise ValueError(f"mmsp: the ids hold media positions for {sum(counts)} frames "
+                         f"({tokens_per_frame} each) but {len(frames)} frames were given")
+    per_shard = -(-max(counts) // group) * group if max(counts) else group
+    grouped = np.zeros((data, per_shard, *frames.shape[1:]), np.float32)
+    start = 0
+    for d, count in enumerate(counts):
+        grouped[d, :count] = frames[start:start + count]
+        start += count
+    perm = layout_permutation(s, scheme, node, local)
+    return dict(input_ids=np.asarray(input_ids, np.int32)[:, perm],
+                targets=shift_targets(np.asarray(labels))[:, perm],
+                positions=positions[:, perm], segment_ids=segment_ids[:, perm],
+                media_rows=np.concatenate(media)[:, perm], frames=grouped)
+
+
+def loss_fn(mesh, scheme: str):
+    """`loss(model, batch) -> scalar`: MM-SP forward on `mesh` for a `prepare_batch` batch.
+
+    `scheme` is a resolved sequence-parallel scheme ('ring', 'ulysses' or '2d').
+    """
+    tokens = P("data", SP_AXES)
+    specs = dict(input_ids=tokens, targets=tokens, positions=tokens, segment_ids=tokens,
+                 media_rows=tokens, frames=P("data", SP_AXES))
+
+    def attend(q, k, v, positions, segment_ids):
+        return sequence_parallel_attention(q, k, v, positions, positions, segment_ids,
+                                           segment_ids, scheme=scheme, causal=True)[0]
+
+    def local(graphdef, state, batch):
+        model = nnx.merge(graphdef, state)
+        # Stage one: this device's frames through the tower, then every device gets all.
+        emb = model.encode_frames(batch["frames"][0])
+        table = jax.lax.all_gather(emb, SP_AXES, axis=0, tiled=True)
+        table = table.reshape(-1, table.shape[-1])
+        # Stage two: fill this token shard's media positions, run the LLM sharded.
+        x = model.llm.embed(batch["input_ids"])
+        rows = batch["media_rows"]
+        media = jnp.take(table, jnp.maximum(rows, 0), axis=0).astype(x.dtype)
+        x = jnp.where((rows >= 0)[..., None], media, x)
+        logits = model.llm.from_embeddings(x, batch["positions"], batch["segment_ids"],
+                                           attend)
+        targets = batch["targets"]
+        valid = targets != IGNORE_INDEX
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)
+        nll = jnp.where(valid, logz - picked[..., 0], 0.0).sum()
+        axes = ("data", *SP_AXES)
+        return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(valid.sum(), axes), 1)
+
+    def loss(model, batch):
+        graphdef, state = nnx.split(model)
+        sharded = jax.shard_map(lambda state, batch: local(graphdef, state, batch), mesh=mesh,
+                                in_specs=(P(), specs), out_specs=P())
+        return sharded(state, {k: batch[k] for k in specs})
+
+    return loss

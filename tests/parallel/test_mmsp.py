@@ -1,0 +1,86 @@
+"""MM-SP equals the single-device step: the same loss and the same gradients.
+
+A tiny LongVILA (vision tower, projector, per-frame newline, LLM) on 8 simulated CPU
+devices: frames spread over the sequence group for the tower, tokens re-sharded in the
+scheme's layout for the LLM, targets shifted on the global sequence, loss normalised by the
+global target count. Against `next_token_loss` of the whole model on one device.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from longvila_jax.config import base_config
+from longvila_jax.models.longvila import IGNORE_INDEX, build_model, next_token_loss
+from longvila_jax.parallel import mesh_from_config, resolve_scheme
+from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def make_batch(rng, model, b, s, frames_per_row, size):
+    """Rows of text with one video each (random frame count), packed labels, padding."""
+    media_id = model.media_token_id
+    per_frame = model.media_tokens_per_frame
+    ids = rng.integers(0, media_id - 2, (b, s)).astype(np.int32)
+    labels = np.where(rng.random((b, s)) < 0.7, ids, IGNORE_INDEX).astype(np.int32)
+    for row, count in enumerate(frames_per_row):
+        start = int(rng.integers(1, s - count * per_frame))
+        ids[row, start:start + count * per_frame] = media_id
+        labels[row, start:start + count * per_frame] = IGNORE_INDEX
+    frames = rng.standard_normal((sum(frames_per_row), size, size, 3)).astype(np.float32)
+    segments = np.sort(rng.integers(0, 2, (b, s)), 1).astype(np.int32)
+    positions = np.zeros((b, s), np.int32)
+    for row in range(b):  # positions restart per packed sample
+        for seg in np.unique(segments[row]):
+            where = segments[row] == seg
+            positions[row, where] = np.arange(where.sum())
+    return ids, labels, frames, positions, segments
+
+
+@pytest.mark.parametrize("data,node,local,scheme", [(1, 2, 4, "ring"), (2, 2, 2, "2d"),
+                                                     (1, 1, 8, "ring"), (2, 1, 4, "ulysses")])
+def test_mmsp_step_equals_single_device(rng, data, node, local, scheme):
+    config = base_config()
+    config.model.media.newline_token_id = 3
+    config.model.llm.num_heads, config.model.llm.num_kv_heads = 4, 2
+    config.parallel.data, config.parallel.node, config.parallel.local = data, node, local
+    config.parallel.attention = scheme
+    model = build_model(config, seed=int(rng.integers(1 << 30)))
+    b, s = 2 * data, 64
+    frames_per_row = [int(rng.integers(1, 4)) for _ in range(b)]
+    ids, labels, frames, positions, segments = make_batch(rng, model, b, s, frames_per_row,
+                                                          config.model.vision.image_size)
+
+    def single(model):
+        logits = model(jnp.asarray(ids), jnp.asarray(frames), jnp.asarray(positions),
+                       jnp.asarray(segments))
+        return next_token_loss(logits, jnp.asarray(labels))
+
+    want_loss, want_grads = nnx.value_and_grad(single)(model)
+
+    resolved = resolve_scheme(scheme, node, local)
+    batch = prepare_batch(ids, labels, frames, media_token_id=model.media_token_id,
+                          tokens_per_frame=model.media_tokens_per_frame, scheme=resolved,
+                          data=data, node=node, local=local, positions=positions,
+                          segment_ids=segments)
+    loss = loss_fn(mesh_from_config(config), resolved)
+    got_loss, got_grads = jax.jit(nnx.value_and_grad(loss))(model, batch)
+    assert abs(float(got_loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    got_leaves = jax.tree.leaves(nnx.state(got_grads))
+    want_leaves = jax.tree.leaves(nnx.state(want_grads))
+    assert len(got_leaves) == len(want_leaves)
+    # Leaves whose true gradient is ~0 (1e-14: rounding noise) are judged against the
+    # whole gradient's size, not their own.
+    scale = np.sqrt(sum(np.sum(np.square(np.asarray(w, np.float64))) for w in want_leaves))
+    for g, w in zip(got_leaves, want_leaves, strict=True):
+        err = np.linalg.norm(np.asarray(g, np.float64) - np.asarray(w, np.float64))
+        assert err <= 1e-4 * np.linalg.norm(np.asarray(w, np.float64)) + 1e-7 * scale, (
+            rel_err(g, w), err, scale)
