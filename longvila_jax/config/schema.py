@@ -81,9 +81,24 @@ def base_config() -> ml_collections.ConfigDict:
     parallel.local = 1
     parallel.attention = "auto"
 
+    # Optimizer (train/optimizer.py). Defaults follow the Hugging Face Trainer that LongVILA
+    # trains with: AdamW (0.9, 0.999, 1e-8), linear warmup then cosine decay, clipping at 1.
+    optim = ml_collections.ConfigDict()
+    optim.learning_rate = 2e-5
+    optim.warmup_steps = 0
+    optim.total_steps = 1000
+    optim.end_lr_fraction = 0.0
+    optim.weight_decay = 0.0
+    optim.b1 = 0.9
+    optim.b2 = 0.999
+    optim.eps = 1e-8
+    optim.clip_norm = 1.0  # 0: no clipping
+    optim.accumulation_steps = 1
+
     config = ml_collections.ConfigDict()
     config.model = model
     config.parallel = parallel
+    config.optim = optim
     config.seed = 0
     return config
 
@@ -155,7 +170,24 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _check(model[key] in DTYPES, f"model.{key}", model[key], f"one of {DTYPES}")
     if "parallel" in config:
         _validate_parallel(config.parallel, llm)
+    if "optim" in config:
+        _validate_optim(config.optim)
     return config
+
+
+def _validate_optim(optim):
+    _positive_int(optim, "optim", ["total_steps", "accumulation_steps"])
+    _check(isinstance(optim.warmup_steps, int) and 0 <= optim.warmup_steps < optim.total_steps,
+           "optim.warmup_steps", optim.warmup_steps,
+           f"must be in [0, total_steps={optim.total_steps})")
+    _check(optim.learning_rate > 0, "optim.learning_rate", optim.learning_rate, "must be > 0")
+    _check(0 <= optim.end_lr_fraction <= 1, "optim.end_lr_fraction", optim.end_lr_fraction,
+           "must be in [0, 1]")
+    _check(optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay, "must be >= 0")
+    for key in ("b1", "b2"):
+        _check(0 <= optim[key] < 1, f"optim.{key}", optim[key], "must be in [0, 1)")
+    _check(optim.eps > 0, "optim.eps", optim.eps, "must be > 0")
+    _check(optim.clip_norm >= 0, "optim.clip_norm", optim.clip_norm, "must be >= 0 (0: off)")
 
 
 def _validate_parallel(parallel, llm):
