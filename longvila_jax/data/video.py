@@ -138,36 +138,34 @@ def _count_by_decoding(path: str) -> int:
 
 
 def _read(
-    path: str, indices: np.ndarray, keep: Callable[[int, np.ndarray], None], *, seek: bool
+    cap: cv2.VideoCapture, indices: np.ndarray, keep: Callable[[int, np.ndarray], None], *,
+    seek: bool,
 ) -> tuple[int, bool]:
-    """Decode the frames at sorted unique `indices`, in order, calling `keep(n, frame)` for each.
+    """Decode the frames at sorted unique `indices` from a capture at frame 0, in order,
+    calling `keep(n, frame)` for each.
 
     Returns how many indices were read before the video ended or failed, and whether a seek may
     be to blame for stopping early.
     """
-    cap = _open(path)
-    try:
-        position = 0  # the frame the next grab() returns
-        seeked = False
-        for n, index in enumerate(indices):
-            if seek and index - position > SEEK_MIN_GAP:
-                seeked = True
-                if not cap.set(cv2.CAP_PROP_POS_FRAMES, int(index)):
-                    return n, True
-                if round(cap.get(cv2.CAP_PROP_POS_FRAMES)) != index:
-                    return n, True
-                position = int(index)
-            while position <= index:
-                if not cap.grab():
-                    return n, seeked
-                position += 1
-            ok, frame = cap.retrieve()
-            if not ok:
+    position = 0  # the frame the next grab() returns
+    seeked = False
+    for n, index in enumerate(indices):
+        if seek and index - position > SEEK_MIN_GAP:
+            seeked = True
+            if not cap.set(cv2.CAP_PROP_POS_FRAMES, int(index)):
+                return n, True
+            if round(cap.get(cv2.CAP_PROP_POS_FRAMES)) != index:
+                return n, True
+            position = int(index)
+        while position <= index:
+            if not cap.grab():
                 return n, seeked
-            keep(n, frame)
-        return len(indices), False
-    finally:
-        cap.release()
+            position += 1
+        ok, frame = cap.retrieve()
+        if not ok:
+            return n, seeked
+        keep(n, frame)
+    return len(indices), False
 
 
 def _check_file(path: str) -> None:
@@ -177,41 +175,55 @@ def _check_file(path: str) -> None:
         raise MediaError(path, "not_video", "not a regular file")
 
 
-def video_info(path: str | os.PathLike) -> tuple[int, float]:
-    """(frame count, frames per second) of a video as its container states them.
+def _header(path: str, cap: cv2.VideoCapture) -> tuple[int, float]:
+    """(frame count, fps) from an open capture; the count by decoding when the container gives
+    none, the rate 0.0 when unknown."""
+    total = round(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    if total <= 0:
+        total = _count_by_decoding(path)
+    return total, cap.get(cv2.CAP_PROP_FPS)
 
-    The count is found by decoding when the container gives none; the rate is 0.0 when unknown.
-    """
+
+def video_info(path: str | os.PathLike) -> tuple[int, float]:
+    """(frame count, frames per second) of a video as its container states them."""
     path = os.fspath(path)
     _check_file(path)
     cap = _open(path)
-    total = round(cap.get(cv2.CAP_PROP_FRAME_COUNT))
-    native_fps = cap.get(cv2.CAP_PROP_FPS)
-    cap.release()
-    if total <= 0:
-        total = _count_by_decoding(path)
-    return total, native_fps
+    try:
+        return _header(path, cap)
+    finally:
+        cap.release()
 
 
 def _load_video(
     path: str, num_frames: int, fps: float | None, image_size: int, mean: float, std: float
 ) -> np.ndarray:
-    total, native_fps = video_info(path)
-    if total == 0:
-        raise MediaError(path, "zero_frames", "the video opens but holds no frames")
-    if fps is None and total < num_frames:
-        raise MediaError(path, "too_few_frames", f"{total} frames, {num_frames} requested")
-    if fps is not None and not (math.isfinite(native_fps) and native_fps > 0):
-        native_fps = fps  # no frame rate in the container: count every frame as one sample step
-    indices = sample_indices(total, native_fps, num_frames, fps)
-    out = np.empty((len(indices), image_size, image_size, 3), np.float32)
+    # One capture serves the header and the first decoding pass (each open parses the
+    # container's index again).
+    cap = _open(path)
+    try:
+        total, native_fps = _header(path, cap)
+        if total == 0:
+            raise MediaError(path, "zero_frames", "the video opens but holds no frames")
+        if fps is None and total < num_frames:
+            raise MediaError(path, "too_few_frames", f"{total} frames, {num_frames} requested")
+        if fps is not None and not (math.isfinite(native_fps) and native_fps > 0):
+            native_fps = fps  # no frame rate in the container: every frame is one sample step
+        indices = sample_indices(total, native_fps, num_frames, fps)
+        out = np.empty((len(indices), image_size, image_size, 3), np.float32)
 
-    def keep(n: int, frame: np.ndarray) -> None:
-        out[n] = _to_model_input(frame, image_size, mean, std)
+        def keep(n: int, frame: np.ndarray) -> None:
+            out[n] = _to_model_input(frame, image_size, mean, std)
 
-    read, seek_suspect = _read(path, indices, keep, seek=True)
+        read, seek_suspect = _read(cap, indices, keep, seek=True)
+    finally:
+        cap.release()
     if seek_suspect:
-        more, _ = _read(path, indices[read:], lambda n, f: keep(read + n, f), seek=False)
+        retry = _open(path)
+        try:
+            more, _ = _read(retry, indices[read:], lambda n, f: keep(read + n, f), seek=False)
+        finally:
+            retry.release()
         read += more
     if read == 0:
         raise _undecodable(path, f"the container lists {total} frames but none decodes")

@@ -58,14 +58,30 @@ class LongVILA(nnx.Module):
             if want != have:
                 raise ValueError(f"LongVILA: {images.shape[0]} frames need {want} media "
                                  f"positions (id {self.media_token_id}) but the ids hold {have}")
-        media = self.encode_frames(images).reshape(-1, x.shape[-1]).astype(x.dtype)
+        media = self.encode_frames(images).reshape(-1, x.shape[-1])
         order = jnp.cumsum(is_media.reshape(-1)).reshape(is_media.shape) - 1
-        gathered = jnp.take(media, jnp.clip(order, 0, media.shape[0] - 1), axis=0)
-        return jnp.where(is_media[..., None], gathered, x)
+        return splice_media(x, media, jnp.where(is_media, order, -1))
 
     def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
         """Float32 logits `[batch, seq, vocab]`."""
         return self.llm.from_embeddings(self.embed(input_ids, images), positions, segment_ids)
+
+
+def splice_media(x, media, rows):
+    """`x` `[b, s, hidden]` with each position whose `rows` entry is >= 0 replaced by that
+    row of `media` `[n, hidden]` (-1: keep the text embedding)."""
+    gathered = jnp.take(media, jnp.clip(rows, 0, media.shape[0] - 1), axis=0)
+    return jnp.where((rows >= 0)[..., None], gathered.astype(x.dtype), x)
+
+
+def token_nll(logits, targets):
+    """(summed cross-entropy, count) of `logits[..., t, :]` against `targets[..., t]`,
+    skipping IGNORE_INDEX; sums rather than a mean so that shards can add them up."""
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE_INDEX
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    return jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()
 
 
 def next_token_loss(logits, labels):
@@ -73,12 +89,8 @@ def next_token_loss(logits, labels):
 
     Labels are unshifted (as in Hugging Face), so VILA-style label tensors port unchanged.
     """
-    logits, targets = logits[:, :-1].astype(jnp.float32), labels[:, 1:]
-    valid = targets != IGNORE_INDEX
-    logz = jnp.log(jnp.sum(jnp.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
-    nll = jnp.where(valid, logz - picked, 0.0)
-    return nll.sum() / jnp.maximum(valid.sum(), 1)
+    total, count = token_nll(logits[:, :-1], labels[:, 1:])
+    return total / jnp.maximum(count, 1)
 
 
 def expand_media_tokens(input_ids, media_token_id: int, tokens_per_frame: int,

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.models.longvila import IGNORE_INDEX
+from longvila_jax.models.longvila import IGNORE_INDEX, splice_media, token_nll
 from longvila_jax.parallel.schemes import layout_permutation, sequence_parallel_attention
 
 SP_AXES = ("node", "local")
@@ -110,19 +110,12 @@ def loss_fn(mesh, scheme: str):
         table = jax.lax.all_gather(emb, SP_AXES, axis=0, tiled=True)
         table = table.reshape(-1, table.shape[-1])
         # Stage two: fill this token shard's media positions, run the LLM sharded.
-        x = model.llm.embed(batch["input_ids"])
-        rows = batch["media_rows"]
-        media = jnp.take(table, jnp.maximum(rows, 0), axis=0).astype(x.dtype)
-        x = jnp.where((rows >= 0)[..., None], media, x)
+        x = splice_media(model.llm.embed(batch["input_ids"]), table, batch["media_rows"])
         logits = model.llm.from_embeddings(x, batch["positions"], batch["segment_ids"],
                                            attend)
-        targets = batch["targets"]
-        valid = targets != IGNORE_INDEX
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)
-        nll = jnp.where(valid, logz - picked[..., 0], 0.0).sum()
+        nll, count = token_nll(logits, batch["targets"])
         axes = ("data", *SP_AXES)
-        return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(valid.sum(), axes), 1)
+        return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(count, axes), 1)
 
     def loss(model, batch):
         graphdef, state = nnx.split(model)
