@@ -18,5 +18,5 @@ def longvila_base():
     model.projector.type = "mlp_downsample"
     model.dtype = "bfloat16"
     model.param_dtype = "float32"
-    model.remat = True
+    model.remat = "full"
     return config

@@ -17,6 +17,10 @@ PROJECTORS = ("mlp2x_gelu", "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_dow
 ROPE_SCALING = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 VISION_ACTS = ("gelu_pytorch_tanh", "gelu")
+REMAT = ("none", "selective", "full")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DATA_KINDS = ("conversations", "text")
+SOURCE_KEYS = ("name", "jsonl", "media_root", "weight")
 
 
 class ConfigError(ValueError):
@@ -70,8 +74,15 @@ def base_config() -> ml_collections.ConfigDict:
     model.media = media
     model.dtype = "float32"
     model.param_dtype = "float32"
-    model.remat = False
+    # Activation rematerialisation per decoder/encoder layer (models/layers.py `REMAT`):
+    # none keeps everything, selective keeps only each layer's attention output and LSE
+    # (recomputing the cheap matmuls, never the quadratic attention), full keeps only the
+    # layer input.
+    model.remat = "none"
     model.attention_backend = "auto"
+    # LoRA adapters on the LLM's linear layers (models/lora.py); rank 0: none.
+    model.lora = ml_collections.ConfigDict(
+        dict(rank=0, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj"))
 
     # Device mesh: `data` x the sequence-parallel group `node` (across hosts, ring) x
     # `local` (inside a host, all-to-all); `attention` picks the scheme (parallel/schemes.py).
@@ -95,10 +106,39 @@ def base_config() -> ml_collections.ConfigDict:
     optim.clip_norm = 1.0  # 0: no clipping
     optim.accumulation_steps = 1
 
+    # One training run (train/loop.py); the optimizer steps are `optim.total_steps`.
+    train = ml_collections.ConfigDict()
+    train.stage = "train"  # a name for logs and for the pipeline's stage folders
+    train.init_from = ""  # a model checkpoint folder; "": random weights from `seed`
+    # Comma-separated regular expressions; a parameter trains when one of them matches
+    # its '/'-joined path (e.g. "llm/layers/q_proj/kernel"). Everything else is frozen.
+    train.trainable = ".*"
+    train.batch_size = 1  # packed rows per step, over all data-parallel replicas
+    train.seq_len = 1024  # tokens per packed row
+    train.max_frames = 0  # frames per packed row (0: text only)
+    train.num_frames = 8  # frames sampled from each video
+    train.fps = 0.0  # >0: sample one frame every 1/fps seconds, capped at num_frames
+    train.checkpoint_every = 100
+    train.keep = 3  # run checkpoints kept
+    train.log_every = 10
+    train.merge_lora = True  # fold LoRA adapters into the weights of the final checkpoint
+    # Dense bf16 peak TFLOP/s per device for MFU; 0: known GPUs by name, else no MFU.
+    train.peak_tflops = 0.0
+
+    # Training data (data/pipeline.py): conversation JSONL with media, or long text.
+    data = ml_collections.ConfigDict()
+    data.kind = "conversations"
+    data.tokenizer = ""  # tokenizer.json or a folder holding it
+    # Each source: dict(name, jsonl, media_root, weight); text data uses one {"text"} JSONL.
+    data.sources = ()
+    data.workers = 0  # grain worker processes decoding video
+
     config = ml_collections.ConfigDict()
     config.model = model
     config.parallel = parallel
     config.optim = optim
+    config.train = train
+    config.data = data
     config.seed = 0
     return config
 
@@ -168,11 +208,58 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
            model.attention_backend, f"one of {BACKENDS}")
     for key in ("dtype", "param_dtype"):
         _check(model[key] in DTYPES, f"model.{key}", model[key], f"one of {DTYPES}")
+    _check(model.remat in REMAT, "model.remat", model.remat, f"one of {REMAT}")
+    if "lora" in model:
+        _validate_lora(model.lora)
     if "parallel" in config:
         _validate_parallel(config.parallel, llm)
     if "optim" in config:
         _validate_optim(config.optim)
+    if "train" in config:
+        _validate_train(config.train)
+    if "data" in config:
+        _validate_data(config.data)
     return config
+
+
+def _validate_lora(lora):
+    _check(isinstance(lora.rank, int) and lora.rank >= 0, "model.lora.rank", lora.rank,
+           "must be an integer >= 0 (0: no LoRA)")
+    _check(lora.alpha > 0, "model.lora.alpha", lora.alpha, "must be > 0")
+    targets = [t for t in lora.targets.split(",") if t]
+    _check(bool(targets) and all(t in LORA_TARGETS for t in targets), "model.lora.targets",
+           lora.targets, f"comma-separated names from {LORA_TARGETS}")
+
+
+def _validate_train(train):
+    import re
+
+    _positive_int(train, "train", ["batch_size", "seq_len", "num_frames", "checkpoint_every",
+                                   "keep", "log_every"])
+    _check(isinstance(train.max_frames, int) and train.max_frames >= 0, "train.max_frames",
+           train.max_frames, "must be an integer >= 0")
+    _check(train.fps >= 0, "train.fps", train.fps, "must be >= 0 (0: uniform sampling)")
+    _check(train.peak_tflops >= 0, "train.peak_tflops", train.peak_tflops, "must be >= 0")
+    patterns = [t for t in train.trainable.split(",") if t]
+    _check(bool(patterns), "train.trainable", train.trainable, "needs at least one pattern")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"train.trainable: invalid regular expression {pattern!r} "
+                              f"({e})") from None
+
+
+def _validate_data(data):
+    _check(data.kind in DATA_KINDS, "data.kind", data.kind, f"one of {DATA_KINDS}")
+    _check(isinstance(data.workers, int) and data.workers >= 0, "data.workers", data.workers,
+           "must be an integer >= 0")
+    for i, source in enumerate(data.sources):
+        keys = set(source.keys())
+        _check(keys <= set(SOURCE_KEYS) and {"name", "jsonl"} <= keys, f"data.sources[{i}]",
+               dict(source), "keys name, jsonl, optional media_root and weight")
+        _check(source.get("weight", 1.0) > 0, f"data.sources[{i}].weight",
+               source.get("weight"), "must be > 0")
 
 
 def _validate_optim(optim):

@@ -14,6 +14,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.custom_derivatives import SymbolicZero
 
 from longvila_jax.kernels import xla
@@ -96,6 +97,15 @@ def flash_attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_i
     return _attention(q, k, v, *masks, causal, scale, _choose(backend, q, unmasked))
 
 
+def name_for_remat(out, lse):
+    """Tag the attention residuals that `selective` remat keeps (models/layers.py).
+
+    Called in forward rules only (which run only under differentiation), so an attention
+    nested inside another one's forward, as each ring step is, is not tagged and not kept.
+    """
+    return checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
 def _attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
     out, lse = _backend(backend).forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
@@ -108,6 +118,7 @@ def _attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
 def _attention_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
     args = [p.value for p in (q, k, v, q_pos, kv_pos, q_seg, kv_seg)]  # symbolic_zeros wraps
     out, lse = _attention(*args, causal, scale, backend)
+    out, lse = name_for_remat(out, lse)
     return (out, lse), (*args, out, lse)
 
 

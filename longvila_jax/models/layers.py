@@ -91,21 +91,43 @@ def _gelu_exact_jvp(primals, tangents):
     return _gelu_exact(x), (cdf + x * pdf) * t
 
 
-def scan_layers(layers: nnx.Module, x, body, *, remat: bool, count: int | None = None):
+# Names of the values `selective` remat keeps (set with `checkpoint_name` by the attention).
+SAVED_BY_SELECTIVE = ("attention_out", "attention_lse")
+
+
+def remat_policy(remat: str):
+    """`jax.checkpoint` policy for a config's `model.remat`; None for 'none' (no remat)."""
+    if remat == "none":
+        return None
+    if remat == "selective":
+        return jax.checkpoint_policies.save_only_these_names(*SAVED_BY_SELECTIVE)
+    if remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"model.remat: unknown policy {remat!r}")
+
+
+def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = None,
+                gather=None):
     """Run `body(layer, x) -> x` over the first `count` layers of a stacked module.
 
-    Scanning keeps compile time flat in depth (28-80 decoder layers); `remat`
-    recomputes each layer's activations in the backward pass.
+    Scanning keeps compile time flat in depth (28-80 decoder layers). `remat` ('none',
+    'selective', 'full') picks what each layer keeps for the backward pass. `gather`, if
+    given, maps one layer's parameter state (sharded, FSDP) to the full state inside the
+    scanned step, so only one layer is ever gathered, and under remat the backward gathers
+    it again instead of keeping it.
     """
     graphdef, state = nnx.split(layers)
     if count is not None:
         state = jax.tree.map(lambda a: a[:count], state)
 
     def step(carry, layer_state):
+        if gather is not None:
+            layer_state = gather(layer_state)
         return body(nnx.merge(graphdef, layer_state), carry), None
 
-    if remat:
-        step = jax.checkpoint(step, prevent_cse=False)
+    policy = remat_policy(remat)
+    if policy is not None:
+        step = jax.checkpoint(step, prevent_cse=False, policy=policy)
     x, _ = jax.lax.scan(step, x, state)
     return x
 

@@ -88,15 +88,16 @@ class CausalLM(nnx.Module):
         """`[batch, seq]` int -> `[batch, seq, hidden]` in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def hidden_states(self, x, positions=None, segment_ids=None, attend=None):
+    def hidden_states(self, x, positions=None, segment_ids=None, attend=None, gather=None):
         """Run all decoder layers and the final norm on embeddings `[batch, seq, hidden]`.
 
         Positions `[batch, seq]` (None: arange) and segment ids (None: one document per
         row) are global, so packed and sequence-sharded inputs need nothing else; a
-        sequence shard also passes `attend` (see `DecoderLayer`)."""
+        sequence shard also passes `attend` (see `DecoderLayer`), and FSDP-sharded layers
+        a `gather` (see `scan_layers`)."""
         x = scan_layers(self.layers, x,
                         lambda layer, h: layer(h, positions, segment_ids, self.inv_freq, attend),
-                        remat=self.remat)
+                        remat=self.remat, gather=gather)
         return self.norm(x)
 
     def logits(self, h):
@@ -107,9 +108,9 @@ class CausalLM(nnx.Module):
             w = self.lm_head[...].astype(self.dtype)
         return jnp.dot(h, w, preferred_element_type=jnp.float32)
 
-    def from_embeddings(self, x, positions=None, segment_ids=None, attend=None):
+    def from_embeddings(self, x, positions=None, segment_ids=None, attend=None, gather=None):
         """Logits for input embeddings `[batch, seq, hidden]` (see `hidden_states`)."""
-        return self.logits(self.hidden_states(x, positions, segment_ids, attend))
+        return self.logits(self.hidden_states(x, positions, segment_ids, attend, gather))
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         return self.from_embeddings(self.embed(input_ids), positions, segment_ids)

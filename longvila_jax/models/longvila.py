@@ -37,9 +37,10 @@ class LongVILA(nnx.Module):
         """Positions one frame takes in the LLM sequence (projected tokens + newline)."""
         return self.projector.tokens_per_image + (self.newline_token_id is not None)
 
-    def encode_frames(self, images):
-        """`[frames, H, W, 3]` -> `[frames, media_tokens_per_frame, llm_hidden]`."""
-        emb = self.projector(self.vision_tower(images))
+    def encode_frames(self, images, gather=None):
+        """`[frames, H, W, 3]` -> `[frames, media_tokens_per_frame, llm_hidden]`; `gather`
+        gathers FSDP-sharded tower layers one at a time (see `scan_layers`)."""
+        emb = self.projector(self.vision_tower(images, gather))
         if self.newline_token_id is not None:
             newline = self.llm.embed(jnp.full((emb.shape[0], 1), self.newline_token_id))
             emb = jnp.concatenate([emb, newline.astype(emb.dtype)], axis=1)

@@ -72,7 +72,8 @@ class SiglipVisionTower(nnx.Module):
         x = images[:, : g * p, : g * p, :].reshape(n, g, p, g, p, 3)
         return x.transpose(0, 1, 3, 2, 4, 5).reshape(n, g * g, p * p * 3)
 
-    def __call__(self, images):
+    def __call__(self, images, gather=None):
+        """`gather`: FSDP per-layer parameter gathering (see `scan_layers`)."""
         if images.shape[1] // self.patch_size != self.grid or images.shape[-1] != 3:
             raise ValueError(f"SiglipVisionTower: images of shape {images.shape} do not give a "
                              f"{self.grid}x{self.grid} patch grid of RGB pixels")
@@ -81,4 +82,4 @@ class SiglipVisionTower(nnx.Module):
                         self.dtype)
         x = x + self.position_embedding[...].astype(self.dtype)
         return scan_layers(self.layers, x, lambda layer, h: layer(h), remat=self.remat,
-                           count=self.num_run)
+                           count=self.num_run, gather=gather)

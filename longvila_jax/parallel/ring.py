@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from longvila_jax.kernels import flash_attention, flash_attention_bwd
-from longvila_jax.kernels.attention import skips_hidden_tiles
+from longvila_jax.kernels.attention import name_for_remat, skips_hidden_tiles
 from longvila_jax.kernels.manual_axes import varying_like
 
 
@@ -197,7 +197,7 @@ def _ring_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, axis_name, scale, b
     (out, lse, kv), _ = jax.lax.scan(step, init, None, length=n - 1, unroll=True)
     o, lse_ = _step_forward(q_parts, kv, **kw)  # last block: nothing left to send
     out, lse = merge(out, lse, o, lse_)
-    out = out.astype(q.dtype)
+    out, lse = name_for_remat(out.astype(q.dtype), lse)
     return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax._src.ad_checkpoint import saved_residuals
 
 from longvila_jax.config import base_config
 from longvila_jax.models.longvila import (
@@ -315,22 +316,24 @@ def test_bfloat16_compute_close_to_float32(rng, random_model):
     assert np.max(np.abs(got - ref)) > 0
 
 
-def test_remat_gives_same_logits_and_gradients(rng, random_model):
+@pytest.mark.parametrize("policy", ["selective", "full"])
+def test_remat_gives_same_logits_and_gradients(rng, random_model, policy):
     cfg = random_llm_config(rng)
     cfg.model.llm.num_layers = 2
     model = random_model(lambda: build_model(cfg))
-    remat = clone_with(cfg, model, remat=True)
-    assert remat.llm.remat and not model.llm.remat
+    remat = clone_with(cfg, model, remat=policy)
+    assert remat.llm.remat == policy and model.llm.remat == "none"
     ids, positions, segments = random_batch(rng, cfg.model.llm.vocab_size, 2, 7)
     labels = ids.copy()
     labels[:, :2] = IGNORE_INDEX
 
+    def loss(m):
+        logits = m(jnp.asarray(ids), positions=jnp.asarray(positions),
+                   segment_ids=jnp.asarray(segments))
+        return next_token_loss(logits, jnp.asarray(labels)), logits
+
     @nnx.jit
     def loss_and_grad(m):
-        def loss(m):
-            logits = m(jnp.asarray(ids), positions=jnp.asarray(positions),
-                       segment_ids=jnp.asarray(segments))
-            return next_token_loss(logits, jnp.asarray(labels)), logits
         return nnx.value_and_grad(loss, has_aux=True)(m)
 
     (loss_a, logits_a), grads_a = loss_and_grad(model)
@@ -341,6 +344,16 @@ def test_remat_gives_same_logits_and_gradients(rng, random_model):
     flat_a = jax.tree_util.tree_leaves_with_path(grads_a)
     flat_b = dict(jax.tree_util.tree_leaves_with_path(grads_b))
     assert len(flat_a) == len(flat_b) > 0
+    # What the policy keeps for the backward: selective keeps each layer's attention
+    # output and LSE (so the backward never re-runs the attention), full keeps neither. The
+    # layer scan hides the names, so they are recognised by shape.
+    graphdef, state = nnx.split(remat)
+    saved = {a.shape for a, _ in saved_residuals(
+        lambda st: loss(nnx.merge(graphdef, st))[0], state)}
+    llm = cfg.model.llm
+    (b, s), layers = ids.shape, llm.num_layers
+    attention = {(layers, b, llm.num_heads, s), (layers, b, s, llm.num_heads, llm.head_dim)}
+    assert attention & saved == (attention if policy == "selective" else set())
     for path, ga in flat_a:
         ga, gb = np.asarray(ga), np.asarray(flat_b[path])
         assert np.isfinite(ga).all() and np.abs(ga).max() > 0, jax.tree_util.keystr(path)
