@@ -28,6 +28,7 @@ import logging
 import os
 
 import grain
+import jax
 import numpy as np
 import tokenizers
 from absl import flags
@@ -183,10 +184,10 @@ def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, token
     `tokens` / `frames`: budgets of one packed sequence; `pad_multiple`: its length's
     multiple (2 x the ring size for zigzag sequence parallelism); `workers`: grain worker
     processes for decoding (0: in this process, for tests); `shard`: (index, count) of this
-    host, default grain's view of the jax process index/count; `pack_stats` counts the
+    host, default the jax process index/count; `pack_stats` counts the
     samples too long for the budgets (dropped by the packer, in this process).
     """
-    index, count = shard or grain.sharding.get_process_index_and_count()
+    index, count = shard or (jax.process_index(), jax.process_count())
     per_source = [host_stream(source, index, count, seed + i).map(_Tag(i))
                   for i, source in enumerate(sources)]
     weights = [source.weight for source in sources]
@@ -219,7 +220,7 @@ def build_text(source, *, batch_size: int, seed: int = 0,
     Each chunk is one sequence (segment 1, positions 0..length-1), so nothing is packed;
     chunks are sharded over hosts, shuffled per epoch from `seed`, and repeated.
     """
-    index, count = shard or grain.sharding.get_process_index_and_count()
+    index, count = shard or (jax.process_index(), jax.process_count())
     chunks = grain.MapDataset.source(source)[index::count]
     if len(chunks) == 0:
         raise DataError(f"text source: no chunks for host {index} of {count}")

@@ -201,24 +201,62 @@ def _draw_digit(frame: np.ndarray, digit: str) -> None:
     cv2.putText(frame, digit, origin, font, scale, (0, 0, 0), thickness, cv2.LINE_AA)
 
 
+def needle_fact(seed: int) -> dict[str, str]:
+    """What `needle_frame(..., seed=seed)` shows, without drawing it.
+
+    `{"kind": "digit", "digit": "7"}` or `{"kind": "colour" | "shape", "colour": "red",
+    "shape": "circle"}`; the question's answer is `fact[fact["kind"]]`.
+    """
+    rng = np.random.default_rng(seed)
+    kind = _KINDS[rng.integers(len(_KINDS))]
+    if kind == "digit":
+        return {"kind": kind, "digit": str(rng.integers(10))}
+    colour = list(_COLOURS)[rng.integers(len(_COLOURS))]
+    return {"kind": kind, "colour": colour, "shape": _SHAPES[rng.integers(len(_SHAPES))]}
+
+
 def needle_frame(width: int, height: int, *, seed: int) -> tuple[np.ndarray, str, str]:
     """A uint8 RGB `[height, width, 3]` frame showing one fact, and a (question, answer) about it.
 
     The fact is a coloured shape (asked for its colour or its shape) or a black digit, on a plain
     light-grey background; answers are one word or one digit.
     """
-    rng = np.random.default_rng(seed)
+    fact = needle_fact(seed)
     frame = np.full((height, width, 3), _BACKGROUND, np.uint8)
-    kind = _KINDS[rng.integers(len(_KINDS))]
-    if kind == "digit":
-        answer = str(rng.integers(10))
-        _draw_digit(frame, answer)
+    if fact["kind"] == "digit":
+        _draw_digit(frame, fact["digit"])
     else:
-        colour = list(_COLOURS)[rng.integers(len(_COLOURS))]
-        shape = _SHAPES[rng.integers(len(_SHAPES))]
-        _draw_shape(frame, shape, _COLOURS[colour])
-        answer = colour if kind == "colour" else shape
-    return frame, _QUESTIONS[kind], answer
+        _draw_shape(frame, fact["shape"], _COLOURS[fact["colour"]])
+    return frame, _QUESTIONS[fact["kind"]], fact[fact["kind"]]
+
+
+def write_needle_video(
+    path: str | os.PathLike,
+    num_frames: int,
+    *,
+    needle_index: int,
+    needle_seed: int,
+    haystack_seed: int,
+    width: int,
+    height: int,
+    fps: float = 24.0,
+    needle_frames: int = 1,
+    codec: str = "mp4v",
+) -> tuple[str, str]:
+    """Write a haystack video whose frames from `needle_index` on (`needle_frames` of them) are
+    `needle_frame(..., seed=needle_seed)`; returns the needle's (question, answer)."""
+    if not 0 <= needle_index <= num_frames - needle_frames:
+        raise ValueError(
+            f"needle_index must be in [0, {num_frames - needle_frames}] for {needle_frames} "
+            f"needle frame(s) in {num_frames}, got {needle_index}"
+        )
+    needle, question, answer = needle_frame(width, height, seed=needle_seed)
+    frames = (
+        needle if needle_index <= t < needle_index + needle_frames else frame
+        for t, frame in enumerate(_haystack_frames(num_frames, width, height, haystack_seed))
+    )
+    _write_video(path, frames, width=width, height=height, fps=fps, codec=codec)
+    return question, answer
 
 
 def make_needle_dataset(
@@ -256,14 +294,13 @@ def make_needle_dataset(
         haystack_seed, needle_seed = (
             int(s) for s in np.random.SeedSequence([seed, i]).generate_state(2)
         )
-        needle, question, answer = needle_frame(width, height, seed=needle_seed)
-        frames = (
-            needle if start <= t < start + needle_frames else frame
-            for t, frame in enumerate(_haystack_frames(num_frames, width, height, haystack_seed))
-        )
         name = f"needle_{i:04d}"
         video = f"videos/{name}.mp4"
-        _write_video(root / video, frames, width=width, height=height, fps=fps, codec=codec)
+        question, answer = write_needle_video(
+            root / video, num_frames, needle_index=start, needle_seed=needle_seed,
+            haystack_seed=haystack_seed, width=width, height=height, fps=fps,
+            needle_frames=needle_frames, codec=codec,
+        )
         records.append(
             {
                 "id": name,

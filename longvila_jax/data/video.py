@@ -120,6 +120,14 @@ def _to_model_input(bgr: np.ndarray, image_size: int, mean: float, std: float) -
     return (rgb.astype(np.float32) / 255.0 - mean) / std
 
 
+def frame_to_model_input(
+    rgb: np.ndarray, *, image_size: int, mean: float = 0.5, std: float = 0.5
+) -> np.ndarray:
+    """One uint8 RGB `[H, W, 3]` frame -> float32 `[image_size, image_size, 3]`, prepared
+    exactly as `load_frames` prepares a decoded frame (for frames made in memory)."""
+    return _to_model_input(np.ascontiguousarray(rgb[..., ::-1]), image_size, mean, std)
+
+
 def _open(path: str) -> cv2.VideoCapture:
     cap = cv2.VideoCapture(path)
     if not cap.isOpened():

@@ -14,8 +14,8 @@ loss is the sum over all shards divided by the global count of target tokens, so
 sharded step computes exactly the single-device loss.
 
 Host side (`prepare_batch`) builds the sharded arrays; `loss_fn` returns the jittable loss.
-Parameters are replicated over the sequence group here; sharding them (FSDP) composes on
-the same mesh.
+Parameters may be FSDP-sharded over the same mesh (`parallel/fsdp.py`); they are gathered
+inside, one scanned layer at a time.
 """
 
 from __future__ import annotations
@@ -27,9 +27,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.models.longvila import IGNORE_INDEX, splice_media, token_nll
+from longvila_jax.parallel import fsdp
 from longvila_jax.parallel.schemes import layout_permutation, sequence_parallel_attention
 
 SP_AXES = ("node", "local")
+# What `prepare_batch` returns and `loss_fn` reads; `frames` [data, frames, H, W, 3] is
+# sharded like the tokens: data rows, then frames over the sequence group.
+BATCH_KEYS = ("input_ids", "targets", "positions", "segment_ids", "media_rows", "frames")
 
 
 def media_rows(input_ids: np.ndarray, media_token_id: int) -> np.ndarray:
@@ -52,9 +56,9 @@ def prepare_batch(input_ids, labels, frames, *, media_token_id: int, tokens_per_
     """Host arrays for `loss_fn`, from a natural-order batch.
 
     `input_ids`/`labels` `[b, s]` (labels unshifted), `frames` `[f, H, W, 3]` in the order
-    their media positions appear (batch-major), `positions`/`segment_ids` `[b, s]` (None:
-    arange / one segment); `tokens_per_frame` as the model's `media_tokens_per_frame`.
-    `b` must divide by `data`; each data shard's rows use their own
+    their media positions appear (batch-major; None: text only), `positions`/`segment_ids`
+    `[b, s]` (None: arange / one segment); `tokens_per_frame` as the model's
+    `media_tokens_per_frame`. `b` must divide by `data`; each data shard's rows use their own
     frames, so frames are regrouped `[data, f_shard, ...]` and padded with zero frames to a
     multiple of the group size (their embeddings fill no position). `s` must divide by the
     layout's multiple (2 x ring size x ... : `2 * node * local` always suffices).
@@ -74,53 +78,68 @@ def prepare_batch(input_ids, labels, frames, *, media_token_id: int, tokens_per_
     shards = [slice(d * rows, (d + 1) * rows) for d in range(data)]
     media = [media_rows(input_ids[sh], media_token_id) for sh in shards]
     counts = [int((m >= 0).sum()) // tokens_per_frame for m in media]
-    if sum(counts) != len(frames):
+    given = 0 if frames is None else len(frames)
+    if sum(counts) != given:
         raise ValueError(f"mmsp: the ids hold media positions for {sum(counts)} frames "
-                         f"({tokens_per_frame} each) but {len(frames)} frames were given")
-    per_shard = -(-max(counts) // group) * group if max(counts) else group
-    grouped = np.zeros((data, per_shard, *frames.shape[1:]), np.float32)
-    start = 0
-    for d, count in enumerate(counts):
-        grouped[d, :count] = frames[start:start + count]
-        start += count
+                         f"({tokens_per_frame} each) but {given} frames were given")
     perm = layout_permutation(s, scheme, node, local)
-    return dict(input_ids=np.asarray(input_ids, np.int32)[:, perm],
-                targets=shift_targets(np.asarray(labels))[:, perm],
-                positions=positions[:, perm], segment_ids=segment_ids[:, perm],
-                media_rows=np.concatenate(media)[:, perm], frames=grouped)
+    batch = dict(input_ids=np.asarray(input_ids, np.int32)[:, perm],
+                 targets=shift_targets(np.asarray(labels))[:, perm],
+                 positions=positions[:, perm], segment_ids=segment_ids[:, perm],
+                 media_rows=np.concatenate(media)[:, perm])
+    if frames is not None:
+        per_shard = -(-max(counts) // group) * group if max(counts) else group
+        grouped = np.zeros((data, per_shard, *frames.shape[1:]), np.float32)
+        start = 0
+        for d, count in enumerate(counts):
+            grouped[d, :count] = frames[start:start + count]
+            start += count
+        batch["frames"] = grouped
+    return batch
 
 
 def loss_fn(mesh, scheme: str):
     """`loss(model, batch) -> scalar`: MM-SP forward on `mesh` for a `prepare_batch` batch.
 
-    `scheme` is a resolved sequence-parallel scheme ('ring', 'ulysses' or '2d').
+    `scheme` is a resolved sequence-parallel scheme ('ring', 'ulysses' or '2d'). The
+    model's parameters may be FSDP-sharded (`fsdp.place`) or replicated; either way they
+    enter with their FSDP specs and are gathered inside (see `parallel/fsdp.py`). A batch
+    without `frames` (text only) skips stage one.
     """
     tokens = P("data", SP_AXES)
-    specs = dict(input_ids=tokens, targets=tokens, positions=tokens, segment_ids=tokens,
-                 media_rows=tokens, frames=P("data", SP_AXES))
+    axes = ("data", *SP_AXES)
 
     def attend(q, k, v, positions, segment_ids):
         return sequence_parallel_attention(q, k, v, positions, positions, segment_ids,
                                            segment_ids, scheme=scheme, causal=True)[0]
 
-    def local(graphdef, state, batch):
-        model = nnx.merge(graphdef, state)
-        # Stage one: this device's frames through the tower, then every device gets all.
-        emb = model.encode_frames(batch["frames"][0])
-        table = jax.lax.all_gather(emb, SP_AXES, axis=0, tiled=True)
-        table = table.reshape(-1, table.shape[-1])
-        # Stage two: fill this token shard's media positions, run the LLM sharded.
-        x = splice_media(model.llm.embed(batch["input_ids"]), table, batch["media_rows"])
+    def local(graphdef, params, dims, batch):
+        now, later = fsdp.split_stacked(dims)
+        model = nnx.merge(graphdef, fsdp.gather(params, now))
+
+        def per_layer(stack):
+            return lambda layer: fsdp.gather(layer, later[stack]["layers"], offset=-1)
+
+        x = model.llm.embed(batch["input_ids"])
+        if "frames" in batch:
+            # Stage one: this device's frames through the tower, then every device gets all.
+            emb = model.encode_frames(batch["frames"][0], per_layer("vision_tower"))
+            table = jax.lax.all_gather(emb, SP_AXES, axis=0, tiled=True)
+            # Stage two: fill this token shard's media positions.
+            x = splice_media(x, table.reshape(-1, table.shape[-1]), batch["media_rows"])
         logits = model.llm.from_embeddings(x, batch["positions"], batch["segment_ids"],
-                                           attend)
+                                           attend, per_layer("llm"))
         nll, count = token_nll(logits, batch["targets"])
-        axes = ("data", *SP_AXES)
         return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(count, axes), 1)
 
     def loss(model, batch):
-        graphdef, state = nnx.split(model)
-        sharded = jax.shard_map(lambda state, batch: local(graphdef, state, batch), mesh=mesh,
-                                in_specs=(P(), specs), out_specs=P())
-        return sharded(state, {k: batch[k] for k in specs})
+        graphdef, params = nnx.split(model)
+        dims = fsdp.shard_dims(params, mesh.devices.size)
+        specs = jax.tree.map(lambda d, a: fsdp.spec(d, a.ndim), dims, params)
+        batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
+        sharded = jax.shard_map(lambda p, b: local(graphdef, p, dims, b), mesh=mesh,
+                                in_specs=(specs, {k: tokens for k in batch}),
+                                out_specs=P())
+        return sharded(params, batch)
 
     return loss

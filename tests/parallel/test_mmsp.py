@@ -16,7 +16,7 @@ from flax import nnx
 
 from longvila_jax.config import base_config
 from longvila_jax.models.longvila import IGNORE_INDEX, build_model, next_token_loss
-from longvila_jax.parallel import mesh_from_config, resolve_scheme
+from longvila_jax.parallel import fsdp, mesh_from_config, resolve_scheme
 from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
 
 
@@ -45,12 +45,16 @@ def make_batch(rng, model, b, s, frames_per_row, size):
     return ids, labels, frames, positions, segments
 
 
-@pytest.mark.parametrize("data,node,local,scheme", [(1, 2, 4, "ring"), (2, 2, 2, "2d"),
-                                                     (1, 1, 8, "ring"), (2, 1, 4, "ulysses")])
+@pytest.mark.parametrize("data,node,local,scheme", [
+    (1, 8, 1, "ring"), (1, 1, 8, "ulysses"), (1, 2, 4, "2d"), (2, 2, 2, "2d"),
+    (1, 1, 8, "ring"), (2, 1, 4, "ulysses")])
 def test_mmsp_step_equals_single_device(rng, data, node, local, scheme):
+    """Parameters FSDP-sharded over all 8 devices (`fsdp.place`); gradients come back
+    sharded the same way."""
     config = base_config()
     config.model.media.newline_token_id = 3
-    config.model.llm.num_heads, config.model.llm.num_kv_heads = 4, 2
+    # 8 query heads: Ulysses over 8 devices splits them; 2 KV heads are replicated.
+    config.model.llm.num_heads, config.model.llm.num_kv_heads = 8, 2
     config.parallel.data, config.parallel.node, config.parallel.local = data, node, local
     config.parallel.attention = scheme
     model = build_model(config, seed=int(rng.integers(1 << 30)))
@@ -71,8 +75,15 @@ def test_mmsp_step_equals_single_device(rng, data, node, local, scheme):
                           tokens_per_frame=model.media_tokens_per_frame, scheme=resolved,
                           data=data, node=node, local=local, positions=positions,
                           segment_ids=segments)
-    loss = loss_fn(mesh_from_config(config), resolved)
-    got_loss, got_grads = jax.jit(nnx.value_and_grad(loss))(model, batch)
+    mesh = mesh_from_config(config)
+    loss = loss_fn(mesh, resolved)
+    sharded = nnx.clone(model)
+    fsdp.place(sharded, None, mesh)
+    params = jax.tree.leaves(nnx.state(sharded, nnx.Param))
+    assert any(not p.sharding.is_fully_replicated for p in params)
+    got_loss, got_grads = jax.jit(nnx.value_and_grad(loss))(sharded, batch)
+    for p, g in zip(params, jax.tree.leaves(nnx.state(got_grads)), strict=True):
+        assert g.sharding.is_equivalent_to(p.sharding, p.ndim)
     assert abs(float(got_loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
     got_leaves = jax.tree.leaves(nnx.state(got_grads))
     want_leaves = jax.tree.leaves(nnx.state(want_grads))

@@ -1,0 +1,1 @@
+"""Evaluations: V-NIAH needle retrieval (needle.py), later VideoMME-style multiple choice."""

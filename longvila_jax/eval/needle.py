@@ -1,0 +1,311 @@
+"""V-NIAH: find one needle frame hidden in a long haystack video, over frame counts x depths.
+
+For each frame count F the haystack video is sampled to F frames once (`load_frames`); for each
+depth d a needle frame (a fact drawn by `synthetic.needle_frame`) replaces frame
+`round(d * (F - 1))`, and the model is asked the needle's question.
+
+Scoring follows LongVA: the answer is teacher-forced (the prompt holds question and answer, one
+forward pass), the greedy argmax at the positions that predict the answer's tokens is decoded,
+and it counts as correct when it equals the answer after lower-casing and removing whitespace.
+Only the answer text is scored, not the template's end-of-turn marker, which tests the chat
+format rather than retrieval. Teacher forcing asks for no generation loop and no stopping rule,
+so a score depends on the model alone.
+
+The model call is the `logits_fn` argument, so sequence-parallel prefill can replace the
+default single-device forward pass without touching the scoring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from longvila_jax.data.synthetic import needle_frame
+from longvila_jax.data.text_sources import tokenize_conversation
+from longvila_jax.data.tokenizer import load_tokenizer
+from longvila_jax.data.video import frame_to_model_input, load_frames
+from longvila_jax.models.longvila import IGNORE_INDEX, LongVILA
+
+DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+# Every prompt of one frame count is right-padded to one length, a multiple of this, so that a
+# frame count compiles one forward pass and blockwise kernels see whole blocks.
+SEQ_MULTIPLE = 64
+
+# `(input_ids int32 [batch, seq], frames float32 [batch * F, H, W, 3] batch-major, start)`
+# -> float logits `[batch, seq - start, vocab]` at positions `start..seq-1`: only the window
+# that holds the answer, since `[seq, vocab]` logits of a long video do not fit in memory.
+LogitsFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Needle:
+    """A uint8 RGB `[H, W, 3]` frame showing one fact, and a question whose answer is it."""
+
+    frame: np.ndarray
+    question: str
+    answer: str
+
+
+def make_needles(count: int, width: int, height: int, *, seed: int) -> list[Needle]:
+    """`count` needles drawn by `synthetic.needle_frame`.
+
+    Needle i is the needle of record i of `make_needle_dataset(..., seed=seed)`, so the video
+    dataset and this in-memory evaluation can be compared needle for needle.
+    """
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    needles = []
+    for i in range(count):
+        _, needle_seed = np.random.SeedSequence([seed, i]).generate_state(2)
+        frame, question, answer = needle_frame(width, height, seed=int(needle_seed))
+        needles.append(Needle(frame, question, answer))
+    return needles
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-cased, whitespace removed: "Red " and "red" are the same answer."""
+    return "".join(text.lower().split())
+
+
+def teacher_forced_prediction(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    answer_ids: Sequence[int],
+    decode: Callable[[list[int]], str],
+    *,
+    offset: int = 0,
+) -> str:
+    """The decoded greedy tokens that predict the answer, from teacher-forced `logits`.
+
+    `logits` `[n, vocab]` are one sequence's logits at positions `offset..offset+n-1`; `labels`
+    `[seq]` are its labels (`tokenize_conversation`), whose supervised span starts with
+    `answer_ids`. Token t is predicted at position t - 1. The span's later tokens (the
+    end-of-turn marker) are not scored.
+    """
+    labels, answer_ids = np.asarray(labels), np.asarray(answer_ids)
+    if answer_ids.size == 0:
+        raise ValueError("answer_ids is empty: there is nothing to score")
+    positions = np.flatnonzero(labels != IGNORE_INDEX)[: answer_ids.size]
+    if positions.size < answer_ids.size or not np.array_equal(labels[positions], answer_ids):
+        raise ValueError(
+            f"the labels' supervised tokens {labels[positions].tolist()} do not start with the "
+            f"answer's {answer_ids.tolist()}"
+        )
+    rows = positions - 1 - offset
+    if rows[0] < 0 or rows[-1] >= len(logits):
+        raise ValueError(
+            f"logits cover positions {offset}..{offset + len(logits) - 1}, but the answer is "
+            f"predicted at {positions[0] - 1}..{positions[-1] - 1}"
+        )
+    return decode(np.argmax(logits[rows], axis=-1).tolist())
+
+
+def teacher_forced_correct(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    answer_ids: Sequence[int],
+    decode: Callable[[list[int]], str],
+    *,
+    offset: int = 0,
+) -> bool:
+    """Whether the greedy answer (`teacher_forced_prediction`) matches `decode(answer_ids)`
+    after `normalize_answer`."""
+    predicted = teacher_forced_prediction(logits, labels, answer_ids, decode, offset=offset)
+    return normalize_answer(predicted) == normalize_answer(decode(list(answer_ids)))
+
+
+def model_logits_fn(model: LongVILA) -> LogitsFn:
+    """A `LogitsFn` running `model` on one device, jitted once per (shape, start).
+
+    The parameters are captured now: later updates to `model` are not seen.
+    """
+    graphdef, state = nnx.split(model)
+
+    @functools.partial(jax.jit, static_argnames="start")
+    def forward(state, input_ids, frames, start):
+        model = nnx.merge(graphdef, state)
+        hidden = model.llm.hidden_states(model.embed(input_ids, frames))
+        return model.llm.logits(hidden[:, start:])
+
+    return lambda input_ids, frames, start: np.asarray(
+        forward(state, input_ids, frames, start=start)
+    )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Prompt:
+    input_ids: np.ndarray  # int32 [seq]
+    labels: np.ndarray  # int32 [seq]
+    answer_ids: list[int]
+    first_answer: int  # position of the answer's first token
+
+
+def _prompt(tokenizer, family: str, model: LongVILA, needle: Needle, num_frames: int) -> _Prompt:
+    """The needle's question and answer about a `num_frames`-frame video, tokenised."""
+    # Llama's template strips replies, so the answer is stripped for every family alike.
+    answer = needle.answer.strip()
+    record = {"video": "haystack", "conversations": [
+        {"from": "human", "value": "<video>\n" + needle.question},
+        {"from": "gpt", "value": answer}]}
+    sample = tokenize_conversation(
+        tokenizer, family, record, media_token_id=model.media_token_id,
+        tokens_per_frame=model.media_tokens_per_frame, num_frames=num_frames)
+    labels = sample["labels"]
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False).ids
+    first_answer = int(np.argmax(labels != IGNORE_INDEX))
+    return _Prompt(sample["input_ids"], labels, answer_ids, first_answer)
+
+
+def _check_grid(frame_counts: Sequence[int], depths: Sequence[float], needles, batch_size: int):
+    if not frame_counts:
+        raise ValueError(f"frame_counts must not be empty, got {frame_counts!r}")
+    for count in frame_counts:
+        if int(count) != count or count < 1:
+            raise ValueError(f"frame_counts must hold integers >= 1, got {count!r}")
+    if not depths:
+        raise ValueError(f"depths must not be empty, got {depths!r}")
+    for depth in depths:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depths must be in [0, 1], got {depth!r}")
+    if not needles:
+        raise ValueError("needles must not be empty")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+def _batch(prompts: list[_Prompt], seq: int, pad_id: int, haystack: np.ndarray, index: int,
+           needle_frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`input_ids` int32 `[batch, seq]` (right-padded with `pad_id`) and frames
+    `[batch * F, H, W, 3]`: `haystack` `[F, H, W, 3]` per row with frame `index` replaced by
+    that row's needle."""
+    input_ids = np.full((len(prompts), seq), pad_id, np.int32)
+    frames = np.repeat(haystack[None], len(prompts), axis=0)
+    for row, (prompt, needle) in enumerate(zip(prompts, needle_frames, strict=True)):
+        input_ids[row, : len(prompt.input_ids)] = prompt.input_ids
+        frames[row, index] = needle
+    return input_ids, frames.reshape(-1, *haystack.shape[1:])
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` then rename, so a reader never sees a half-written file."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot_heatmap(result: dict, path: Path) -> None:
+    """Accuracy heatmap PNG: frame counts across, depths down, each cell annotated."""
+    accuracy = np.asarray(result["accuracy"], float).T  # [depths, frame_counts]
+    frame_counts, depths = result["frame_counts"], result["depths"]
+    # The object API (no pyplot) renders with Agg and touches no global figure state.
+    fig = Figure(figsize=(max(4.0, 0.7 * len(frame_counts) + 2), max(3.0, 0.45 * len(depths) + 2)))
+    ax = fig.subplots()
+    image = ax.imshow(accuracy, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    for row, col in np.ndindex(accuracy.shape):
+        ax.text(col, row, f"{accuracy[row, col]:.2f}", ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(frame_counts)), [str(f) for f in frame_counts])
+    ax.set_yticks(range(len(depths)), [f"{100 * d:g}%" for d in depths])
+    ax.set_xlabel("frames")
+    ax.set_ylabel("needle depth")
+    ax.set_title(f"V-NIAH accuracy ({result['num_needles']} needles per cell)")
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.tight_layout()
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def evaluate(
+    model: LongVILA,
+    tokenizer_path: str | os.PathLike,
+    *,
+    family: str,
+    haystack: str | os.PathLike,
+    frame_counts: Sequence[int],
+    needles: Sequence[Needle],
+    image_size: int,
+    out_dir: str | os.PathLike,
+    depths: Sequence[float] = DEPTHS,
+    batch_size: int = 1,
+    progress: bool = True,
+    logits_fn: LogitsFn | None = None,
+) -> dict:
+    """Score every needle at every (frame count, depth); write the JSON and the heatmap.
+
+    `model` gives the media token layout and, without `logits_fn`, the forward pass
+    (`model_logits_fn`). Needles of one cell run `batch_size` at a time. Writes
+    `out_dir/needle.json` and `out_dir/needle_heatmap.png`, each atomically, and returns the
+    JSON's dict: `haystack`, `frame_counts`, `depths`, `num_needles`, `accuracy`
+    `[frame_counts][depths]` and `per_sample` (one record per frame count, depth and needle, in
+    that order).
+    Raises `MediaError` when the haystack cannot give a frame count (it has fewer frames).
+    """
+    _check_grid(frame_counts, depths, needles, batch_size)
+    tokenizer = load_tokenizer(tokenizer_path)
+    logits_fn = logits_fn or model_logits_fn(model)
+    needle_frames = [frame_to_model_input(n.frame, image_size=image_size) for n in needles]
+    batch_size = min(batch_size, len(needles))
+    # Right padding is never attended to by earlier positions, so any id but media's will do.
+    pad_id = int(model.media_token_id == 0)
+
+    hits = np.zeros((len(frame_counts), len(depths)), np.int64)
+    per_sample = []
+    with tqdm(total=hits.size * len(needles), desc="v-niah", unit="sample",
+              disable=not progress) as bar:
+        for fi, num_frames in enumerate(frame_counts):
+            hay = load_frames(haystack, num_frames, image_size=image_size)
+            prompts = [_prompt(tokenizer, family, model, needle, num_frames) for needle in needles]
+            seq = _round_up(max(len(p.input_ids) for p in prompts), SEQ_MULTIPLE)
+            start = min(p.first_answer for p in prompts) - 1
+            for di, depth in enumerate(depths):
+                index = round(depth * (num_frames - 1))
+                bar.set_postfix(frames=num_frames, depth=depth)
+                for first in range(0, len(needles), batch_size):
+                    # A short last batch repeats its last needle, keeping one compiled shape.
+                    rows = [min(k, len(needles) - 1) for k in range(first, first + batch_size)]
+                    input_ids, frames = _batch([prompts[k] for k in rows], seq, pad_id, hay,
+                                               index, [needle_frames[k] for k in rows])
+                    logits = logits_fn(input_ids, frames, start)
+                    for r, k in enumerate(rows[: len(needles) - first]):
+                        args = (logits[r], prompts[k].labels, prompts[k].answer_ids,
+                                tokenizer.decode)
+                        correct = teacher_forced_correct(*args, offset=start)
+                        hits[fi, di] += correct
+                        per_sample.append({
+                            "frames": int(num_frames), "depth": float(depth), "needle": k,
+                            "needle_index": index, "question": needles[k].question,
+                            "answer": needles[k].answer,
+                            "prediction": teacher_forced_prediction(*args, offset=start),
+                            "correct": bool(correct)})
+                        bar.update()
+
+    result = {
+        "haystack": os.fspath(haystack),
+        "frame_counts": [int(f) for f in frame_counts],
+        "depths": [float(d) for d in depths],
+        "num_needles": len(needles),
+        "accuracy": (hits / len(needles)).tolist(),
+        "per_sample": per_sample,
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomically(out_dir / "needle.json",
+                      lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    plot_heatmap(result, out_dir / "needle_heatmap.png")
+    return result

@@ -1,0 +1,233 @@
+"""V-NIAH: hand-made scoring cases, oracle logits that must score exactly 1 and 0, the needle
+at the right frame for every depth, and the JSON and heatmap a tiny random model writes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import cv2
+import jax
+import jax.numpy as jnp
+import matplotlib.image
+import numpy as np
+import pytest
+from flax import nnx
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from longvila_jax.data.synthetic import make_needle_dataset, needle_frame, write_haystack_video
+from longvila_jax.data.video import MediaError, frame_to_model_input, load_frames
+from longvila_jax.eval.needle import (
+    DEPTHS,
+    evaluate,
+    make_needles,
+    normalize_answer,
+    teacher_forced_correct,
+    teacher_forced_prediction,
+)
+from longvila_jax.models.longvila import IGNORE_INDEX, build_model
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE_MARKERS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+                    "<|end_header_id|>", "<|eot_id|>"]
+IMAGE_SIZE = 56  # the tiny config's vision image_size
+
+
+def tiny_config():
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _tokenizer(media_token_id: int) -> Tokenizer:
+    """Byte-level BPE whose "<image>" is the added token `media_token_id` (ids below it are
+    filled with unused added tokens) so that the tiny model's vocabulary covers every id."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=TEMPLATE_MARKERS,
+                                  show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["You are a helpful assistant. system user assistant",
+              "What colour is the shape shown in the video? red green blue yellow",
+              "What shape is shown in the video? circle square triangle",
+              "What digit is written in the video? 0 1 2 3 4 5 6 7 8 9"] * 4
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens([f"<unused{i}>" for i in range(media_token_id - tok.get_vocab_size())])
+    tok.add_special_tokens(["<image>"])
+    assert tok.token_to_id("<image>") == media_token_id
+    return tok
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tiny random model, a tokenizer matching it, a haystack video and three needles."""
+    root = tmp_path_factory.mktemp("niah")
+    config = tiny_config()
+    assert config.model.vision.image_size == IMAGE_SIZE
+    # Built abstractly and filled with random values: skips compiling the initialisers.
+    model = nnx.eval_shape(lambda: build_model(config))
+    rng = np.random.default_rng(0)
+    nnx.update(model, jax.tree.map(lambda p: jnp.asarray(0.1 * rng.normal(size=p.shape), p.dtype),
+                                   nnx.state(model, nnx.Param)))
+    tokenizer = root / "tokenizer.json"
+    _tokenizer(model.media_token_id).save(str(tokenizer))
+    haystack = write_haystack_video(root / "haystack.mp4", 24, width=64, height=48, seed=3)
+    needles = make_needles(3, 64, 48, seed=11)
+    return {"model": model, "tokenizer": tokenizer, "haystack": haystack, "needles": needles,
+            "vocab": config.model.llm.vocab_size}
+
+
+def _run(world, out_dir, **kwargs):
+    kwargs = {"family": "qwen2", "haystack": world["haystack"], "frame_counts": (2, 4),
+              "needles": world["needles"], "image_size": IMAGE_SIZE, "progress": False, **kwargs}
+    return evaluate(world["model"], world["tokenizer"], out_dir=out_dir, **kwargs)
+
+
+def _oracle(vocab: int, shift: int = 1, calls: list | None = None):
+    """A logits_fn whose argmax at position t is the input token at t + shift (1: the true
+    next token); it records copies of what it was given in `calls`."""
+
+    def logits_fn(input_ids, frames, start):
+        if calls is not None:
+            calls.append((np.array(input_ids), np.array(frames)))
+        batch, seq = input_ids.shape
+        logits = np.zeros((batch, seq - start, vocab), np.float32)
+        for t in range(start, seq):
+            if 0 <= t + shift < seq:
+                logits[np.arange(batch), t - start, input_ids[:, t + shift]] = 1.0
+        return logits
+
+    return logits_fn
+
+
+# Hand-made scoring: a toy vocabulary and decoder, independent of any tokenizer.
+PIECES = ["<s>", "Re", "d", "re", " D", "<end>", "x", "q"]
+
+
+def _decode(ids) -> str:
+    return "".join(PIECES[i] for i in ids if PIECES[i] not in ("<s>", "<end>"))
+
+
+def _case(predicted: list[int]):
+    """Labels of "q q q | re d <end>" and logits whose argmax before each reply token is
+    `predicted` (one id per reply token, end marker included)."""
+    ids = [0, 7, 7, 7, 3, 2, 5]
+    labels = np.array([IGNORE_INDEX] * 4 + [3, 2, 5])
+    logits = np.zeros((len(ids), len(PIECES)))
+    logits[np.arange(len(ids)), 6] = 0.5  # a runner-up everywhere
+    for position, token in zip(range(3, 6), predicted, strict=True):
+        logits[position, token] = 1.0
+    return logits, labels, [3, 2]
+
+
+def test_normalize_answer():
+    assert normalize_answer(" Red\n") == "red"
+    assert normalize_answer("New  York\tCity") == "newyorkcity"
+    assert normalize_answer("") == ""
+
+
+@pytest.mark.parametrize(("predicted", "correct"), [
+    ([3, 2, 5], True),  # exactly the answer
+    ([3, 6, 5], False),  # one token wrong
+    ([6, 2, 5], False),
+    ([1, 4, 5], True),  # "Re D": case and spaces differ
+    ([3, 2, 6], True),  # the end-of-turn marker is not scored
+])
+def test_teacher_forced_correct(predicted, correct):
+    logits, labels, answer = _case(predicted)
+    assert teacher_forced_correct(logits, labels, answer, _decode) is correct
+    # A window of the logits gives the same verdict when its offset is given.
+    assert teacher_forced_correct(logits[2:], labels, answer, _decode, offset=2) is correct
+    assert teacher_forced_prediction(logits, labels, answer, _decode) == _decode(predicted[:2])
+
+
+def test_teacher_forced_checks_its_inputs():
+    logits, labels, answer = _case([3, 2, 5])
+    with pytest.raises(ValueError, match="do not start with"):
+        teacher_forced_correct(logits, labels, [2, 3], _decode)
+    with pytest.raises(ValueError, match="logits cover positions 4"):
+        teacher_forced_correct(logits[4:], labels, answer, _decode, offset=4)
+    with pytest.raises(ValueError, match="empty"):
+        teacher_forced_correct(logits, labels, [], _decode)
+
+
+def test_make_needles_match_the_needle_dataset(tmp_path):
+    needles = make_needles(2, 32, 32, seed=5)
+    records = make_needle_dataset(tmp_path, num_videos=2, num_frames=2, depth=0.0, width=32,
+                                  height=32, seed=5).read_text().splitlines()
+    for needle, line in zip(needles, records, strict=True):
+        frame, question, answer = needle_frame(32, 32, seed=json.loads(line)["needle_seed"])
+        np.testing.assert_array_equal(needle.frame, frame)
+        assert (needle.question, needle.answer) == (question, answer)
+
+
+def test_needle_frames_are_prepared_like_loaded_frames(world, tmp_path):
+    """The needle goes in uncompressed, prepared as `load_frames` prepares a lossless image."""
+    frame = world["needles"][0].frame
+    cv2.imwrite(str(tmp_path / "needle.png"), frame[..., ::-1])
+    np.testing.assert_array_equal(frame_to_model_input(frame, image_size=IMAGE_SIZE),
+                                  load_frames(tmp_path / "needle.png", 1, image_size=IMAGE_SIZE)[0])
+
+
+@pytest.mark.slow  # two compilations of the tiny model's forward pass, ~5 s each
+def test_random_model_writes_grid_json_and_heatmap(world, tmp_path):
+    result = _run(world, tmp_path)
+    accuracy = np.array(result["accuracy"])
+    assert accuracy.shape == (2, len(DEPTHS))
+    assert ((accuracy >= 0) & (accuracy <= 1)).all()
+    assert result["frame_counts"] == [2, 4] and result["depths"] == list(DEPTHS)
+    assert len(result["per_sample"]) == 2 * len(DEPTHS) * len(world["needles"])
+    assert json.loads((tmp_path / "needle.json").read_text()) == result
+    image = matplotlib.image.imread(tmp_path / "needle_heatmap.png")
+    assert image.ndim == 3 and image.shape[0] > 0 and image.shape[1] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["needle.json", "needle_heatmap.png"]
+
+
+@pytest.mark.parametrize(("family", "batch_size"), [("qwen2", 1), ("llama", 2)])
+def test_oracle_scores_exactly_one_and_off_by_one_scores_zero(world, tmp_path, family,
+                                                              batch_size):
+    for shift, expected in [(1, 1.0), (0, 0.0), (2, 0.0)]:
+        result = _run(world, tmp_path, family=family, batch_size=batch_size,
+                      logits_fn=_oracle(world["vocab"], shift))
+        assert np.array(result["accuracy"]).tolist() == [[expected] * len(DEPTHS)] * 2, shift
+        if shift == 1:
+            assert all(s["prediction"] == s["answer"] for s in result["per_sample"])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_needle_replaces_the_frame_at_its_depth(world, tmp_path, batch_size):
+    calls = []
+    frame_counts, needles = (3, 5), world["needles"]
+    _run(world, tmp_path, frame_counts=frame_counts, batch_size=batch_size,
+         logits_fn=_oracle(world["vocab"], calls=calls))
+    normalised = [frame_to_model_input(n.frame, image_size=IMAGE_SIZE) for n in needles]
+    media_per_frame = world["model"].media_tokens_per_frame
+    calls = iter(calls)
+    for num_frames in frame_counts:
+        hay = load_frames(world["haystack"], num_frames, image_size=IMAGE_SIZE)
+        for depth in DEPTHS:
+            index = round(depth * (num_frames - 1))
+            for first in range(0, len(needles), batch_size):
+                input_ids, frames = next(calls)
+                frames = frames.reshape(batch_size, num_frames, *hay.shape[1:])
+                media = (input_ids == world["model"].media_token_id).sum(axis=1)
+                assert (media == num_frames * media_per_frame).all()
+                for row in range(min(batch_size, len(needles) - first)):
+                    np.testing.assert_array_equal(frames[row, index], normalised[first + row])
+                    others = [t for t in range(num_frames) if t != index]
+                    np.testing.assert_array_equal(frames[row, others], hay[others])
+    assert next(calls, None) is None
+
+
+def test_bad_arguments(world, tmp_path):
+    with pytest.raises(MediaError) as err:
+        _run(world, tmp_path, haystack=tmp_path / "absent.mp4")
+    assert err.value.reason == "missing"
+    with pytest.raises(ValueError, match="frame_counts"):
+        _run(world, tmp_path, frame_counts=())
+    with pytest.raises(ValueError, match=r"depths must be in \[0, 1\], got 1.5"):
+        _run(world, tmp_path, depths=(0.0, 1.5))
+    assert not list(tmp_path.iterdir())
