@@ -5,6 +5,9 @@
   longvila-jax export-hf CKPT OUT [--format=longvila|llava --max_shard_gb=5]
   longvila-jax init --config=configs/tiny.py DST     (a randomly initialised checkpoint)
   longvila-jax show-config --config=configs/qwen2_7b.py:1m
+  longvila-jax train --config=configs/stages/3_sft.py:qwen2_7b --workdir=DIR [--config.k=v]
+  longvila-jax pipeline --config=configs/stages/pipeline.py:qwen2_7b --workdir=DIR
+  longvila-jax demo [--workdir=demo]   (synthetic data, tiny model, all five stages, V-NIAH)
 
 Bad input ends with one line on stderr naming the file/key/value and exit status 2.
 """
@@ -12,6 +15,7 @@ Bad input ends with one line on stderr naming the file/key/value and exit status
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -25,9 +29,11 @@ _NEWLINE = flags.DEFINE_integer("newline_token_id", None, "import-hf: override t
 _FORMAT = flags.DEFINE_enum("format", "longvila", ["longvila", "llava"], "export-hf: layout.")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export-hf: safetensors shard size (GB).")
 _QUIET = flags.DEFINE_bool("quiet", False, "Hide progress bars.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "train/pipeline/demo: folder for everything a "
+                               "run writes (checkpoints, TensorBoard, final model).")
 
-USAGE = ("usage: longvila-jax {import-hf SRC DST | export-hf CKPT OUT | init DST | show-config} "
-         "[flags]; see --helpfull")
+USAGE = ("usage: longvila-jax {import-hf SRC DST | export-hf CKPT OUT | init DST | show-config | "
+         "train | pipeline | demo} [flags]; see --helpfull")
 
 
 def _args(argv, names):
@@ -42,6 +48,12 @@ def _need_config():
     from longvila_jax.config import validate
 
     return validate(_CONFIG.value)
+
+
+def _need_workdir() -> str:
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir=DIR is required for this command")
+    return _WORKDIR.value
 
 
 def _dispatch(command: str, argv: list[str]):
@@ -74,6 +86,30 @@ def _dispatch(command: str, argv: list[str]):
     elif command == "show-config":
         _args(argv, [])
         print(_need_config())
+    elif command == "train":
+        from longvila_jax.train.loop import train
+
+        _args(argv, [])
+        print(f"final checkpoint: {train(_need_config(), _need_workdir(), progress=progress)}")
+    elif command == "pipeline":
+        from longvila_jax.train.stages import run_stages
+
+        _args(argv, [])
+        if _CONFIG.value is None:
+            raise app.UsageError("--config=configs/stages/pipeline.py[:MODEL] is required")
+        final = run_stages(_CONFIG.value, _need_workdir(), progress=progress)
+        print(f"final checkpoint: {final}")
+    elif command == "demo":
+        from longvila_jax.demo import run_demo
+
+        _args(argv, [])
+        final, result = run_demo(_WORKDIR.value or "demo", progress=progress)
+        out = Path(_WORKDIR.value or "demo").absolute() / "eval"
+        print(f"checkpoints: {final.parent.parent} (final model: {final})")
+        print("needle accuracy by frames: " + ", ".join(
+            f"{f}: {sum(row) / len(row):.0%}" for f, row in zip(
+                result["frame_counts"], result["accuracy"], strict=True)))
+        print(f"heatmap: {out / 'needle_heatmap.png'}  results: {out / 'needle.json'}")
     else:
         raise app.UsageError(f"unknown command {command!r}\n{USAGE}")
 
@@ -83,11 +119,14 @@ def main(argv):
     if len(argv) < 2:
         raise app.UsageError(USAGE)
     from longvila_jax.config import ConfigError
+    from longvila_jax.data.pipeline import DataError
+    from longvila_jax.data.video import MediaError
     from longvila_jax.interop.safetensors_io import CheckpointError
 
     try:
         _dispatch(argv[1], argv[2:])
-    except (CheckpointError, ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, ConfigError, DataError, FileExistsError, FileNotFoundError,
+            MediaError, ValueError) as e:
         print(f"longvila-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
 

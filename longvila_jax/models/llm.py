@@ -100,13 +100,15 @@ class CausalLM(nnx.Module):
                         remat=self.remat, gather=gather)
         return self.norm(x)
 
+    def output_weight(self):
+        """The `[hidden, vocab]` output projection in the compute dtype (tied or not)."""
+        if self.lm_head is None:
+            return self.embed_tokens[...].astype(self.dtype).T
+        return self.lm_head[...].astype(self.dtype)
+
     def logits(self, h):
         """Final hidden `[batch, seq, hidden]` -> float32 logits `[batch, seq, vocab]`."""
-        if self.lm_head is None:
-            w = self.embed_tokens[...].astype(self.dtype).T
-        else:
-            w = self.lm_head[...].astype(self.dtype)
-        return jnp.dot(h, w, preferred_element_type=jnp.float32)
+        return jnp.dot(h, self.output_weight(), preferred_element_type=jnp.float32)
 
     def from_embeddings(self, x, positions=None, segment_ids=None, attend=None, gather=None):
         """Logits for input embeddings `[batch, seq, hidden]` (see `hidden_states`)."""

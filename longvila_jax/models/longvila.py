@@ -15,6 +15,7 @@ from flax import nnx
 
 from longvila_jax.config import validate
 from longvila_jax.models.llm import CausalLM
+from longvila_jax.models.lora import apply_lora
 from longvila_jax.models.projector import Projector
 from longvila_jax.models.siglip import SiglipVisionTower
 
@@ -85,6 +86,29 @@ def token_nll(logits, targets):
     return jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()
 
 
+def chunked_token_nll(h, weight, targets, chunk: int):
+    """`token_nll(h @ weight, targets)` without holding all logits: positions in chunks of
+    `chunk`, each chunk's float32 logits recomputed in the backward. At long context the
+    logits are the largest activation (32K tokens x 152K vocab x 4 B = 20 GB)."""
+    b, s, d = h.shape
+    if s <= chunk:
+        return token_nll(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
+    pad = -s % chunk
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    pieces = (h.reshape(b, -1, chunk, d).swapaxes(0, 1),
+              targets.reshape(b, -1, chunk).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def one(carry, piece):
+        nll, count = token_nll(jnp.dot(piece[0], weight, preferred_element_type=jnp.float32),
+                               piece[1])
+        return (carry[0] + nll, carry[1] + count), None
+
+    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    return jax.lax.scan(one, zero, pieces)[0]
+
+
 def next_token_loss(logits, labels):
     """Mean cross-entropy of `logits[:, t]` against `labels[:, t+1]`, skipping IGNORE_INDEX.
 
@@ -114,6 +138,8 @@ def expand_media_tokens(input_ids, media_token_id: int, tokens_per_frame: int,
 
 
 def build_model(config, seed: int | None = None) -> LongVILA:
-    """Validate `config` and build a randomly initialised model."""
+    """Validate `config` and build a randomly initialised model (with LoRA adapters when
+    `model.lora.rank` > 0)."""
     validate(config)
-    return LongVILA(config.model, rngs=nnx.Rngs(config.seed if seed is None else seed))
+    rngs = nnx.Rngs(config.seed if seed is None else seed)
+    return apply_lora(LongVILA(config.model, rngs=rngs), config.model.get("lora"), rngs)

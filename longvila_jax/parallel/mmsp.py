@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.models.longvila import IGNORE_INDEX, splice_media, token_nll
+from longvila_jax.models.longvila import IGNORE_INDEX, chunked_token_nll, splice_media
 from longvila_jax.parallel import fsdp
 from longvila_jax.parallel.schemes import layout_permutation, sequence_parallel_attention
 
@@ -52,7 +52,7 @@ def shift_targets(labels: np.ndarray) -> np.ndarray:
 
 def prepare_batch(input_ids, labels, frames, *, media_token_id: int, tokens_per_frame: int,
                   scheme: str, data: int, node: int, local: int, positions=None,
-                  segment_ids=None) -> dict:
+                  segment_ids=None, frame_slots: int | None = None) -> dict:
     """Host arrays for `loss_fn`, from a natural-order batch.
 
     `input_ids`/`labels` `[b, s]` (labels unshifted), `frames` `[f, H, W, 3]` in the order
@@ -60,7 +60,8 @@ def prepare_batch(input_ids, labels, frames, *, media_token_id: int, tokens_per_
     `[b, s]` (None: arange / one segment); `tokens_per_frame` as the model's
     `media_tokens_per_frame`. `b` must divide by `data`; each data shard's rows use their own
     frames, so frames are regrouped `[data, f_shard, ...]` and padded with zero frames to a
-    multiple of the group size (their embeddings fill no position). `s` must divide by the
+    multiple of the group size (their embeddings fill no position), or to `frame_slots` per
+    data shard (rounded up likewise) so that every step has the same shapes. `s` must divide by the
     layout's multiple (2 x ring size x ... : `2 * node * local` always suffices).
     """
     b, s = input_ids.shape
@@ -88,7 +89,8 @@ def prepare_batch(input_ids, labels, frames, *, media_token_id: int, tokens_per_
                  positions=positions[:, perm], segment_ids=segment_ids[:, perm],
                  media_rows=np.concatenate(media)[:, perm])
     if frames is not None:
-        per_shard = -(-max(counts) // group) * group if max(counts) else group
+        slots = max(max(counts), frame_slots or 0, 1)
+        per_shard = -(-slots // group) * group
         grouped = np.zeros((data, per_shard, *frames.shape[1:]), np.float32)
         start = 0
         for d, count in enumerate(counts):
@@ -98,13 +100,14 @@ def prepare_batch(input_ids, labels, frames, *, media_token_id: int, tokens_per_
     return batch
 
 
-def loss_fn(mesh, scheme: str):
+def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
     """`loss(model, batch) -> scalar`: MM-SP forward on `mesh` for a `prepare_batch` batch.
 
-    `scheme` is a resolved sequence-parallel scheme ('ring', 'ulysses' or '2d'). The
+    `scheme` is a resolved scheme ('ring', 'ulysses', '2d'; 'none' for a group of one). The
     model's parameters may be FSDP-sharded (`fsdp.place`) or replicated; either way they
     enter with their FSDP specs and are gathered inside (see `parallel/fsdp.py`). A batch
-    without `frames` (text only) skips stage one.
+    without `frames` (text only) skips stage one. Logits are formed `loss_chunk` tokens at
+    a time (`chunked_token_nll`).
     """
     tokens = P("data", SP_AXES)
     axes = ("data", *SP_AXES)
@@ -112,6 +115,9 @@ def loss_fn(mesh, scheme: str):
     def attend(q, k, v, positions, segment_ids):
         return sequence_parallel_attention(q, k, v, positions, positions, segment_ids,
                                            segment_ids, scheme=scheme, causal=True)[0]
+
+    if scheme == "none":  # a sequence group of one: the layer's own attention
+        attend = None
 
     def local(graphdef, params, dims, batch):
         now, later = fsdp.split_stacked(dims)
@@ -127,9 +133,10 @@ def loss_fn(mesh, scheme: str):
             table = jax.lax.all_gather(emb, SP_AXES, axis=0, tiled=True)
             # Stage two: fill this token shard's media positions.
             x = splice_media(x, table.reshape(-1, table.shape[-1]), batch["media_rows"])
-        logits = model.llm.from_embeddings(x, batch["positions"], batch["segment_ids"],
-                                           attend, per_layer("llm"))
-        nll, count = token_nll(logits, batch["targets"])
+        h = model.llm.hidden_states(x, batch["positions"], batch["segment_ids"], attend,
+                                    per_layer("llm"))
+        nll, count = chunked_token_nll(h, model.llm.output_weight(), batch["targets"],
+                                       loss_chunk)
         return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(count, axes), 1)
 
     def loss(model, batch):

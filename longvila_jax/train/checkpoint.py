@@ -105,8 +105,12 @@ def load_params(ckpt) -> dict:
 
 
 def load_model(ckpt, config=None):
-    """Build the model from a checkpoint without a throw-away random init."""
+    """Build the model from a checkpoint without a throw-away random init.
+
+    With `model.lora.rank` > 0, adapters missing from the checkpoint (a base checkpoint)
+    start fresh from `config.seed` (`lora_b` = 0, so the model equals the base)."""
     from longvila_jax.models.longvila import LongVILA
+    from longvila_jax.models.lora import LORA_FILTER, apply_lora, is_lora_path
 
     config = load_config(ckpt) if config is None else validate(config)
     params = load_params(ckpt)
@@ -118,5 +122,14 @@ def load_model(ckpt, config=None):
         if key not in params:
             raise KeyError(f"{ckpt}: parameter {'/'.join(key)} missing from the checkpoint")
         var.set_value(jax.numpy.asarray(params[key], dtype))
+    nnx.update(model, state)
+    apply_lora(model, config.model.get("lora"), nnx.Rngs(config.seed))
+    state = nnx.state(model, LORA_FILTER)
+    adapters = {tuple(str(p) for p in path): var for path, var in nnx.to_flat_state(state)}
+    for key in filter(is_lora_path, params):
+        if key not in adapters or adapters[key].shape != params[key].shape:
+            raise KeyError(f"{ckpt}: LoRA parameter {'/'.join(key)} {params[key].shape} "
+                           "does not fit the config's model.lora (rank, targets)")
+        adapters[key].set_value(jax.numpy.asarray(params[key], dtype))
     nnx.update(model, state)
     return model

@@ -3,10 +3,13 @@
 The same step serves the single-device loss and the MM-SP loss (`parallel.mmsp.loss_fn`),
 so a sharded run differs from a single-device run only in the loss it is given. With
 gradient accumulation (`optim.accumulation_steps`) every call is one micro-step; the
-optimizer applies the mean update every k-th call.
+optimizer applies the mean update every k-th call. Only the parameters a stage trains
+(`train.trainable`) get gradients and optimizer state; the rest are constants of the loss.
 """
 
 from __future__ import annotations
+
+import re
 
 import optax
 from flax import nnx
@@ -14,20 +17,34 @@ from flax import nnx
 from longvila_jax.train.optimizer import make_optimizer
 
 
-def make_optimizer_state(model, optim) -> nnx.Optimizer:
-    """Optimizer state for `model`'s parameters from a config's `optim` section."""
-    return nnx.Optimizer(model, make_optimizer(optim), wrt=nnx.Param)
+def trainable_filter(patterns: str):
+    """nnx filter: parameters whose '/'-joined path matches one of the comma-separated
+    regular expressions `patterns` (searched anywhere in the path)."""
+    compiled = [re.compile(p) for p in patterns.split(",") if p]
+
+    def matches(path, value):
+        name = "/".join(str(p) for p in path)
+        return isinstance(value, nnx.Param) and any(c.search(name) for c in compiled)
+
+    return matches
 
 
-def make_train_step(loss):
+def make_optimizer_state(model, optim, trainable=nnx.Param) -> nnx.Optimizer:
+    """Optimizer state for `model`'s `trainable` parameters from a config's `optim`."""
+    return nnx.Optimizer(model, make_optimizer(optim), wrt=trainable)
+
+
+def make_train_step(loss, trainable=nnx.Param):
     """`step(model, optimizer, batch) -> metrics` (jitted), updating both in place.
 
-    Metrics: `loss` and `grad_norm` (before clipping), as float32 scalars.
+    Metrics: `loss` and `grad_norm` (of the trainable parameters, before clipping), as
+    float32 scalars.
     """
 
     @nnx.jit
     def step(model, optimizer, batch):
-        value, grads = nnx.value_and_grad(loss)(model, batch)
+        diff = nnx.DiffState(0, trainable)
+        value, grads = nnx.value_and_grad(loss, argnums=diff)(model, batch)
         optimizer.update(model, grads)
         return {"loss": value, "grad_norm": optax.tree.norm(grads)}
 

@@ -1,0 +1,238 @@
+"""Training-step benchmark: step time, tokens/s/GPU, MFU and peak memory per remat policy.
+
+The step is the library's own (`train.loop.setup`: MM-SP loss, FSDP over the whole mesh,
+AdamW, bf16 compute with float32 parameters), on a synthetic packed batch of one sequence:
+`--frames` video frames (random pixels, 196 + 1 tokens each at 384 px) after a short text
+prefix, random text after them. MFU counts model FLOPs (`train/flops.py`: linear layers and
+causal attention, 3x the forward; rematerialisation not counted) over the dense bf16 peak.
+
+`--longest` doubles the sequence from `--seq` while XLA's compiled memory analysis of the
+step fits `--memory-gib`, with the given remat policies (compiles only, no run).
+`--torch` also times the baseline a PyTorch user would pick for a text-only LLM step: a
+Hugging Face transformers Qwen2 with SDPA attention, gradient checkpointing, bf16 autocast
+and fused AdamW, on one GPU.
+
+  python bench/train_step.py --model qwen2_1_5b --seq 32768 --mesh 1,1,1 --torch
+  python bench/train_step.py --model qwen2_7b --seq 131072 --frames 512 --mesh 1,1,4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from longvila_jax.train import flops
+from longvila_jax.train.loop import setup, to_model_batch
+from longvila_jax.train.stages import model_config
+
+GIB = 1 << 30
+
+
+def bench_config(args, remat: str, seq: int):
+    config = model_config(args.model)
+    config.model.update(remat=remat, dtype="bfloat16", param_dtype="float32")
+    data, node, local = args.mesh
+    config.parallel.update(data=data, node=node, local=local, attention=args.attention)
+    config.train.update(seq_len=seq, max_frames=max(args.frames, 1), batch_size=data,
+                        trainable=".*")
+    config.optim.update(total_steps=1000, warmup_steps=10)
+    return config
+
+
+def synthetic_batch(config, rows: int, seq: int, frames: int, tokens_per_frame: int, rng):
+    """A packed batch: `rows` sequences of `seq` tokens, each one document with `frames`
+    frames after a 64-token prefix."""
+    media = config.model.media.media_token_id
+    ids = rng.integers(0, min(media, config.model.llm.vocab_size) - 1, (rows, seq))
+    span = frames * tokens_per_frame
+    if span + 64 > seq:
+        raise SystemExit(f"--frames {frames} take {span} tokens: more than --seq {seq}")
+    ids[:, 64:64 + span] = media
+    labels = np.where(ids == media, -100, ids)
+    size = config.model.vision.image_size
+    batch = {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32),
+             "segment_ids": np.ones((rows, seq), np.int32),
+             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy()}
+    if frames:
+        batch["frames"] = rng.standard_normal((rows, frames, size, size, 3)).astype(np.float32)
+        batch["frame_segment_ids"] = np.ones((rows, frames), np.int32)
+    return batch
+
+
+def peak_bytes() -> int:
+    return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices())
+
+
+def measure(args, remat: str, rng) -> dict:
+    config = bench_config(args, remat, args.seq)
+    run = setup(config)
+    tokens_per_frame = run.model.media_tokens_per_frame
+    packed = synthetic_batch(config, args.mesh[0], args.seq, args.frames, tokens_per_frame, rng)
+    batch = to_model_batch(run, packed)
+    began = time.perf_counter()
+    jax.block_until_ready(run.step_fn(run.model, run.optimizer, batch))
+    compile_s = time.perf_counter() - began
+    times = []
+    for _ in range(args.steps):
+        began = time.perf_counter()
+        jax.block_until_ready(run.step_fn(run.model, run.optimizer, batch))
+        times.append(time.perf_counter() - began)
+    step = float(np.median(times))
+    devices = run.mesh.devices.size
+    model_flops = flops.train_step_flops(config.model, packed["segment_ids"], args.frames
+                                         * args.mesh[0])
+    peak = flops.peak_tflops(jax.devices()[0].device_kind)
+    return {"model": args.model, "remat": remat, "seq": args.seq, "frames": args.frames,
+            "mesh": list(args.mesh), "step_s": step, "compile_s": compile_s,
+            "tokens_per_s_per_gpu": args.seq * args.mesh[0] / step / devices,
+            "model_tflops_per_gpu": model_flops / step / devices / 1e12,
+            "mfu": model_flops / step / devices / (peak * 1e12) if peak else None,
+            "peak_gib": peak_bytes() / GIB}
+
+
+def fits(args, remat: str, seq: int, rng) -> tuple[bool, float]:
+    """Whether the compiled step at `seq` tokens fits `--memory-gib` per device, and its
+    footprint (arguments + temporaries, GiB), by XLA's memory analysis."""
+    from flax import nnx
+
+    config = bench_config(args, remat, seq)
+    run = setup(config)
+    frames = min(args.frames * seq // args.seq, (seq - 64) // run.model.media_tokens_per_frame)
+    packed = synthetic_batch(config, args.mesh[0], seq, frames,
+                             run.model.media_tokens_per_frame, rng)
+    batch = to_model_batch(run, packed)
+    graphdef, state = nnx.split((run.model, run.optimizer))
+
+    def pure(state, batch):
+        model, optimizer = nnx.merge(graphdef, state)
+        out = run.step_fn(model, optimizer, batch)
+        return nnx.state((model, optimizer)), out
+
+    try:
+        compiled = jax.jit(pure, donate_argnums=0).lower(state, batch).compile()
+    except Exception as e:  # XLA reports an impossible allocation at compile time
+        if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
+            return False, float("inf")
+        raise
+    memory = compiled.memory_analysis()
+    used = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / GIB
+    return used <= args.memory_gib, used
+
+
+def torch_baseline(args) -> dict:
+    """HF transformers Qwen2 (same shapes), one GPU, text only."""
+    import torch
+    import transformers
+
+    llm = model_config(args.model).model.llm
+    cfg = transformers.Qwen2Config(
+        vocab_size=llm.vocab_size, hidden_size=llm.hidden_size,
+        intermediate_size=llm.intermediate_size, num_hidden_layers=llm.num_layers,
+        num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+        max_position_embeddings=max(args.seq, llm.max_position_embeddings),
+        rope_theta=llm.rope_theta, tie_word_embeddings=llm.tie_embeddings,
+        attn_implementation="sdpa")
+    model = transformers.Qwen2ForCausalLM(cfg).cuda()
+    model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    ids = torch.randint(0, llm.vocab_size - 2, (1, args.seq), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(args.steps):
+            began = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - began)
+    except torch.OutOfMemoryError:
+        return {"model": f"{args.model} (torch)", "seq": args.seq, "error": "out of memory"}
+    seconds = float(np.median(times))
+    cfg_model = model_config(args.model).model
+    cfg_model.vision.enabled = False
+    model_flops = flops.train_step_flops(cfg_model, np.ones((1, args.seq)), 0)
+    peak = flops.peak_tflops(torch.cuda.get_device_name())
+    return {"model": f"{args.model} (torch)", "remat": "full", "seq": args.seq, "frames": 0,
+            "mesh": [1, 1, 1], "step_s": seconds, "tokens_per_s_per_gpu": args.seq / seconds,
+            "model_tflops_per_gpu": model_flops / seconds / 1e12,
+            "mfu": model_flops / seconds / (peak * 1e12) if peak else None,
+            "peak_gib": torch.cuda.max_memory_allocated() / GIB}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2_1_5b")
+    parser.add_argument("--seq", type=int, default=32768, help="tokens per sequence")
+    parser.add_argument("--frames", type=int, default=0, help="video frames per sequence")
+    parser.add_argument("--mesh", default="1,1,1", help="data,node,local")
+    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--remat", default="none,selective,full")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--longest", default="", help="remat policies to find the longest for")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="per-device budget for --longest (default: device memory)")
+    parser.add_argument("--torch", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    args.mesh = tuple(int(x) for x in args.mesh.split(","))
+    if args.memory_gib is None:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        args.memory_gib = stats.get("bytes_limit", 16 * GIB) / GIB
+    rng = np.random.default_rng(0)
+    rows = []
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}")
+    print("| model | remat | tokens | frames | mesh | step s | tok/s/GPU | TF/s/GPU | MFU | "
+          "peak GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+
+    def show(r):
+        if "error" in r:
+            print(f"| {r['model']} | | {r['seq']} | | | {r['error']} | | | | |", flush=True)
+            return
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        print(f"| {r['model']} | {r['remat']} | {r['seq']} | {r['frames']} | "
+              f"{'x'.join(map(str, r['mesh']))} | {r['step_s']:.3f} | "
+              f"{r['tokens_per_s_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.1f} | {mfu} | "
+              f"{r['peak_gib']:.1f} |", flush=True)
+
+    for remat in [r for r in args.remat.split(",") if r]:
+        try:
+            rows.append(measure(args, remat, rng))
+        except Exception as e:  # an out-of-memory policy is a result, not a crash
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            rows.append({"model": args.model, "seq": args.seq,
+                         "error": f"{remat}: out of memory"})
+        show(rows[-1])
+    if args.torch:
+        rows.append(torch_baseline(args))
+        show(rows[-1])
+    for remat in [r for r in args.longest.split(",") if r]:
+        seq, best = args.seq, None
+        while True:
+            ok, used = fits(args, remat, seq, rng)
+            print(f"longest ({remat}): {seq} tokens -> {used:.1f} GiB per device "
+                  f"({'fits' if ok else 'does not fit'} {args.memory_gib:.1f})", flush=True)
+            if not ok:
+                break
+            best, seq = seq, 2 * seq
+        rows.append({"longest": remat, "seq": best, "mesh": list(args.mesh)})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
