@@ -8,12 +8,17 @@ causal attention, 3x the forward; rematerialisation not counted) over the dense 
 
 `--longest` doubles the sequence from `--seq` while XLA's compiled memory analysis of the
 step fits `--memory-gib`, with the given remat policies (compiles only, no run).
-`--torch` also times the baseline a PyTorch user would pick for a text-only LLM step: a
-Hugging Face transformers Qwen2 with SDPA attention, gradient checkpointing, bf16 autocast
-and fused AdamW, on one GPU.
+`--torch` times, instead, the baseline a PyTorch user would pick for a text-only LLM step:
+a Hugging Face transformers Qwen2 with SDPA attention, gradient checkpointing, bf16
+autocast and fused AdamW, on one GPU (a separate process: JAX holds most GPU memory).
+Run one remat policy per process too, so a policy that runs out of memory leaves nothing
+behind for the next (`--json` appends).
 
-  python bench/train_step.py --model qwen2_1_5b --seq 32768 --mesh 1,1,1 --torch
-  python bench/train_step.py --model qwen2_7b --seq 131072 --frames 512 --mesh 1,1,4
+  for r in none selective full; do python bench/train_step.py --model qwen2_1_5b \
+      --seq 32768 --remat $r --json out.jsonl; done
+  python bench/train_step.py --model qwen2_1_5b --seq 32768 --torch --json out.jsonl
+  python bench/train_step.py --model qwen2_7b --seq 131072 --frames 512 --mesh 1,1,4 \
+      --remat full --longest full
 """
 
 from __future__ import annotations
@@ -188,12 +193,8 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.mesh = tuple(int(x) for x in args.mesh.split(","))
-    if args.memory_gib is None:
-        stats = jax.local_devices()[0].memory_stats() or {}
-        args.memory_gib = stats.get("bytes_limit", 16 * GIB) / GIB
     rng = np.random.default_rng(0)
     rows = []
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}")
     print("| model | remat | tokens | frames | mesh | step s | tok/s/GPU | TF/s/GPU | MFU | "
           "peak GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
@@ -207,17 +208,22 @@ def main():
               f"{r['tokens_per_s_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.1f} | {mfu} | "
               f"{r['peak_gib']:.1f} |", flush=True)
 
+    if args.torch:
+        rows.append(torch_baseline(args))
+        show(rows[-1])
+        return _save(args, rows)
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}")
+    if args.memory_gib is None:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        args.memory_gib = stats.get("bytes_limit", 16 * GIB) / GIB
     for remat in [r for r in args.remat.split(",") if r]:
         try:
             rows.append(measure(args, remat, rng))
         except Exception as e:  # an out-of-memory policy is a result, not a crash
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
-            rows.append({"model": args.model, "seq": args.seq,
+            rows.append({"model": args.model, "seq": args.seq, "remat": remat,
                          "error": f"{remat}: out of memory"})
-        show(rows[-1])
-    if args.torch:
-        rows.append(torch_baseline(args))
         show(rows[-1])
     for remat in [r for r in args.longest.split(",") if r]:
         seq, best = args.seq, None
@@ -229,9 +235,13 @@ def main():
                 break
             best, seq = seq, 2 * seq
         rows.append({"longest": remat, "seq": best, "mesh": list(args.mesh)})
+    _save(args, rows)
+
+
+def _save(args, rows):
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        with open(args.json, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 if __name__ == "__main__":

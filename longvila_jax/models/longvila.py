@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from longvila_jax.config import validate
+from longvila_jax.kernels.manual_axes import varying_like
 from longvila_jax.models.llm import CausalLM
 from longvila_jax.models.lora import apply_lora
 from longvila_jax.models.projector import Projector
@@ -105,7 +106,9 @@ def chunked_token_nll(h, weight, targets, chunk: int):
                                piece[1])
         return (carry[0] + nll, carry[1] + count), None
 
-    zero = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32))
+    # Inside shard_map the sums vary over the axes the inputs vary over; so must the start.
+    zero = (varying_like(jnp.zeros((), jnp.float32), h, targets),
+            varying_like(jnp.zeros((), jnp.int32), h, targets))
     return jax.lax.scan(one, zero, pieces)[0]
 
 

@@ -98,7 +98,7 @@ def write_config_file(tmp_path, corpus, name, steps) -> Path:
         "def get_config():\n"
         f"    corpus = json.loads(open({str(tmp_path / 'corpus.json')!r}).read())\n"
         f"    config = demo_config(corpus, parallel=(1, 2, 4))[{name!r}]\n"
-        f"    config.optim.total_steps = {steps}\n"
+        f"    config.optim.update(total_steps={steps}, warmup_steps=0)\n"
         "    config.train.update(checkpoint_every=2, batch_size=2)\n"
         "    return config\n")
     return path
