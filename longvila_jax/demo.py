@@ -24,7 +24,7 @@ def demo_config(data: dict, *, parallel: tuple[int, int, int] = (1, 1, 1)):
     config = pipeline_config("tiny")
     for stage in STAGES:
         stage_cfg = config[stage]
-        stage_cfg.data.sources = tuple(data["stages"][stage])
+        stage_cfg.data.sources = list(data["stages"][stage])
         stage_cfg.data.tokenizer = data["tokenizer"]
         stage_cfg.parallel.data, stage_cfg.parallel.node, stage_cfg.parallel.local = parallel
     # Long SFT mixes 32-frame needle videos with 4-frame clips: sample by time, capped.

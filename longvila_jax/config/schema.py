@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
     data.kind = "conversations"
     data.tokenizer = ""  # tokenizer.json or a folder holding it
     # Each source: dict(name, jsonl, media_root, weight); text data uses one {"text"} JSONL.
-    data.sources = ()
+    data.sources = []
     data.workers = 0  # grain worker processes decoding video
 
     config = ml_collections.ConfigDict()

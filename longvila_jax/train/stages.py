@@ -102,8 +102,8 @@ def stage_config(stage: str, model: str = "qwen2_7b") -> ml_collections.ConfigDi
     config.optim.update(learning_rate=lr, total_steps=steps,
                         warmup_steps=max(1, round(0.03 * steps)), weight_decay=0.0)
     config.data.kind = kind
-    config.data.sources = (dict(name=stage, jsonl=f"data/{stage}.jsonl", media_root="data",
-                                weight=1.0),)
+    config.data.sources = [dict(name=stage, jsonl=f"data/{stage}.jsonl", media_root="data",
+                                weight=1.0)]
     if STAGES.index(stage) >= STAGES.index("context"):
         # The extended RoPE stays for every later stage: they start from stage 4's weights.
         positions = (_TINY if model == "tiny" else _REAL)["context"]["seq_len"]
