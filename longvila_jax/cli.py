@@ -103,8 +103,9 @@ def _dispatch(command: str, argv: list[str]):
         from longvila_jax.demo import run_demo
 
         _args(argv, [])
-        final, result = run_demo(_WORKDIR.value or "demo", progress=progress)
-        out = Path(_WORKDIR.value or "demo").absolute() / "eval"
+        workdir = Path(_WORKDIR.value or "demo").absolute()
+        final, result = run_demo(workdir, progress=progress)
+        out = workdir / "eval"
         print(f"checkpoints: {final.parent.parent} (final model: {final})")
         print("needle accuracy by frames: " + ", ".join(
             f"{f}: {sum(row) / len(row):.0%}" for f, row in zip(

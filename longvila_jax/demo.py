@@ -44,12 +44,11 @@ def run_demo(workdir, *, progress: bool = True, eval_frames: tuple[int, ...] | N
     final = run_stages(config, workdir, progress=progress)
     frames = config.long_sft.train.num_frames
     eval_frames = eval_frames or (frames, 2 * frames)
+    size = config.long_sft.model.vision.image_size
     haystack = workdir / "eval" / "haystack.mp4"
     if not haystack.exists():
-        size = config.long_sft.model.vision.image_size
         write_haystack_video(haystack, num_frames=4 * max(eval_frames), width=size,
                              height=size, seed=EVAL_SEED)
-    size = config.long_sft.model.vision.image_size
     result = evaluate(load_model(final), data["tokenizer"], family="qwen2",
                       haystack=str(haystack), frame_counts=list(eval_frames),
                       needles=make_needles(EVAL_NEEDLES, size, size, seed=EVAL_SEED),

@@ -42,6 +42,7 @@ import cv2
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from longvila_jax.atomic import atomic_file
 from longvila_jax.data.synthetic import needle_fact, needle_frame, write_needle_video
 from longvila_jax.data.templates import render_chat
 from longvila_jax.data.text_sources import conversation_to_messages
@@ -92,9 +93,8 @@ def _byte_chars() -> list[str]:
 
 
 def _write_atomic(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
     return path
 
 
@@ -178,11 +178,9 @@ def _every_fact_text() -> list[str]:
 
 
 def _write_image(path: Path, rgb: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # cv2 picks the format by suffix
-    if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1])):
-        raise RuntimeError(f"cv2.imwrite cannot write {path}")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        if not cv2.imwrite(str(tmp), np.ascontiguousarray(rgb[..., ::-1])):
+            raise RuntimeError(f"cv2.imwrite cannot write {path}")
 
 
 def _media_record(stage_dir: Path, stage: str, name: str, i: int, media: str, frames: int,

@@ -24,6 +24,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from longvila_jax.atomic import atomic_file
+
 INDEX_BITS = 16
 _GRID = 4  # cells per side; _GRID**2 == INDEX_BITS
 
@@ -70,16 +72,13 @@ def _write_video(
     """Write uint8 RGB `[height, width, 3]` frames; the file appears only once complete."""
     _check_size(width, height)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The writer picks the container from the suffix, so the temporary name keeps it.
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    writer = _open_writer(tmp, codec, fps, (width, height))
-    try:
-        for frame in frames:
-            writer.write(np.ascontiguousarray(frame[..., ::-1]))
-    finally:
-        writer.release()
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        writer = _open_writer(tmp, codec, fps, (width, height))
+        try:
+            for frame in frames:
+                writer.write(np.ascontiguousarray(frame[..., ::-1]))
+        finally:
+            writer.release()
     return path
 
 
@@ -315,9 +314,8 @@ def make_needle_dataset(
             }
         )
     jsonl = root / "needle.jsonl"
-    tmp = root / ".needle.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
-    os.replace(tmp, jsonl)
+    with atomic_file(jsonl) as tmp:
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in records))
     return jsonl
 
 

@@ -30,6 +30,7 @@ from flax import nnx
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
+from longvila_jax.atomic import atomic_file
 from longvila_jax.data.synthetic import needle_frame
 from longvila_jax.data.text_sources import tokenize_conversation
 from longvila_jax.data.tokenizer import load_tokenizer
@@ -201,16 +202,6 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """`write(tmp)` then rename, so a reader never sees a half-written file."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def plot_heatmap(result: dict, path: Path) -> None:
     """Accuracy heatmap PNG: frame counts across, depths down, each cell annotated."""
     accuracy = np.asarray(result["accuracy"], float).T  # [depths, frame_counts]
@@ -228,7 +219,8 @@ def plot_heatmap(result: dict, path: Path) -> None:
     ax.set_title(f"V-NIAH accuracy ({result['num_needles']} needles per cell)")
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
 
 
 def evaluate(
@@ -305,7 +297,7 @@ def evaluate(
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out_dir / "needle.json",
-                      lambda tmp: tmp.write_text(json.dumps(result, indent=1)))
+    with atomic_file(out_dir / "needle.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     plot_heatmap(result, out_dir / "needle_heatmap.png")
     return result

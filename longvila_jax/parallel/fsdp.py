@@ -54,11 +54,10 @@ def spec(dim: int, ndim: int) -> P:
     return P() if dim < 0 else P(*(AXES if i == dim else None for i in range(ndim)))
 
 
-def partition_specs(params: nnx.State, mesh) -> nnx.State:
-    """The FSDP `PartitionSpec` of every parameter in `params` on `mesh` (same tree)."""
-    size = mesh.devices.size
-    return nnx.from_flat_state([(path, var.replace(spec(_shard_dim(var, size), var.ndim)))
-                                for path, var in nnx.to_flat_state(params)])
+def partition_specs(params: nnx.State, dims: nnx.State) -> nnx.State:
+    """The FSDP `PartitionSpec` of every parameter in `params` (same tree), from its
+    `shard_dims`."""
+    return jax.tree.map(lambda d, a: spec(d, a.ndim), dims, params)
 
 
 def _optimizer_specs(opt_state: nnx.State, param_specs: dict) -> nnx.State:
@@ -66,9 +65,9 @@ def _optimizer_specs(opt_state: nnx.State, param_specs: dict) -> nnx.State:
     spec: their paths end with the parameter's path. Counters are replicated."""
     out = []
     for path, var in nnx.to_flat_state(opt_state):
-        spec = next((param_specs[path[i:]] for i in range(len(path))
-                     if param_specs.get(path[i:], (None,))[0] == var.shape), (None, P()))[1]
-        out.append((path, var.replace(spec)))
+        match = next((param_specs[path[i:]] for i in range(len(path))
+                      if param_specs.get(path[i:], (None,))[0] == var.shape), (None, P()))
+        out.append((path, var.replace(match[1])))
     return nnx.from_flat_state(out)
 
 
@@ -76,7 +75,7 @@ def place(model: nnx.Module, optimizer: nnx.Optimizer | None, mesh) -> None:
     """Move `model`'s parameters and `optimizer`'s state onto `mesh` with their FSDP
     shardings, in place."""
     params = nnx.state(model, nnx.Param)
-    specs = partition_specs(params, mesh)
+    specs = partition_specs(params, shard_dims(params, mesh.devices.size))
 
     def put(state, specs):
         return jax.device_put(state, jax.tree.map(lambda s: NamedSharding(mesh, s), specs))

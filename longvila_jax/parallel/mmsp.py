@@ -142,7 +142,7 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
     def loss(model, batch):
         graphdef, params = nnx.split(model)
         dims = fsdp.shard_dims(params, mesh.devices.size)
-        specs = jax.tree.map(lambda d, a: fsdp.spec(d, a.ndim), dims, params)
+        specs = fsdp.partition_specs(params, dims)
         batch = {k: batch[k] for k in BATCH_KEYS if k in batch}
         sharded = jax.shard_map(lambda p, b: local(graphdef, p, dims, b), mesh=mesh,
                                 in_specs=(specs, {k: tokens for k in batch}),

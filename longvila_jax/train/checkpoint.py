@@ -6,10 +6,8 @@ at the end, so an interrupted or failed write never leaves a half checkpoint beh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
-import uuid
 from pathlib import Path
 
 import jax
@@ -18,33 +16,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from longvila_jax.atomic import atomic_folder
 from longvila_jax.config import validate
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
                    "generation_config.json", "chat_template.jinja")
-
-
-def ensure_new_path(dst):
-    """Fail early (before minutes of conversion) if `dst` is taken."""
-    if Path(dst).exists():
-        raise FileExistsError(f"{Path(dst).absolute()}: already exists; remove it or choose "
-                              "another path")
-
-
-@contextlib.contextmanager
-def atomic_folder(dst):
-    """Yield a temporary folder that becomes `dst` only if the block succeeds."""
-    dst = Path(dst).absolute()
-    ensure_new_path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def flat_to_nested(flat: dict) -> dict:

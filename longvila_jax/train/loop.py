@@ -209,26 +209,42 @@ def train(config, workdir, *, progress: bool = True) -> Path:
 
 
 def _loop(run: Run, data, writer, workdir: Path, progress: bool) -> None:
+    """Steps from the latest checkpoint to `optim.total_steps`. A step's metrics are read
+    after the next step is dispatched, so the host decodes the next batch while the device
+    computes instead of waiting for each step to finish."""
     config = run.config
-    total, lr = config.optim.total_steps, schedule(config.optim)
+    total = config.optim.total_steps
     with RunCheckpoints(workdir / "checkpoints", keep=config.train.keep,
                         every=config.train.checkpoint_every) as checkpoints:
         start = _restore(run, checkpoints, data)
         bar = tqdm.tqdm(range(start, total), initial=start, total=total,
                         desc=config.train.stage, disable=not progress or writer is None)
+        pending, last = None, time.perf_counter()
         for step in bar:
             packed = next(data)
-            began = time.perf_counter()
             out = run.step_fn(run.model, run.optimizer, to_model_batch(run, packed))
-            out = jax.device_get(out)  # waits for the step: the timing is the step's
-            metrics = _metrics(run, out, packed, time.perf_counter() - began, data)
-            metrics["learning_rate"] = float(lr(step // config.optim.accumulation_steps))
-            if writer is not None and (step + 1) % config.train.log_every == 0:
-                for key, value in metrics.items():
-                    writer.add_scalar(key, value, step + 1)
-            bar.set_postfix(_postfix(metrics), refresh=False)
+            if pending is not None:
+                last = _report(run, *pending, last, data, writer, bar)
+            pending = (step, out, packed)
             checkpoints.save(step + 1, _state(run), data, force=step + 1 == total)
+        if pending is not None:
+            _report(run, *pending, last, data, writer, bar)
         checkpoints.wait()
+
+
+def _report(run: Run, step: int, out, packed: dict, last: float, data, writer, bar) -> float:
+    """Log one finished step; its time is from the previous step's end to its own."""
+    out = jax.device_get(out)  # waits for this step
+    now = time.perf_counter()
+    config = run.config
+    metrics = _metrics(run, out, packed, now - last, data)
+    lr = schedule(config.optim)(step // config.optim.accumulation_steps)
+    metrics["learning_rate"] = float(lr)
+    if writer is not None and (step + 1) % config.train.log_every == 0:
+        for key, value in metrics.items():
+            writer.add_scalar(key, value, step + 1)
+    bar.set_postfix(_postfix(metrics), refresh=False)
+    return now
 
 
 def _postfix(metrics: dict) -> dict:

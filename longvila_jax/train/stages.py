@@ -93,7 +93,8 @@ def stage_config(stage: str, model: str = "qwen2_7b") -> ml_collections.ConfigDi
         raise ValueError(f"stage config: unknown stage {stage!r}; stages: {STAGES}")
     config = model_config(model)
     trainable, lr, kind = _RECIPE[stage]
-    sizes = dict((_TINY if model == "tiny" else _REAL)[stage])
+    scale = _TINY if model == "tiny" else _REAL
+    sizes = dict(scale[stage])
     lr = sizes.pop("learning_rate", lr)
     steps = sizes.pop("total_steps")
     config.train.update(stage=stage, trainable=trainable, **sizes)
@@ -106,7 +107,7 @@ def stage_config(stage: str, model: str = "qwen2_7b") -> ml_collections.ConfigDi
                                 weight=1.0)]
     if STAGES.index(stage) >= STAGES.index("context"):
         # The extended RoPE stays for every later stage: they start from stage 4's weights.
-        positions = (_TINY if model == "tiny" else _REAL)["context"]["seq_len"]
+        positions = scale["context"]["seq_len"]
         llm = config.model.llm
         llm.max_position_embeddings = max(positions, llm.max_position_embeddings)
         llm.rope_theta = CONTEXT_ROPE_THETA[positions]
