@@ -1,8 +1,11 @@
 """V-NIAH: find one needle frame hidden in a long haystack video, over frame counts x depths.
 
 For each frame count F the haystack video is sampled to F frames once (`load_frames`); for each
-depth d a needle frame (a fact drawn by `synthetic.needle_frame`) replaces frame
-`round(d * (F - 1))`, and the model is asked the needle's question.
+depth d a needle (a frame showing a fact drawn by `synthetic.needle_frame`, or a short clip of
+n frames) replaces frames `round(d * (F - n))` onwards, and the model is asked the needle's
+question. A frame's embedding depends on that frame alone, so the haystack and the needles
+are each encoded once and every cell splices the needle's embedding rows into the
+haystack's: a 2048-frame grid costs one pass of the vision tower, not one per cell.
 
 Scoring follows LongVA: the answer is teacher-forced (the prompt holds question and answer, one
 forward pass), the greedy argmax at the positions that predict the answer's tokens is decoded,
@@ -11,22 +14,23 @@ Only the answer text is scored, not the template's end-of-turn marker, which tes
 format rather than retrieval. Teacher forcing asks for no generation loop and no stopping rule,
 so a score depends on the model alone.
 
-The model call is the `logits_fn` argument, so sequence-parallel prefill can replace the
-default single-device forward pass without touching the scoring.
+The model is reached through an `InferenceEngine` (frames spread over its devices, prefill
+sharded over its sequence group), or through `encode_fn`/`logits_fn` arguments that tests
+replace. With `generate`, each sample is also answered by free greedy generation (the
+prompt ends at the assistant header) and scored the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import jax
+import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
@@ -35,6 +39,8 @@ from longvila_jax.data.synthetic import needle_frame
 from longvila_jax.data.text_sources import tokenize_conversation
 from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.data.video import frame_to_model_input, load_frames
+from longvila_jax.infer.engine import InferenceEngine
+from longvila_jax.infer.generate import end_of_turn_ids
 from longvila_jax.models.longvila import IGNORE_INDEX, LongVILA
 
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -42,20 +48,30 @@ DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # Every prompt of one frame count is right-padded to one length, a multiple of this, so that a
 # frame count compiles one forward pass and blockwise kernels see whole blocks.
 SEQ_MULTIPLE = 64
+# Free generation may run this many tokens past the answer's length before it must stop.
+GENERATION_SLACK = 4
 
-# `(input_ids int32 [batch, seq], frames float32 [batch * F, H, W, 3] batch-major, start)`
+# `frames float32 [F, H, W, 3]` -> embeddings `[F, media_tokens_per_frame, hidden]`.
+EncodeFn = Callable[[np.ndarray], Any]
+# `(input_ids int32 [batch, seq], table [batch * F, tokens, hidden] batch-major, start)`
 # -> float logits `[batch, seq - start, vocab]` at positions `start..seq-1`: only the window
 # that holds the answer, since `[seq, vocab]` logits of a long video do not fit in memory.
-LogitsFn = Callable[[np.ndarray, np.ndarray, int], np.ndarray]
+LogitsFn = Callable[[np.ndarray, Any, int], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Needle:
-    """A uint8 RGB `[H, W, 3]` frame showing one fact, and a question whose answer is it."""
+    """A uint8 RGB frame `[H, W, 3]` (or clip `[n, H, W, 3]`) showing one fact, and a question
+    whose answer is it."""
 
     frame: np.ndarray
     question: str
     answer: str
+
+    @property
+    def frames(self) -> np.ndarray:
+        """The needle as a clip `[n, H, W, 3]` (n = 1 for a frame)."""
+        return self.frame if self.frame.ndim == 4 else self.frame[None]
 
 
 def make_needles(count: int, width: int, height: int, *, seed: int) -> list[Needle]:
@@ -126,22 +142,18 @@ def teacher_forced_correct(
     return normalize_answer(predicted) == normalize_answer(decode(list(answer_ids)))
 
 
-def model_logits_fn(model: LongVILA) -> LogitsFn:
-    """A `LogitsFn` running `model` on one device, jitted once per (shape, start).
+def engine_logits_fn(engine: InferenceEngine) -> LogitsFn:
+    """A `LogitsFn` running the engine's (sequence-parallel) prefill; each row reads its own
+    `F` frames of the table."""
 
-    The parameters are captured now: later updates to `model` are not seen.
-    """
-    graphdef, state = nnx.split(model)
+    def logits_fn(input_ids, table, start):
+        batch, seq = input_ids.shape
+        rows = table.shape[0] // batch * table.shape[1]
+        logits, _ = engine.prefill(list(input_ids), table, [r * rows for r in range(batch)],
+                                   [list(range(start, seq))] * batch)
+        return np.asarray(logits)
 
-    @functools.partial(jax.jit, static_argnames="start")
-    def forward(state, input_ids, frames, start):
-        model = nnx.merge(graphdef, state)
-        hidden = model.llm.hidden_states(model.embed(input_ids, frames))
-        return model.llm.logits(hidden[:, start:])
-
-    return lambda input_ids, frames, start: np.asarray(
-        forward(state, input_ids, frames, start=start)
-    )
+    return logits_fn
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,17 +197,17 @@ def _check_grid(frame_counts: Sequence[int], depths: Sequence[float], needles, b
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _batch(prompts: list[_Prompt], seq: int, pad_id: int, haystack: np.ndarray, index: int,
-           needle_frames: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """`input_ids` int32 `[batch, seq]` (right-padded with `pad_id`) and frames
-    `[batch * F, H, W, 3]`: `haystack` `[F, H, W, 3]` per row with frame `index` replaced by
-    that row's needle."""
+def _batch(prompts: list[_Prompt], seq: int, pad_id: int, haystack, starts: list[int],
+           needles: list) -> tuple[np.ndarray, Any]:
+    """`input_ids` int32 `[batch, seq]` (right-padded with `pad_id`) and the embedding table
+    `[batch * F, tokens, hidden]`: `haystack` `[F, tokens, hidden]` per row, with rows
+    `starts[r]` onwards replaced by row r's needle embeddings `[n, tokens, hidden]`."""
     input_ids = np.full((len(prompts), seq), pad_id, np.int32)
-    frames = np.repeat(haystack[None], len(prompts), axis=0)
-    for row, (prompt, needle) in enumerate(zip(prompts, needle_frames, strict=True)):
+    for row, prompt in enumerate(prompts):
         input_ids[row, : len(prompt.input_ids)] = prompt.input_ids
-        frames[row, index] = needle
-    return input_ids, frames.reshape(-1, *haystack.shape[1:])
+    haystack = jnp.asarray(haystack)
+    table = [haystack.at[at:at + len(n)].set(n) for at, n in zip(starts, needles, strict=True)]
+    return input_ids, jnp.concatenate(table)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -236,55 +248,84 @@ def evaluate(
     depths: Sequence[float] = DEPTHS,
     batch_size: int = 1,
     progress: bool = True,
+    engine: InferenceEngine | None = None,
+    encode_fn: EncodeFn | None = None,
     logits_fn: LogitsFn | None = None,
+    generate: bool = False,
 ) -> dict:
     """Score every needle at every (frame count, depth); write the JSON and the heatmap.
 
-    `model` gives the media token layout and, without `logits_fn`, the forward pass
-    (`model_logits_fn`). Needles of one cell run `batch_size` at a time. Writes
-    `out_dir/needle.json` and `out_dir/needle_heatmap.png`, each atomically, and returns the
-    JSON's dict: `haystack`, `frame_counts`, `depths`, `num_needles`, `accuracy`
-    `[frame_counts][depths]` and `per_sample` (one record per frame count, depth and needle, in
-    that order).
+    `model` gives the media token layout; `engine` (default: `model` on every device) the
+    encoding and the prefill, unless `encode_fn`/`logits_fn` replace them. Needles of one
+    cell run `batch_size` at a time. Writes `out_dir/needle.json` and
+    `out_dir/needle_heatmap.png`, each atomically, and returns the JSON's dict: `haystack`,
+    `frame_counts`, `depths`, `num_needles`, `accuracy` `[frame_counts][depths]` and
+    `per_sample` (one record per frame count, depth and needle, in that order); with
+    `generate`, also `generation_accuracy` and each sample's `generation`.
     Raises `MediaError` when the haystack cannot give a frame count (it has fewer frames).
     """
     _check_grid(frame_counts, depths, needles, batch_size)
+    longest = max(len(n.frames) for n in needles)
+    if longest > min(frame_counts):
+        raise ValueError(f"a needle clip of {longest} frames does not fit in "
+                         f"{min(frame_counts)} frames")
     tokenizer = load_tokenizer(tokenizer_path)
-    logits_fn = logits_fn or model_logits_fn(model)
-    needle_frames = [frame_to_model_input(n.frame, image_size=image_size) for n in needles]
+    if engine is None and (encode_fn is None or logits_fn is None or generate):
+        engine = InferenceEngine(model)
+    encode_fn = encode_fn or engine.encode
+    logits_fn = logits_fn or engine_logits_fn(engine)
+    needle_embeddings = [
+        encode_fn(np.stack([frame_to_model_input(f, image_size=image_size) for f in n.frames]))
+        for n in needles]
+    stop_ids = end_of_turn_ids(tokenizer, family)
     batch_size = min(batch_size, len(needles))
     # Right padding is never attended to by earlier positions, so any id but media's will do.
     pad_id = int(model.media_token_id == 0)
 
     hits = np.zeros((len(frame_counts), len(depths)), np.int64)
+    generated_hits = np.zeros_like(hits)
     per_sample = []
     with tqdm(total=hits.size * len(needles), desc="v-niah", unit="sample",
               disable=not progress) as bar:
         for fi, num_frames in enumerate(frame_counts):
-            hay = load_frames(haystack, num_frames, image_size=image_size)
+            hay = encode_fn(load_frames(haystack, num_frames, image_size=image_size))
             prompts = [_prompt(tokenizer, family, model, needle, num_frames) for needle in needles]
             seq = _round_up(max(len(p.input_ids) for p in prompts), SEQ_MULTIPLE)
             start = min(p.first_answer for p in prompts) - 1
             for di, depth in enumerate(depths):
-                index = round(depth * (num_frames - 1))
                 bar.set_postfix(frames=num_frames, depth=depth)
                 for first in range(0, len(needles), batch_size):
                     # A short last batch repeats its last needle, keeping one compiled shape.
                     rows = [min(k, len(needles) - 1) for k in range(first, first + batch_size)]
-                    input_ids, frames = _batch([prompts[k] for k in rows], seq, pad_id, hay,
-                                               index, [needle_frames[k] for k in rows])
-                    logits = logits_fn(input_ids, frames, start)
+                    starts = [round(depth * (num_frames - len(needles[k].frames))) for k in rows]
+                    input_ids, table = _batch([prompts[k] for k in rows], seq, pad_id, hay,
+                                              starts, [needle_embeddings[k] for k in rows])
+                    logits = logits_fn(input_ids, table, start)
+                    answers = None
+                    if generate:
+                        answers = engine.generate_ids(
+                            [prompts[k].input_ids[: prompts[k].first_answer] for k in rows],
+                            table, [r * num_frames * table.shape[1] for r in range(len(rows))],
+                            max_new_tokens=len(max((prompts[k].answer_ids for k in rows),
+                                                   key=len)) + GENERATION_SLACK,
+                            stop_ids=stop_ids)
                     for r, k in enumerate(rows[: len(needles) - first]):
                         args = (logits[r], prompts[k].labels, prompts[k].answer_ids,
                                 tokenizer.decode)
                         correct = teacher_forced_correct(*args, offset=start)
                         hits[fi, di] += correct
-                        per_sample.append({
+                        sample = {
                             "frames": int(num_frames), "depth": float(depth), "needle": k,
-                            "needle_index": index, "question": needles[k].question,
+                            "needle_index": starts[r], "question": needles[k].question,
                             "answer": needles[k].answer,
                             "prediction": teacher_forced_prediction(*args, offset=start),
-                            "correct": bool(correct)})
+                            "correct": bool(correct)}
+                        if answers is not None:
+                            text = tokenizer.decode(answers[r])
+                            right = normalize_answer(text) == normalize_answer(needles[k].answer)
+                            generated_hits[fi, di] += right
+                            sample.update(generation=text, generation_correct=bool(right))
+                        per_sample.append(sample)
                         bar.update()
 
     result = {
@@ -295,6 +336,8 @@ def evaluate(
         "accuracy": (hits / len(needles)).tolist(),
         "per_sample": per_sample,
     }
+    if generate:
+        result["generation_accuracy"] = (generated_hits / len(needles)).tolist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_file(out_dir / "needle.json") as tmp:

@@ -40,7 +40,8 @@ def _backend(name: str):
 
 def _choose(backend: str, q, unmasked: bool) -> str:
     """Resolve 'auto': cuDNN for plain (unpacked, default-position) attention on GPU, our
-    Triton kernel for everything else on GPU, the blockwise XLA path elsewhere."""
+    Triton kernel for everything else on GPU, the blockwise XLA path elsewhere and for
+    decoding's few query rows."""
     if backend not in BACKENDS:
         raise ValueError(f"flash_attention: unknown backend {backend!r}; one of {BACKENDS}")
     if backend != "auto":
@@ -49,6 +50,8 @@ def _choose(backend: str, q, unmasked: bool) -> str:
                              "ids; use 'triton' or 'xla' for packed or offset attention")
         return backend
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
+        return "xla"
+    if q.shape[1] <= xla.DECODE_ROWS:  # decoding: GPU kernels' query tiles would be padding
         return "xla"
     return "cudnn" if unmasked and q.shape[-1] in (64, 128) else "triton"
 

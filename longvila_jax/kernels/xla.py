@@ -15,6 +15,10 @@ import jax.numpy as jnp
 from longvila_jax.kernels.manual_axes import varying_like
 
 BLOCK_K = 512
+# Up to this many query rows (decoding: one new token per sequence) the scores `[rows, kv]`
+# are small even for a 400K-token cache, so the keys are one block: no loop, one fused pass
+# over the cache, which is what bounds a decode step.
+DECODE_ROWS = 16
 
 
 def _blocks(k, v, kv_positions, kv_segment_ids, block):
@@ -46,6 +50,8 @@ def forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *
     b, sq, h, d = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, sq, kh, h // kh, d)
+    if sq <= DECODE_ROWS:
+        block_k = max(k.shape[1], 1)
 
     def step(carry, blk):
         m, denom, acc = carry

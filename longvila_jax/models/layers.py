@@ -107,7 +107,7 @@ def remat_policy(remat: str):
 
 
 def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = None,
-                gather=None):
+                gather=None, xs=None, collect: bool = False):
     """Run `body(layer, x) -> x` over the first `count` layers of a stacked module.
 
     Scanning keeps compile time flat in depth (28-80 decoder layers). `remat` ('none',
@@ -115,21 +115,29 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = 
     given, maps one layer's parameter state (sharded, FSDP) to the full state inside the
     scanned step, so only one layer is ever gathered, and under remat the backward gathers
     it again instead of keeping it.
+
+    With `collect`, `body(layer, x, xs_i) -> (x, y)` gets layer i's slice of `xs` (a pytree
+    with a leading layer axis, or None) and the result is `(x, ys)` stacked over layers:
+    inference passes each layer's KV cache in and takes its new keys and values out.
     """
     graphdef, state = nnx.split(layers)
     if count is not None:
         state = jax.tree.map(lambda a: a[:count], state)
 
-    def step(carry, layer_state):
+    def step(carry, inputs):
+        layer_state, layer_xs = inputs
         if gather is not None:
             layer_state = gather(layer_state)
-        return body(nnx.merge(graphdef, layer_state), carry), None
+        layer = nnx.merge(graphdef, layer_state)
+        if collect:
+            return body(layer, carry, layer_xs)
+        return body(layer, carry), None
 
     policy = remat_policy(remat)
     if policy is not None:
         step = jax.checkpoint(step, prevent_cse=False, policy=policy)
-    x, _ = jax.lax.scan(step, x, state)
-    return x
+    x, ys = jax.lax.scan(step, x, (state, xs))
+    return (x, ys) if collect else x
 
 
 def stacked(num_layers: int, make, rngs: nnx.Rngs):

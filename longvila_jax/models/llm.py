@@ -39,11 +39,13 @@ class DecoderLayer(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         self.attention_backend = attention_backend
 
-    def __call__(self, x, positions, segment_ids, inv_freq, attend=None):
+    def __call__(self, x, positions, segment_ids, inv_freq, attend=None, return_kv=False):
         """`positions` `[b, s]` rotate q/k; `positions`/`segment_ids` None means the plain
         causal mask, which lets the attention pick a kernel without mask inputs (cuDNN).
         `attend(q, k, v, positions, segment_ids) -> out` replaces the local attention, e.g.
-        with sequence-parallel attention when `x` is this device's shard of the sequence."""
+        with sequence-parallel attention when `x` is this device's shard of the sequence, or
+        attention over a KV cache when decoding. `return_kv` also returns this layer's
+        rotated keys and values `[b, s, kv_heads, head_dim]`, what a KV cache holds."""
         b, s, _ = x.shape
         y = self.input_norm(x)
         q = self.q_proj(y).reshape(b, s, self.num_heads, self.head_dim)
@@ -61,7 +63,8 @@ class DecoderLayer(nnx.Module):
             attn = attend(q, k, v, positions, segment_ids)
         x = x + self.o_proj(attn.reshape(b, s, -1))
         y = self.post_attention_norm(x)
-        return x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
+        x = x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
+        return (x, (k, v)) if return_kv else x
 
 
 class CausalLM(nnx.Module):
@@ -99,6 +102,22 @@ class CausalLM(nnx.Module):
                         lambda layer, h: layer(h, positions, segment_ids, self.inv_freq, attend),
                         remat=self.remat, gather=gather)
         return self.norm(x)
+
+    def hidden_states_and_kv(self, x, positions, attend=None, per_layer=None, segment_ids=None,
+                             gather=None):
+        """`hidden_states` that also returns every layer's keys and values, each
+        `[layers, batch, seq, kv_heads, head_dim]`: prefill fills a KV cache with them, and a
+        decode step gets its new token's. `attend(q, k, v, positions, segment_ids, xs)`, if
+        given, also receives layer i's slice `xs` of `per_layer` (its part of the cache)."""
+
+        def body(layer, h, xs):
+            bound = None if attend is None else (
+                lambda q, k, v, p, s: attend(q, k, v, p, s, xs))
+            return layer(h, positions, segment_ids, self.inv_freq, bound, return_kv=True)
+
+        x, kv = scan_layers(self.layers, x, body, remat="none", gather=gather, xs=per_layer,
+                            collect=True)
+        return self.norm(x), kv
 
     def output_weight(self):
         """The `[hidden, vocab]` output projection in the compute dtype (tied or not)."""

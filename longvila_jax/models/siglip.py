@@ -51,7 +51,7 @@ class SiglipVisionTower(nnx.Module):
         cfg = model_cfg.vision
         dtype, param_dtype = jnp.dtype(model_cfg.dtype), jnp.dtype(model_cfg.param_dtype)
         p, c = cfg.patch_size, cfg.hidden_size
-        self.grid = cfg.image_size // p
+        self.grid, self.image_size = cfg.image_size // p, cfg.image_size
         # Kernel rows are ordered (kh, kw, rgb) to match patches cut from NHWC images.
         self.patch_kernel = param(rngs, (p * p * 3, c), ("patch", "vit_embed"), param_dtype)
         self.patch_bias = param(rngs, (c,), ("vit_embed",), param_dtype, "zeros")

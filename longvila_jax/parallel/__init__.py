@@ -2,7 +2,7 @@
 
 from longvila_jax.parallel.attention2d import attention_2d
 from longvila_jax.parallel.mesh import AXES, check_ulysses, make_mesh, mesh_from_config
-from longvila_jax.parallel.ring import merge, ring_attention, zigzag_permutation
+from longvila_jax.parallel.ring import merge, merge_over, ring_attention, zigzag_permutation
 from longvila_jax.parallel.schemes import (
     SCHEMES,
     layout_permutation,
@@ -12,5 +12,5 @@ from longvila_jax.parallel.schemes import (
 from longvila_jax.parallel.ulysses import ulysses, ulysses_attention
 
 __all__ = ["AXES", "SCHEMES", "attention_2d", "check_ulysses", "layout_permutation",
-           "make_mesh", "merge", "mesh_from_config", "resolve_scheme", "ring_attention",
+           "make_mesh", "merge", "merge_over", "mesh_from_config", "resolve_scheme", "ring_attention",
            "sequence_parallel_attention", "ulysses", "ulysses_attention", "zigzag_permutation"]

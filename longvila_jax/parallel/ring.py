@@ -56,6 +56,24 @@ def merge(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
+def merge_over(out, lse, axis_name):
+    """`merge` of the partial attentions of every device on `axis_name` (keys sharded over
+    them), the same on each device: a decode step's query against a sequence-sharded cache.
+
+    The weights are `merge`'s, exp(lse_i - lse), taken relative to the largest lse so that
+    two all-reduces (max, then sums) give a result that is replicated by construction.
+    """
+    top = jax.lax.pmax(lse, axis_name)
+    safe = jnp.where(jnp.isfinite(top), top, 0.0)
+    weight = jnp.where(jnp.isfinite(lse), jnp.exp(lse - safe), 0.0)  # [b, h, s]
+    total = jax.lax.psum(weight, axis_name)
+    summed = jax.lax.psum(out.astype(jnp.float32) * jnp.swapaxes(weight, 1, 2)[..., None],
+                          axis_name)
+    seen = total > 0
+    out = summed / jnp.swapaxes(jnp.where(seen, total, 1.0), 1, 2)[..., None]
+    return out, jnp.where(seen, safe + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)
+
+
 def _pieces(x, chunks):
     return jnp.split(x, chunks, axis=1)
 

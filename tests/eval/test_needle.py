@@ -20,6 +20,7 @@ from longvila_jax.data.synthetic import make_needle_dataset, needle_frame, write
 from longvila_jax.data.video import MediaError, frame_to_model_input, load_frames
 from longvila_jax.eval.needle import (
     DEPTHS,
+    Needle,
     evaluate,
     make_needles,
     normalize_answer,
@@ -86,13 +87,18 @@ def _run(world, out_dir, **kwargs):
     return evaluate(world["model"], world["tokenizer"], out_dir=out_dir, **kwargs)
 
 
+def _pixels(frames):
+    """An encode_fn whose "embedding" of a frame is its pixels, one row per frame."""
+    return np.asarray(frames).reshape(len(frames), 1, -1)
+
+
 def _oracle(vocab: int, shift: int = 1, calls: list | None = None):
     """A logits_fn whose argmax at position t is the input token at t + shift (1: the true
     next token); it records copies of what it was given in `calls`."""
 
-    def logits_fn(input_ids, frames, start):
+    def logits_fn(input_ids, table, start):
         if calls is not None:
-            calls.append((np.array(input_ids), np.array(frames)))
+            calls.append((np.array(input_ids), np.array(table)))
         batch, seq = input_ids.shape
         logits = np.zeros((batch, seq - start, vocab), np.float32)
         for t in range(start, seq):
@@ -191,7 +197,7 @@ def test_oracle_scores_exactly_one_and_off_by_one_scores_zero(world, tmp_path, f
                                                               batch_size):
     for shift, expected in [(1, 1.0), (0, 0.0), (2, 0.0)]:
         result = _run(world, tmp_path, family=family, batch_size=batch_size,
-                      logits_fn=_oracle(world["vocab"], shift))
+                      encode_fn=_pixels, logits_fn=_oracle(world["vocab"], shift))
         assert np.array(result["accuracy"]).tolist() == [[expected] * len(DEPTHS)] * 2, shift
         if shift == 1:
             assert all(s["prediction"] == s["answer"] for s in result["per_sample"])
@@ -201,25 +207,45 @@ def test_oracle_scores_exactly_one_and_off_by_one_scores_zero(world, tmp_path, f
 def test_needle_replaces_the_frame_at_its_depth(world, tmp_path, batch_size):
     calls = []
     frame_counts, needles = (3, 5), world["needles"]
-    _run(world, tmp_path, frame_counts=frame_counts, batch_size=batch_size,
+    _run(world, tmp_path, frame_counts=frame_counts, batch_size=batch_size, encode_fn=_pixels,
          logits_fn=_oracle(world["vocab"], calls=calls))
     normalised = [frame_to_model_input(n.frame, image_size=IMAGE_SIZE) for n in needles]
     media_per_frame = world["model"].media_tokens_per_frame
     calls = iter(calls)
     for num_frames in frame_counts:
-        hay = load_frames(world["haystack"], num_frames, image_size=IMAGE_SIZE)
+        hay = _pixels(load_frames(world["haystack"], num_frames, image_size=IMAGE_SIZE))
         for depth in DEPTHS:
             index = round(depth * (num_frames - 1))
             for first in range(0, len(needles), batch_size):
-                input_ids, frames = next(calls)
-                frames = frames.reshape(batch_size, num_frames, *hay.shape[1:])
+                input_ids, table = next(calls)
+                table = table.reshape(batch_size, num_frames, *hay.shape[1:])
                 media = (input_ids == world["model"].media_token_id).sum(axis=1)
                 assert (media == num_frames * media_per_frame).all()
                 for row in range(min(batch_size, len(needles) - first)):
-                    np.testing.assert_array_equal(frames[row, index], normalised[first + row])
+                    np.testing.assert_array_equal(table[row, index],
+                                                  _pixels(normalised[first + row][None])[0])
                     others = [t for t in range(num_frames) if t != index]
-                    np.testing.assert_array_equal(frames[row, others], hay[others])
+                    np.testing.assert_array_equal(table[row, others], hay[others])
     assert next(calls, None) is None
+
+
+def test_clip_needle_replaces_consecutive_frames(world, tmp_path):
+    """A 2-frame clip at depth d fills frames round(d * (F - 2)) and the next one."""
+    calls = []
+    clip = Needle(np.stack([n.frame for n in world["needles"][:2]]), "What digit is written in "
+                  "the video?", "7")
+    _run(world, tmp_path, frame_counts=(4,), needles=[clip], encode_fn=_pixels,
+         logits_fn=_oracle(world["vocab"], calls=calls))
+    hay = _pixels(load_frames(world["haystack"], 4, image_size=IMAGE_SIZE))
+    clip_rows = _pixels(np.stack([frame_to_model_input(f, image_size=IMAGE_SIZE)
+                                  for f in clip.frames]))
+    for depth, (_, table) in zip(DEPTHS, calls, strict=True):
+        at = round(depth * 2)
+        expected = np.concatenate([hay[:at], clip_rows, hay[at + 2:]])
+        np.testing.assert_array_equal(table, expected)
+    with pytest.raises(ValueError, match="clip of 2 frames does not fit in 1 frames"):
+        _run(world, tmp_path, frame_counts=(1,), needles=[clip], encode_fn=_pixels,
+             logits_fn=_oracle(world["vocab"]))
 
 
 def test_bad_arguments(world, tmp_path):

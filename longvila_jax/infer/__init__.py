@@ -1,0 +1,1 @@
+"""Long-video inference: cached video embeddings, sequence-parallel prefill, KV-cache decoding."""

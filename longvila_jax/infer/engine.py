@@ -1,0 +1,196 @@
+"""A model placed on a device mesh for inference: encode frames, prefill, decode.
+
+The three phases shard differently, as MM-SP does in training: frames are spread over every
+device for the vision tower and projector (stage one); the prompt's tokens over the sequence
+group for prefill (`prefill.py`, stage two); decoding keeps the prompt's KV cache where
+prefill left it (`decode.py`). Parameters are replicated: inference holds no optimizer
+state, and a 7B model's 15 GB fit on every GPU next to a long cache.
+
+Everything here takes token ids and embedding tables; text, chat templates and videos are
+`generate.py`'s business.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from longvila_jax.infer.decode import make_decode, sample
+from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill
+from longvila_jax.models.longvila import LongVILA
+from longvila_jax.parallel.mesh import AXES, check_ulysses, make_mesh
+from longvila_jax.parallel.schemes import layout_permutation, resolve_scheme, ulysses_degree
+
+# Prompts are right-padded to a multiple of this times twice the group size (the zigzag
+# layout's unit), so prompts of similar length share one compiled prefill.
+SEQ_BUCKET = 64
+
+
+def inference_scheme(scheme: str, node: int, local: int, num_heads: int,
+                     num_kv_heads: int) -> str:
+    """`resolve_scheme`, except that 'auto' falls back to ring attention when the heads do
+    not split over the Ulysses degree (a small model on many devices)."""
+    resolved = resolve_scheme(scheme, node, local)
+    degree = ulysses_degree(resolved, node, local)
+    if degree > 1:
+        try:
+            check_ulysses(num_heads, num_kv_heads, degree)
+        except ValueError:
+            if scheme != "auto":
+                raise
+            return "ring"
+    return resolved
+
+
+class InferenceEngine:
+    """`model` replicated on `mesh` (default: every device in one Ulysses/ring group)."""
+
+    def __init__(self, model: LongVILA, *, mesh=None, scheme: str = "auto",
+                 decode_chunk: int = 16):
+        self.mesh = mesh if mesh is not None else make_mesh(1, 1, len(jax.devices()))
+        if self.mesh.shape["data"] != 1:
+            raise ValueError(f"inference: the mesh's data axis must be 1, got "
+                             f"{self.mesh.shape['data']} (prompts share one sequence group)")
+        self.node, self.local = self.mesh.shape["node"], self.mesh.shape["local"]
+        llm = model.llm.layers
+        self.scheme = inference_scheme(scheme, self.node, self.local, llm.num_heads,
+                                       llm.num_kv_heads)
+        self.media_token_id = model.media_token_id
+        self.tokens_per_frame = model.media_tokens_per_frame if model.projector else 0
+        self.hidden = model.llm.embed_tokens.shape[1]
+        self.dtype = model.llm.dtype
+        self.decode_chunk = decode_chunk
+        graphdef, params = nnx.split(model)
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        self._prefill = make_prefill(graphdef, self.mesh, self.scheme)
+        self._decode = make_decode(graphdef, self.mesh, decode_chunk)
+        self._sample = jax.jit(sample)
+        frames = NamedSharding(self.mesh, P(AXES))
+        self._encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_frames(x),
+                               out_shardings=frames)
+        self._frames = frames
+
+    @property
+    def group(self) -> int:
+        return self.node * self.local
+
+    def encode(self, frames: np.ndarray) -> jax.Array:
+        """Float32 frames `[F, H, W, 3]` -> embeddings `[F, media_tokens_per_frame, hidden]`,
+        the frames spread evenly over every device (padded with blank frames to a multiple
+        of the device count; a frame's embedding depends on that frame alone)."""
+        frames = np.asarray(frames, np.float32)
+        count, devices = len(frames), self.mesh.devices.size
+        padded = np.zeros((math.ceil(count / devices) * devices, *frames.shape[1:]), np.float32)
+        padded[:count] = frames
+        return self._encode(self.params, jax.device_put(padded, self._frames))[:count]
+
+    def prefill(self, prompts: Sequence[np.ndarray], table=None,
+                media_offsets: Sequence[int] | None = None,
+                windows: Sequence[Sequence[int]] | None = None):
+        """`(logits float32 [batch, w, vocab], PromptCache)` of a batch of token-id prompts.
+
+        Prompt i's media positions take rows `media_offsets[i]`, `+1`, ... of `table`
+        (`[rows, hidden]` or `[frames, tokens, hidden]`; offsets default to 0: every prompt
+        about the same video). `windows[i]` are the positions whose logits are returned
+        (default: the last, which predicts the first new token); rows of unequal width
+        repeat their last position.
+        """
+        lengths = [len(p) for p in prompts]
+        if not prompts or min(lengths) < 1:
+            raise ValueError("prefill: need at least one non-empty prompt")
+        unit = 2 * self.group * SEQ_BUCKET
+        seq = math.ceil(max(lengths) / unit) * unit
+        pad_id = int(self.media_token_id == 0)
+        ids = np.full((len(prompts), seq), pad_id, np.int32)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+        is_media = ids == self.media_token_id
+        offsets = np.zeros(len(prompts), np.int64) if media_offsets is None \
+            else np.asarray(media_offsets, np.int64)
+        rows = np.where(is_media, np.cumsum(is_media, axis=1) - 1 + offsets[:, None], -1)
+        if table is None:
+            if is_media.any():
+                raise ValueError("prefill: the prompts hold media positions but no table")
+            table = jnp.zeros((1, self.hidden), self.dtype)
+        table = jax.device_put(table.reshape(-1, self.hidden), NamedSharding(self.mesh, P()))
+        if is_media.any() and rows.max() >= table.shape[0]:
+            raise ValueError(f"prefill: the prompts need {rows.max() + 1} media rows but the "
+                             f"table has {table.shape[0]}")
+        windows = [[n - 1] for n in lengths] if windows is None else windows
+        width = max(len(w) for w in windows)
+        window = np.asarray([list(w) + [w[-1]] * (width - len(w)) for w in windows], np.int32)
+
+        perm = layout_permutation(seq, self.scheme, self.node, self.local)
+        positions = np.broadcast_to(perm.astype(np.int32), ids.shape)
+        tokens = NamedSharding(self.mesh, TOKENS)
+        put = lambda x: jax.device_put(np.ascontiguousarray(x, np.int32), tokens)
+        positions = put(positions)
+        logits, k, v = self._prefill(self.params, put(ids[:, perm]), positions,
+                                     put(rows[:, perm]), table, window)
+        cache = PromptCache(k=k, v=v, positions=positions,
+                            lengths=jnp.asarray(lengths, jnp.int32))
+        return logits, cache
+
+    def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
+                     media_offsets: Sequence[int] | None = None, *, max_new_tokens: int,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                     stop_ids: Sequence[int] = (),
+                     done: Callable[[int, list[int]], bool] | None = None,
+                     return_logits: bool = False):
+        """New token ids per prompt (prefill, then cached decoding, `decode_chunk` at a time).
+
+        A row ends at its first `stop_ids` token (not included), when `done(row, ids)` says
+        so (stop strings), or after `max_new_tokens`. With `return_logits`, also each row's
+        float32 logits `[n, vocab]`, the ones its n tokens were drawn from.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
+                             f"{top_p}")
+        logits, cache = self.prefill(prompts, table, media_offsets)
+        key, draw = jax.random.split(jax.random.key(seed))
+        temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+        token = self._sample(logits[:, 0], draw, temperature, top_p)
+        cfg_k = cache.k
+        slots = math.ceil(max_new_tokens / self.decode_chunk) * self.decode_chunk
+        tail_shape = (cfg_k.shape[0], len(prompts), slots, *cfg_k.shape[3:])
+        replicated = NamedSharding(self.mesh, P())
+        tail_k = jax.device_put(jnp.zeros(tail_shape, cfg_k.dtype), replicated)
+        tail_v = jax.device_put(jnp.zeros(tail_shape, cfg_k.dtype), replicated)
+        tokens, steps = [np.asarray(token)[None]], [np.asarray(logits[:, 0])[None]]
+        produced, stop_ids = 1, set(stop_ids)
+        finished = np.zeros(len(prompts), bool)
+        while True:
+            ids = np.concatenate(tokens).T  # [batch, produced]
+            for row in np.flatnonzero(~finished):
+                row_ids = ids[row].tolist()
+                finished[row] = bool(stop_ids.intersection(row_ids)) or (
+                    done is not None and done(int(row), row_ids))
+            if finished.all() or produced >= max_new_tokens:
+                break
+            out, chunk_logits, tail_k, tail_v, key = self._decode(
+                self.params, cache, tail_k, tail_v, token, jnp.int32(produced - 1), key,
+                temperature, top_p)
+            token = out[-1]
+            tokens.append(np.asarray(out))
+            if return_logits:
+                steps.append(np.asarray(chunk_logits))
+            produced += self.decode_chunk
+        ids = np.concatenate(tokens).T[:, :max_new_tokens]
+        results = []
+        for row in range(len(prompts)):
+            row_ids = ids[row].tolist()
+            cut = next((i for i, t in enumerate(row_ids) if t in stop_ids), len(row_ids))
+            results.append(row_ids[:cut])
+        if not return_logits:
+            return results
+        logits = np.concatenate(steps).transpose(1, 0, 2)
+        return results, [logits[row, : len(r)] for row, r in enumerate(results)]

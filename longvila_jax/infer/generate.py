@@ -1,0 +1,114 @@
+"""Answer text prompts about a video: what `longvila-jax generate` and the evaluations call.
+
+    gen = Generator.from_checkpoint("demo/5_long_sft/final")
+    gen.generate(["What colour is the shape shown in the video?"], video="clip.mp4",
+                 num_frames=64)
+
+The video is sampled and encoded once (`VideoEmbeddingCache`, optionally on disk); each
+prompt becomes the model's chat template with the video's frames before the question,
+and the batch is prefilled over the mesh and decoded with the KV cache (`engine.py`).
+A row stops at the template's end-of-turn token, at any of the `stop` strings (cut off
+before it), or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import tokenizers
+
+from longvila_jax.data.templates import encode_chat
+from longvila_jax.data.text_sources import conversation_to_messages
+from longvila_jax.data.tokenizer import load_tokenizer
+from longvila_jax.infer.embeddings import VideoEmbeddingCache
+from longvila_jax.infer.engine import InferenceEngine
+from longvila_jax.models.longvila import LongVILA, expand_media_tokens
+
+# What ends an answer, per chat-template family: its end-of-turn marker, and end-of-text.
+_END_TOKENS = {"qwen2": ("<|im_end|>", "<|endoftext|>"),
+               "llama": ("<|eot_id|>", "<|end_of_text|>")}
+
+
+def end_of_turn_ids(tokenizer: tokenizers.Tokenizer, family: str) -> list[int]:
+    """Ids of the tokens that end an assistant turn in `family`'s template (those the
+    tokenizer has)."""
+    if family not in _END_TOKENS:
+        raise ValueError(f"unknown chat template family {family!r} "
+                         f"(expected one of {', '.join(_END_TOKENS)})")
+    ids = [tokenizer.token_to_id(token) for token in _END_TOKENS[family]]
+    return [i for i in ids if i is not None]
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` before the first stop string, and whether one occurred."""
+    cuts = [text.find(s) for s in stop if s and s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class Generator:
+    """A model, its tokenizer and chat template, an inference engine and an embedding cache."""
+
+    def __init__(self, model: LongVILA, tokenizer: str | os.PathLike, *, family: str,
+                 mesh=None, scheme: str = "auto", cache_dir: str | os.PathLike | None = None,
+                 decode_chunk: int = 16):
+        self.model, self.family = model, family
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.stop_ids = end_of_turn_ids(self.tokenizer, family)
+        self.engine = InferenceEngine(model, mesh=mesh, scheme=scheme, decode_chunk=decode_chunk)
+        self.embeddings = None if model.vision_tower is None else VideoEmbeddingCache(
+            self.engine, model, directory=cache_dir)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | os.PathLike, *,
+                        tokenizer: str | os.PathLike | None = None, **kwargs) -> Generator:
+        """Load a checkpoint; the tokenizer is `tokenizer`, else the checkpoint's own
+        `tokenizer.json`, else the one its config was trained with (`data.tokenizer`)."""
+        from longvila_jax.train.checkpoint import load_config, load_model
+
+        config = load_config(checkpoint)
+        if tokenizer is None:
+            own = Path(checkpoint) / "tokenizer.json"
+            tokenizer = own if own.is_file() else config.data.get("tokenizer") or own
+        return cls(load_model(checkpoint, config), tokenizer, family=config.model.llm.family,
+                   **kwargs)
+
+    def prompt_ids(self, prompt: str, num_frames: int = 0) -> np.ndarray:
+        """Token ids of one user turn (the video first when `num_frames` > 0) ending with the
+        assistant header, the video's placeholder expanded to its frames' positions."""
+        record = {"conversations": [{"from": "human", "value": prompt}]}
+        if num_frames:
+            record["video"] = "video"
+        messages, _, _ = conversation_to_messages(record)
+        ids, _ = encode_chat(self.tokenizer, self.family, messages, add_generation_prompt=True)
+        frames = [num_frames] if num_frames else []
+        return expand_media_tokens(ids, self.model.media_token_id,
+                                   self.engine.tokens_per_frame, frames)
+
+    def generate(self, prompts: str | Sequence[str], *, video: str | os.PathLike | None = None,
+                 num_frames: int = 8, fps: float | None = None, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
+                 seed: int = 0) -> list[str]:
+        """One answer per prompt (a single string is a batch of one), all about `video`
+        (sampled to `num_frames` frames; with `fps`, at that rate and at most that many)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        table, frames = None, 0
+        if video is not None:
+            if self.embeddings is None:
+                raise ValueError("generate: a video was given to a model without a vision tower")
+            table = self.embeddings.get(video, num_frames, fps)
+            frames = table.shape[0]
+        ids = [self.prompt_ids(p, frames) for p in prompts]
+        stop = [s for s in stop if s]
+
+        def done(row: int, row_ids: list[int]) -> bool:
+            return bool(stop) and _cut_at_stop(self.tokenizer.decode(row_ids), stop)[1]
+
+        answers = self.engine.generate_ids(
+            ids, table, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed, stop_ids=self.stop_ids, done=done)
+        return [_cut_at_stop(self.tokenizer.decode(a), stop)[0] for a in answers]

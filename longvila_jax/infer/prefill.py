@@ -1,0 +1,83 @@
+"""Sequence-parallel prefill: a long prompt's KV cache, sharded over the mesh, in one pass.
+
+The prompt is laid out as MM-SP's stage two lays out a training sequence
+(`schemes.layout_permutation`: zigzag over a ring, natural order for Ulysses) and sharded over
+the sequence group (`node` x `local`); every layer runs the scheme's attention and hands its
+rotated keys and values out, so each device keeps the cache of its own token shard and no
+device ever holds the whole cache. Media positions are filled from a frame-embedding table
+(`engine.encode` or the embedding cache), so a video is encoded once however many prompts
+and passes read it.
+
+Only the logits of a few chosen positions per row are formed (`window`): the next token
+after each prompt, or the answer span a teacher-forced evaluation scores; `[seq, vocab]`
+logits of a long video would not fit in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from longvila_jax.models.longvila import splice_media
+from longvila_jax.parallel.schemes import sequence_parallel_attention
+
+SP_AXES = ("node", "local")
+TOKENS = P(None, SP_AXES)  # [batch, seq] sharded over the sequence group
+KV = P(None, None, SP_AXES)  # [layers, batch, seq, kv_heads, head_dim]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PromptCache:
+    """Keys and values of a prefilled batch of prompts, in the scheme's token layout.
+
+    `k`/`v` `[layers, batch, seq, kv_heads, head_dim]` and `positions` `[batch, seq]` (each
+    slot's global position) are sharded over the sequence group on `seq`; `lengths` `[batch]`
+    are the prompt lengths, so slots at positions >= length are padding.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    lengths: jax.Array
+
+
+CACHE_SPECS = PromptCache(k=KV, v=KV, positions=TOKENS, lengths=P())
+
+
+def make_prefill(graphdef, mesh, scheme: str):
+    """Jitted `prefill(params, input_ids, positions, media_rows, table, window)`.
+
+    `input_ids`, `positions` (global, layout order) and `media_rows` (row of `table` for a
+    media position, else -1) are `[batch, seq]` sharded as `TOKENS`; `table`
+    `[rows, hidden]` holds frame embeddings (replicated); `window` `[batch, w]` global
+    positions whose logits are returned. Returns `(logits float32 [batch, w, vocab],
+    k, v)` with k/v sharded as `KV`. `params` are replicated over `mesh`.
+    `scheme` is a resolved scheme ('none' for a group of one).
+    """
+
+    def attend(q, k, v, positions, segment_ids, _):
+        return sequence_parallel_attention(q, k, v, positions, positions, segment_ids,
+                                           segment_ids, scheme=scheme, causal=True)[0]
+
+    def local(params, input_ids, positions, media_rows, table, window):
+        model = nnx.merge(graphdef, params)
+        x = splice_media(model.llm.embed(input_ids), table, media_rows)
+        if scheme == "none":  # natural order on one device: the plain causal kernel (cuDNN)
+            h, (k, v) = model.llm.hidden_states_and_kv(x, None)
+        else:
+            h, (k, v) = model.llm.hidden_states_and_kv(x, positions, attend,
+                                                       segment_ids=jnp.zeros_like(positions))
+        # The window's hidden states, wherever they live: one-hot rows, summed over shards.
+        pick = (positions[:, :, None] == window[:, None, :]).astype(h.dtype)
+        picked = jnp.einsum("bsw,bsd->bwd", pick, h, preferred_element_type=jnp.float32)
+        picked = jax.lax.psum(picked, SP_AXES).astype(h.dtype)
+        return model.llm.logits(picked), k, v
+
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), TOKENS, TOKENS, TOKENS, P(), P()),
+                            out_specs=(P(), KV, KV))
+    return jax.jit(sharded)

@@ -1,0 +1,149 @@
+"""Inference against independent references: cached decoding against the full forward pass
+token by token, sequence-parallel prefill and decoding on 8 simulated devices against one
+device (logits and KV cache), and the sampler against float64 numpy."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from longvila_jax.infer.decode import sample
+from longvila_jax.infer.engine import InferenceEngine
+from longvila_jax.models.longvila import build_model
+from longvila_jax.parallel.mesh import make_mesh
+from longvila_jax.train.stages import model_config
+
+FRAMES = 3
+
+
+def _model(seed: int, **llm):
+    """The tiny model, untied and with larger weights, so that greedy decoding of a random
+    model wanders over the vocabulary instead of repeating its input token."""
+    config = model_config("tiny")
+    config.model.llm.update(tie_embeddings=False, **llm)
+    model = build_model(config, seed=seed)
+    state = nnx.state(model, nnx.Param)
+    nnx.update(model, jax.tree.map(lambda p: p * 6.0 if p.ndim == 2 else p, state))
+    return model
+
+
+@pytest.fixture(scope="module")
+def world():
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    model = _model(int(rng.integers(1 << 30)))
+    frames = rng.normal(size=(FRAMES, 56, 56, 3)).astype(np.float32)
+    media = np.full(FRAMES * model.media_tokens_per_frame, model.media_token_id)
+    prompts = [np.concatenate([rng.integers(0, 500, 4), media, rng.integers(0, 500, n)])
+               .astype(np.int32) for n in (5, 23)]
+    one = InferenceEngine(model, mesh=make_mesh(1, 1, 1, jax.devices()[:1]))
+    return {"model": model, "frames": frames, "prompts": prompts, "one": one,
+            "table": one.encode(frames)}
+
+
+def test_encoding_matches_the_model_and_spreads_over_devices(world):
+    want = world["model"].encode_frames(jnp.asarray(world["frames"]))
+    np.testing.assert_allclose(world["table"], want, rtol=1e-5, atol=1e-5)
+    eight = InferenceEngine(world["model"], mesh=make_mesh(1, 2, 4))
+    got = eight.encode(world["frames"])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_greedy_decoding_equals_full_forward_argmax(world):
+    """Every generated token is the argmax of the full forward pass over prompt + tokens so
+    far, and its logits are that pass's last logits."""
+    model, frames = world["model"], jnp.asarray(world["frames"])
+    ids, logits = world["one"].generate_ids(world["prompts"], world["table"],
+                                            max_new_tokens=20, return_logits=True)
+    # Right padding is invisible to earlier positions, so one padded shape serves all steps.
+    length = max(len(p) for p in world["prompts"]) + len(ids[0])
+    forward = jax.jit(lambda x, last: model(x, frames)[0, last])
+    for prompt, got, got_logits in zip(world["prompts"], ids, logits, strict=True):
+        assert len(got) == 20 and len(set(got)) > 3, got  # a sequence worth checking
+        sequence = list(prompt)
+        for step, token in enumerate(got):
+            padded = np.zeros((1, length), np.int32)
+            padded[0, : len(sequence)] = sequence
+            full = np.asarray(forward(padded, len(sequence) - 1))
+            np.testing.assert_allclose(got_logits[step], full, rtol=2e-4, atol=2e-4)
+            assert token == int(full.argmax()), step
+            sequence.append(token)
+
+
+@pytest.mark.parametrize(("mesh", "scheme", "heads"), [
+    ((8, 1), "ring", 4),
+    ((1, 8), "ulysses", 8),
+    ((2, 4), "2d", 4),  # Ulysses over 4 repeats the 2 KV heads
+])
+def test_sequence_parallel_prefill_and_decoding_match_one_device(world, mesh, scheme, heads):
+    model = world["model"] if heads == 4 else _model(3, num_heads=heads, head_dim=8)
+    one = world["one"] if heads == 4 else InferenceEngine(
+        model, mesh=make_mesh(1, 1, 1, jax.devices()[:1]))
+    sp = InferenceEngine(model, mesh=make_mesh(1, *mesh), scheme=scheme)
+    assert sp.scheme == scheme
+    table = one.encode(world["frames"])
+    prompts = world["prompts"]
+    windows = [list(range(len(p) - 6, len(p))) for p in prompts]
+    logits_1, cache_1 = one.prefill(prompts, table, windows=windows)
+    logits_8, cache_8 = sp.prefill(prompts, table, windows=windows)
+    np.testing.assert_allclose(logits_8, logits_1, rtol=1e-4, atol=1e-4)
+    # The KV cache, put back in natural order, on every real (unpadded) position.
+    for name in ("k", "v"):
+        for row, prompt in enumerate(prompts):
+            n = len(prompt)
+            order = np.argsort(np.asarray(cache_8.positions[row]))
+            sharded = np.asarray(getattr(cache_8, name))[:, row, order[:n]]
+            single = np.asarray(getattr(cache_1, name))[:, row, :n]
+            np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-4)
+    assert len(cache_8.k.sharding.device_set) == 8
+    ids_1, dec_1 = one.generate_ids(prompts, table, max_new_tokens=18, return_logits=True)
+    ids_8, dec_8 = sp.generate_ids(prompts, table, max_new_tokens=18, return_logits=True)
+    assert ids_8 == ids_1
+    for a, b in zip(dec_8, dec_1, strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+
+
+def test_stop_ids_and_sampling_seeds(world):
+    one, prompts, table = world["one"], world["prompts"], world["table"]
+    greedy = one.generate_ids(prompts, table, max_new_tokens=12)
+    stop = greedy[1][5]
+    cut = one.generate_ids(prompts, table, max_new_tokens=12, stop_ids=[stop])
+    for full, short in zip(greedy, cut, strict=True):
+        expected = full[: full.index(stop)] if stop in full else full
+        assert short == expected
+    hot = dict(max_new_tokens=12, temperature=1.5, top_p=0.9)
+    a = one.generate_ids(prompts, table, seed=1, **hot)
+    assert a == one.generate_ids(prompts, table, seed=1, **hot)
+    assert a != one.generate_ids(prompts, table, seed=2, **hot)
+    with pytest.raises(ValueError, match="top_p"):
+        one.generate_ids(prompts, table, max_new_tokens=4, top_p=0.0)
+
+
+def _reference_nucleus(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
+    """float64 probabilities of nucleus sampling: the most likely tokens whose mass before
+    them is below top_p, renormalised."""
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    keep = np.zeros_like(p, bool)
+    keep[order[before < top_p]] = True
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.8), (2.0, 0.5)])
+def test_sampler_frequencies_match_float64_nucleus(temperature, top_p):
+    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
+    logits = rng.normal(size=(1, 12)).astype(np.float32) * 2
+    draws = 20000
+    keys = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), draws)
+    tokens = jax.vmap(lambda k: sample(jnp.asarray(logits), k, temperature, top_p))(keys)
+    freq = np.bincount(np.asarray(tokens).ravel(), minlength=12) / draws
+    want = _reference_nucleus(logits[0], temperature, top_p)
+    assert (freq[want == 0] == 0).all()
+    np.testing.assert_allclose(freq, want, atol=0.015)
+    assert int(sample(jnp.asarray(logits), keys[0], 0.0, top_p)[0]) == logits.argmax()
