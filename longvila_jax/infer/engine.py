@@ -81,15 +81,24 @@ class InferenceEngine:
     def group(self) -> int:
         return self.node * self.local
 
-    def encode(self, frames: np.ndarray) -> jax.Array:
+    def encode(self, frames: np.ndarray, frames_per_device: int = 64) -> jax.Array:
         """Float32 frames `[F, H, W, 3]` -> embeddings `[F, media_tokens_per_frame, hidden]`,
-        the frames spread evenly over every device (padded with blank frames to a multiple
-        of the device count; a frame's embedding depends on that frame alone)."""
+        the frames spread evenly over every device, `frames_per_device` per device and call
+        (so a 2048-frame video never holds every frame's tower activations at once). A frame's
+        embedding depends on that frame alone; the last call is padded with blank frames."""
         frames = np.asarray(frames, np.float32)
-        count, devices = len(frames), self.mesh.devices.size
-        padded = np.zeros((math.ceil(count / devices) * devices, *frames.shape[1:]), np.float32)
-        padded[:count] = frames
-        return self._encode(self.params, jax.device_put(padded, self._frames))[:count]
+        step = frames_per_device * self.mesh.devices.size
+        count = len(frames)
+        parts = []
+        for first in range(0, count, step):
+            chunk = frames[first:first + step]
+            size = min(step, math.ceil(len(chunk) / self.mesh.devices.size)
+                       * self.mesh.devices.size)
+            padded = np.zeros((size, *frames.shape[1:]), np.float32)
+            padded[: len(chunk)] = chunk
+            parts.append(self._encode(self.params, jax.device_put(padded, self._frames))
+                         [: len(chunk)])
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
     def prefill(self, prompts: Sequence[np.ndarray], table=None,
                 media_offsets: Sequence[int] | None = None,

@@ -12,5 +12,6 @@ from longvila_jax.parallel.schemes import (
 from longvila_jax.parallel.ulysses import ulysses, ulysses_attention
 
 __all__ = ["AXES", "SCHEMES", "attention_2d", "check_ulysses", "layout_permutation",
-           "make_mesh", "merge", "merge_over", "mesh_from_config", "resolve_scheme", "ring_attention",
-           "sequence_parallel_attention", "ulysses", "ulysses_attention", "zigzag_permutation"]
+           "make_mesh", "merge", "merge_over", "mesh_from_config", "resolve_scheme",
+           "ring_attention", "sequence_parallel_attention", "ulysses", "ulysses_attention",
+           "zigzag_permutation"]

@@ -1,0 +1,114 @@
+"""Long-video inference benchmark: encoding, sequence-parallel prefill, cached decoding.
+
+For each frame count (random pixels; 196 + 1 tokens per frame at 384 px for the 7B config) one
+prompt is a 16-token text prefix, the video, and a 32-token question. Measured with the
+library's own engine (`infer/engine.py`) on the devices given by `--mesh`:
+
+- encode: vision tower + projector over every frame, frames spread over the devices;
+- prefill: the whole prompt through the LLM (KV cache kept, sharded), first token sampled;
+- decode: tokens/s of greedy cached decoding after that prompt (batch 1);
+- with `--questions Q`, at the first frame count only: answering Q questions (16 new tokens
+  each) about one video with the embeddings cached (encode once) and without (encode per
+  question).
+
+Each phase runs once to compile and is then timed once (a 2048-frame prefill on one GPU
+takes minutes). Rows are appended to `--json` as they finish, so a run cut short keeps what
+it measured. Run one `--mesh` per process (JAX keeps the first engine's memory).
+
+  python bench/inference.py --model qwen2_7b --frames 256,1024,2048 --mesh 1,1,4 --json r.jsonl
+  CUDA_VISIBLE_DEVICES=0 python bench/inference.py --model qwen2_7b --frames 256,1024,2048 \
+      --mesh 1,1,1 --json r.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from longvila_jax.infer.engine import InferenceEngine
+from longvila_jax.models.longvila import build_model
+from longvila_jax.parallel.mesh import make_mesh
+from longvila_jax.train.stages import model_config
+
+
+def once(fn):
+    """(seconds, result) of one call after a warm-up call that compiles."""
+    jax.block_until_ready(fn())
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn())
+    return time.perf_counter() - start, result
+
+
+def prompt(config, engine, frames: int, rng) -> np.ndarray:
+    media = config.model.media.media_token_id
+    text = lambda n: rng.integers(0, media - 1, n)  # noqa: E731
+    return np.concatenate([text(16), np.full(frames * engine.tokens_per_frame, media),
+                           text(32)]).astype(np.int32)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="qwen2_7b")
+    parser.add_argument("--frames", default="256,1024,2048")
+    parser.add_argument("--mesh", default="1,1,1", help="data,node,local (data must be 1)")
+    parser.add_argument("--attention", default="auto", help="scheme: auto|ring|ulysses|2d")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--questions", type=int, default=0)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    config = model_config(args.model)
+    config.model.update(dtype="bfloat16", param_dtype="bfloat16")
+    mesh = make_mesh(*map(int, args.mesh.split(",")))
+    engine = InferenceEngine(build_model(config), mesh=mesh, scheme=args.attention)
+    size = config.model.vision.image_size
+    device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
+    print(f"{device}, jax {jax.__version__}, scheme {engine.scheme}, mesh {args.mesh}")
+    print(f"{'frames':>7} {'tokens':>8} {'encode s':>9} {'prefill s':>10} {'decode tok/s':>13}")
+    counts = [int(f) for f in args.frames.split(",")]
+    for frames in counts:
+        pixels = rng.uniform(-1, 1, (frames, size, size, 3)).astype(np.float32)
+        ids = prompt(config, engine, frames, rng)
+        row = {"bench": "inference", "device": device, "jax": jax.__version__,
+               "model": args.model, "mesh": args.mesh, "scheme": engine.scheme,
+               "frames": frames, "tokens": len(ids)}
+        try:
+            row["encode_s"], table = once(lambda: engine.encode(pixels))
+            row["prefill_s"], _ = once(lambda: engine.generate_ids([ids], table,
+                                                                    max_new_tokens=1))
+            if args.decode_tokens:
+                n = args.decode_tokens + 1
+                total, _ = once(lambda: engine.generate_ids([ids], table, max_new_tokens=n))
+                row["decode_tokens_per_s"] = args.decode_tokens / (total - row["prefill_s"])
+            if args.questions and frames == counts[0]:
+                questions = [prompt(config, engine, frames, rng) for _ in range(args.questions)]
+
+                def answer(cached: bool):
+                    shared = engine.encode(pixels) if cached else None
+                    for q in questions:
+                        emb = shared if cached else engine.encode(pixels)
+                        out = engine.generate_ids([q], emb, max_new_tokens=16)
+                    return out
+
+                row["questions"] = args.questions
+                row["cached_s"], _ = once(lambda: answer(True))
+                row["uncached_s"], _ = once(lambda: answer(False))
+        except Exception as err:  # noqa: BLE001 -- an OOM row is a result too
+            row["error"] = str(err).splitlines()[0][:200]
+        print(f"{frames:>7} {len(ids):>8} {row.get('encode_s', float('nan')):>9.2f} "
+              f"{row.get('prefill_s', float('nan')):>10.2f} "
+              f"{row.get('decode_tokens_per_s', float('nan')):>13.1f}"
+              + (f"  {args.questions} questions: cached {row['cached_s']:.1f} s, uncached "
+                 f"{row['uncached_s']:.1f} s" if "cached_s" in row else "")
+              + (f"  {row['error']}" if "error" in row else ""), flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
