@@ -45,9 +45,40 @@ def once(fn):
 
 def prompt(config, engine, frames: int, rng) -> np.ndarray:
     media = config.model.media.media_token_id
-    text = lambda n: rng.integers(0, media - 1, n)  # noqa: E731
-    return np.concatenate([text(16), np.full(frames * engine.tokens_per_frame, media),
-                           text(32)]).astype(np.int32)
+    text = [rng.integers(0, media - 1, n) for n in (16, 32)]
+    return np.concatenate([text[0], np.full(frames * engine.tokens_per_frame, media),
+                           text[1]]).astype(np.int32)
+
+
+def measure(engine, config, frames: int, args, questions: int, rng) -> dict:
+    """One frame count's row (an error, out of memory included, is recorded as a result)."""
+    size = config.model.vision.image_size
+    pixels = rng.uniform(-1, 1, (frames, size, size, 3)).astype(np.float32)
+    ids = prompt(config, engine, frames, rng)
+    row = {"frames": frames, "tokens": len(ids)}
+    try:
+        row["encode_s"], table = once(lambda: engine.encode(pixels))
+        row["prefill_s"], _ = once(lambda: engine.generate_ids([ids], table, max_new_tokens=1))
+        if args.decode_tokens:
+            n = args.decode_tokens + 1
+            total, _ = once(lambda: engine.generate_ids([ids], table, max_new_tokens=n))
+            row["decode_tokens_per_s"] = args.decode_tokens / (total - row["prefill_s"])
+        if questions:
+            asked = [prompt(config, engine, frames, rng) for _ in range(questions)]
+
+            def answer(cached: bool):
+                shared = engine.encode(pixels) if cached else None
+                for q in asked:
+                    out = engine.generate_ids([q], shared if cached else engine.encode(pixels),
+                                              max_new_tokens=16)
+                return out
+
+            row["questions"] = questions
+            row["cached_s"], _ = once(lambda: answer(True))
+            row["uncached_s"], _ = once(lambda: answer(False))
+    except Exception as err:
+        row["error"] = str(err).splitlines()[0][:200]
+    return row
 
 
 def main():
@@ -65,41 +96,16 @@ def main():
     config.model.update(dtype="bfloat16", param_dtype="bfloat16")
     mesh = make_mesh(*map(int, args.mesh.split(",")))
     engine = InferenceEngine(build_model(config), mesh=mesh, scheme=args.attention)
-    size = config.model.vision.image_size
     device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
     print(f"{device}, jax {jax.__version__}, scheme {engine.scheme}, mesh {args.mesh}")
     print(f"{'frames':>7} {'tokens':>8} {'encode s':>9} {'prefill s':>10} {'decode tok/s':>13}")
     counts = [int(f) for f in args.frames.split(",")]
     for frames in counts:
-        pixels = rng.uniform(-1, 1, (frames, size, size, 3)).astype(np.float32)
-        ids = prompt(config, engine, frames, rng)
         row = {"bench": "inference", "device": device, "jax": jax.__version__,
                "model": args.model, "mesh": args.mesh, "scheme": engine.scheme,
-               "frames": frames, "tokens": len(ids)}
-        try:
-            row["encode_s"], table = once(lambda: engine.encode(pixels))
-            row["prefill_s"], _ = once(lambda: engine.generate_ids([ids], table,
-                                                                    max_new_tokens=1))
-            if args.decode_tokens:
-                n = args.decode_tokens + 1
-                total, _ = once(lambda: engine.generate_ids([ids], table, max_new_tokens=n))
-                row["decode_tokens_per_s"] = args.decode_tokens / (total - row["prefill_s"])
-            if args.questions and frames == counts[0]:
-                questions = [prompt(config, engine, frames, rng) for _ in range(args.questions)]
-
-                def answer(cached: bool):
-                    shared = engine.encode(pixels) if cached else None
-                    for q in questions:
-                        emb = shared if cached else engine.encode(pixels)
-                        out = engine.generate_ids([q], emb, max_new_tokens=16)
-                    return out
-
-                row["questions"] = args.questions
-                row["cached_s"], _ = once(lambda: answer(True))
-                row["uncached_s"], _ = once(lambda: answer(False))
-        except Exception as err:  # noqa: BLE001 -- an OOM row is a result too
-            row["error"] = str(err).splitlines()[0][:200]
-        print(f"{frames:>7} {len(ids):>8} {row.get('encode_s', float('nan')):>9.2f} "
+               **measure(engine, config, frames, args,
+                         args.questions if frames == counts[0] else 0, rng)}
+        print(f"{frames:>7} {row['tokens']:>8} {row.get('encode_s', float('nan')):>9.2f} "
               f"{row.get('prefill_s', float('nan')):>10.2f} "
               f"{row.get('decode_tokens_per_s', float('nan')):>13.1f}"
               + (f"  {args.questions} questions: cached {row['cached_s']:.1f} s, uncached "

@@ -8,7 +8,15 @@
   longvila-jax train --config=configs/stages/3_sft.py:qwen2_7b --workdir=DIR [--config.k=v]
   longvila-jax pipeline --config=configs/stages/pipeline.py:qwen2_7b --workdir=DIR
   longvila-jax demo [--workdir=demo]   (synthetic data, tiny model, all five stages, V-NIAH)
+  longvila-jax generate --checkpoint=DIR --video=FILE --prompt="..." [--num-frames=N
+                        --max-new-tokens=N --temperature=T --top-p=P --stop=S --mesh=N,L]
+  longvila-jax eval-needle --checkpoint=DIR --out=DIR [--haystack=FILE --needles=JSONL
+                           --frame-counts=32,64 --depths=0,0.2,...,1 --generate --mesh=N,L]
+  longvila-jax eval-mcq --checkpoint=DIR --questions=JSONL --out=DIR [--subtitles
+                        --num-frames=N --limit=N]
 
+Flags may be spelt with '-' or '_' (`--num-frames`, `--num_frames`). Inference runs on every
+device, the sequence sharded over `--mesh=NODE,LOCAL` (default 1,<all devices>).
 Bad input ends with one line on stderr naming the file/key/value and exit status 2.
 """
 
@@ -17,6 +25,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -31,9 +40,41 @@ _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export-hf: safetensors shar
 _QUIET = flags.DEFINE_bool("quiet", False, "Hide progress bars.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train/pipeline/demo: folder for everything a "
                                "run writes (checkpoints, TensorBoard, final model).")
+# Inference and evaluation.
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "generate/eval: model checkpoint folder.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "generate/eval: tokenizer.json (default: "
+                                 "the checkpoint's, else the one it was trained with).")
+_VIDEO = flags.DEFINE_string("video", None, "generate: the video (or image) to ask about.")
+_PROMPT = flags.DEFINE_multi_string("prompt", None, "generate: a question; repeat for a batch.")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", 8, "generate/eval-mcq: frames sampled.")
+_FPS = flags.DEFINE_float("fps", None, "generate/eval-mcq: sample at this rate (at most "
+                          "--num-frames frames).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "generate/eval-mcq: answer length cap.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "generate: 0 is greedy.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "generate: nucleus sampling mass.")
+_STOP = flags.DEFINE_multi_string("stop", [], "generate: stop string; repeatable.")
+_SEED = flags.DEFINE_integer("seed", 0, "generate: sampling seed.")
+_MESH = flags.DEFINE_string("mesh", None, "generate/eval: NODE,LOCAL sequence-parallel mesh.")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "generate/eval: auto|ring|ulysses|2d.")
+_CACHE_DIR = flags.DEFINE_string("cache_dir", None, "generate/eval-mcq: keep video "
+                                 "embeddings here across runs.")
+_OUT = flags.DEFINE_string("out", None, "eval: folder for the results JSON (and heatmap).")
+_HAYSTACK = flags.DEFINE_string("haystack", None, "eval-needle: haystack video (default: a "
+                                "synthetic one written to --out).")
+_NEEDLES = flags.DEFINE_string("needles", None, "eval-needle: JSONL of {image|video, question, "
+                               "answer[, num_frames]} (default: synthetic needles).")
+_NUM_NEEDLES = flags.DEFINE_integer("num_needles", 10, "eval-needle: synthetic needles.")
+_FRAME_COUNTS = flags.DEFINE_list("frame_counts", ["32", "64"], "eval-needle: frame counts.")
+_DEPTHS = flags.DEFINE_list("depths", ["0", "0.2", "0.4", "0.6", "0.8", "1"],
+                            "eval-needle: needle depths in [0, 1].")
+_GENERATE = flags.DEFINE_bool("generate", False, "eval-needle: also score free generation.")
+_BATCH = flags.DEFINE_integer("batch_size", 1, "eval-needle: needles per forward pass.")
+_QUESTIONS = flags.DEFINE_string("questions", None, "eval-mcq: questions JSONL.")
+_SUBTITLES = flags.DEFINE_bool("subtitles", False, "eval-mcq: prefix each video's subtitles.")
+_LIMIT = flags.DEFINE_integer("limit", None, "eval-mcq: only the first N questions.")
 
 USAGE = ("usage: longvila-jax {import-hf SRC DST | export-hf CKPT OUT | init DST | show-config | "
-         "train | pipeline | demo} [flags]; see --helpfull")
+         "train | pipeline | demo | generate | eval-needle | eval-mcq} [flags]; see --helpfull")
 
 
 def _args(argv, names):
@@ -54,6 +95,86 @@ def _need_workdir() -> str:
     if not _WORKDIR.value:
         raise app.UsageError("--workdir=DIR is required for this command")
     return _WORKDIR.value
+
+
+def _need(flag, usage: str):
+    if not flag.value:
+        raise app.UsageError(f"--{flag.name.replace('_', '-')}={usage} is required for this "
+                             "command")
+    return flag.value
+
+
+def _generator():
+    """A `Generator` for `--checkpoint` on `--mesh` (default: every device, one group)."""
+    from longvila_jax.infer.generate import Generator
+    from longvila_jax.parallel.mesh import make_mesh
+
+    mesh = None
+    if _MESH.value:
+        try:
+            node, local = (int(x) for x in _MESH.value.split(","))
+        except ValueError:
+            raise ValueError(f"--mesh: expected NODE,LOCAL (two integers), got "
+                             f"{_MESH.value!r}") from None
+        import jax
+
+        mesh = make_mesh(1, node, local, jax.devices()[: node * local])
+    return Generator.from_checkpoint(_need(_CHECKPOINT, "DIR"), tokenizer=_TOKENIZER.value,
+                                     mesh=mesh, scheme=_ATTENTION.value,
+                                     cache_dir=_CACHE_DIR.value)
+
+
+def _numbers(flag, kind):
+    try:
+        return [kind(x) for x in flag.value]
+    except ValueError:
+        raise ValueError(f"--{flag.name.replace('_', '-')}: expected comma-separated "
+                         f"{kind.__name__}s, got {','.join(flag.value)!r}") from None
+
+
+def _eval_needle(progress: bool):
+    from longvila_jax.data.synthetic import write_haystack_video
+    from longvila_jax.eval.needle import evaluate, load_needles, make_needles
+
+    out = Path(_need(_OUT, "DIR"))
+    frame_counts, depths = _numbers(_FRAME_COUNTS, int), _numbers(_DEPTHS, float)
+    generator = _generator()
+    size = generator.model.vision_tower.image_size
+    haystack = _HAYSTACK.value
+    if haystack is None:
+        haystack = out / "haystack.mp4"
+        if not haystack.exists():
+            write_haystack_video(haystack, num_frames=max(frame_counts), width=size,
+                                 height=size, seed=1)
+    needles = (load_needles(_NEEDLES.value) if _NEEDLES.value
+               else make_needles(_NUM_NEEDLES.value, size, size, seed=1_000_003))
+    result = evaluate(generator.model, generator.tokenizer_path, family=generator.family,
+                      haystack=haystack, frame_counts=frame_counts, depths=depths,
+                      needles=needles, image_size=size, out_dir=out,
+                      batch_size=_BATCH.value, progress=progress, engine=generator.engine,
+                      generate=_GENERATE.value)
+    for name in ("accuracy", "generation_accuracy"):
+        if name in result:
+            print(f"{name} by frames: " + ", ".join(
+                f"{f}: {np.mean(row):.0%}" for f, row in zip(frame_counts, result[name],
+                                                            strict=True)))
+    print(f"heatmap: {out / 'needle_heatmap.png'}  results: {out / 'needle.json'}")
+
+
+def _eval_mcq(progress: bool):
+    from longvila_jax.eval.mcq import evaluate_mcq, format_table
+
+    questions, out = _need(_QUESTIONS, "JSONL"), _need(_OUT, "DIR")
+    generator = _generator()
+
+    def answer(video, prompts):
+        return generator.generate(prompts, video=video, num_frames=_NUM_FRAMES.value,
+                                  fps=_FPS.value, max_new_tokens=_MAX_NEW.value)
+
+    result = evaluate_mcq(questions, answer, out, subtitles=_SUBTITLES.value,
+                          progress=progress, limit=_LIMIT.value)
+    print(format_table(result))
+    print(f"results: {Path(out) / 'mcq.json'}")
 
 
 def _dispatch(command: str, argv: list[str]):
@@ -111,6 +232,22 @@ def _dispatch(command: str, argv: list[str]):
             f"{f}: {sum(row) / len(row):.0%}" for f, row in zip(
                 result["frame_counts"], result["accuracy"], strict=True)))
         print(f"heatmap: {out / 'needle_heatmap.png'}  results: {out / 'needle.json'}")
+    elif command == "generate":
+        _args(argv, [])
+        prompts = _PROMPT.value or []
+        if not prompts:
+            raise app.UsageError('--prompt="..." is required for this command')
+        answers = _generator().generate(
+            prompts, video=_VIDEO.value, num_frames=_NUM_FRAMES.value, fps=_FPS.value,
+            max_new_tokens=_MAX_NEW.value, temperature=_TEMPERATURE.value, top_p=_TOP_P.value,
+            stop=_STOP.value, seed=_SEED.value)
+        print("\n".join(answers))
+    elif command == "eval-needle":
+        _args(argv, [])
+        _eval_needle(progress)
+    elif command == "eval-mcq":
+        _args(argv, [])
+        _eval_mcq(progress)
     else:
         raise app.UsageError(f"unknown command {command!r}\n{USAGE}")
 
@@ -132,9 +269,20 @@ def main(argv):
         sys.exit(2)
 
 
+def _underscored(argv: list[str]) -> list[str]:
+    """`--num-frames=8` -> `--num_frames=8`: absl flags are defined with underscores."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            name, eq, value = arg[2:].partition("=")
+            arg = "--" + name.replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
 def run():
     """Console-script entry point."""
-    app.run(main)
+    app.run(main, argv=_underscored(sys.argv))
 
 
 if __name__ == "__main__":

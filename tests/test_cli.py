@@ -5,6 +5,7 @@ Each call pays the JAX import (~3 s), so the checkpoint and its HF export are ma
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,70 @@ def test_unknown_command_prints_usage():
     assert result.returncode != 0
     assert "unknown command 'frobnicate'" in result.stderr
     assert "usage: longvila-jax" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def media(ckpt):
+    """A tokenizer with the tiny model's special ids, and a short needle video."""
+    from longvila_jax.data.demo_corpus import build_tokenizer
+    from longvila_jax.data.synthetic import write_needle_video
+
+    root = ckpt.parent / "media"
+    tokenizer = build_tokenizer(root, ["What colour is the shape shown in the video? red blue "
+                                       "circle square the digit 7"] * 3)
+    video = root / "clip.mp4"
+    write_needle_video(video, 8, needle_index=3, needle_seed=5, haystack_seed=6, width=56,
+                       height=56, fps=4.0)
+    return {"tokenizer": tokenizer, "video": video}
+
+
+def test_generate_prints_what_the_python_api_returns(ckpt, media):
+    import jax
+
+    from longvila_jax.infer.generate import Generator
+    from longvila_jax.parallel.mesh import make_mesh
+
+    prompts = ["What colour is the shape?", "Describe the video."]
+    result = ok(cli("generate", f"--checkpoint={ckpt}", f"--tokenizer={media['tokenizer']}",
+                    f"--video={media['video']}", *[f"--prompt={p}" for p in prompts],
+                    "--num-frames=4", "--max-new-tokens=6", "--mesh=1,2", "--quiet"))
+    generator = Generator.from_checkpoint(ckpt, tokenizer=media["tokenizer"],
+                                          mesh=make_mesh(1, 1, 1, jax.devices()[:1]))
+    answers = generator.generate(prompts, video=media["video"], num_frames=4, max_new_tokens=6)
+    assert result.stdout == "\n".join(answers) + "\n"
+
+
+def test_eval_needle_writes_the_grid_and_heatmap(ckpt, media, tmp_path):
+    result = ok(cli("eval-needle", f"--checkpoint={ckpt}", f"--tokenizer={media['tokenizer']}",
+                    f"--out={tmp_path}", "--frame-counts=4,8", "--depths=0,1",
+                    "--num-needles=2", "--generate", "--quiet"))
+    grid = json.loads((tmp_path / "needle.json").read_text())
+    assert grid["frame_counts"] == [4, 8] and grid["depths"] == [0.0, 1.0]
+    assert np.array(grid["accuracy"]).shape == np.array(grid["generation_accuracy"]).shape \
+        == (2, 2)
+    assert len(grid["per_sample"]) == 8 and (tmp_path / "needle_heatmap.png").stat().st_size
+    assert "accuracy by frames: 4:" in result.stdout
+
+
+def test_eval_mcq_prints_the_table(ckpt, media, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps(
+        {"video": str(media["video"]), "question": f"Which colour? ({i})",
+         "options": ["red", "blue", "green", "yellow"], "answer": "A", "category": c}) + "\n"
+        for i, c in enumerate(["colour", "colour", "count"])))
+    result = ok(cli("eval-mcq", f"--checkpoint={ckpt}", f"--tokenizer={media['tokenizer']}",
+                    f"--questions={questions}", f"--out={tmp_path / 'out'}", "--num-frames=4",
+                    "--max-new-tokens=4", "--quiet"))
+    scored = json.loads((tmp_path / "out" / "mcq.json").read_text())
+    assert scored["num_questions"] == 3 and set(scored["per_category"]) == {"colour", "count"}
+    assert "overall" in result.stdout
+
+
+def test_inference_bad_input_is_one_line(ckpt, media, tmp_path):
+    base = ("generate", f"--checkpoint={ckpt}", f"--tokenizer={media['tokenizer']}",
+            "--prompt=hi")
+    assert_one_line_error(cli(*base, f"--video={tmp_path / 'none.mp4'}"), "none.mp4")
+    assert_one_line_error(cli(*base, "--mesh=2"), "--mesh", "'2'")
+    assert_one_line_error(cli(*base, "--top-p=0"), "top_p")
+    assert_one_line_error(cli("eval-needle", f"--checkpoint={ckpt}", f"--out={tmp_path}",
+                              f"--tokenizer={media['tokenizer']}", "--depths=0,2"), "depths")

@@ -38,7 +38,7 @@ from longvila_jax.atomic import atomic_file
 from longvila_jax.data.synthetic import needle_frame
 from longvila_jax.data.text_sources import tokenize_conversation
 from longvila_jax.data.tokenizer import load_tokenizer
-from longvila_jax.data.video import frame_to_model_input, load_frames
+from longvila_jax.data.video import IMAGE_EXTENSIONS, frame_to_model_input, load_frames
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.infer.generate import end_of_turn_ids
 from longvila_jax.models.longvila import IGNORE_INDEX, LongVILA
@@ -88,6 +88,61 @@ def make_needles(count: int, width: int, height: int, *, seed: int) -> list[Need
         frame, question, answer = needle_frame(width, height, seed=int(needle_seed))
         needles.append(Needle(frame, question, answer))
     return needles
+
+
+def load_needles(jsonl: str | os.PathLike) -> list[Needle]:
+    """Needles from a JSONL file: `{"image": path, "question", "answer"}` for a frame, or
+    `{"video": path, "num_frames": n, "question", "answer"}` for a clip of n frames sampled
+    evenly; paths relative to the file's folder."""
+    jsonl = Path(jsonl)
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"{jsonl}: no such needles file")
+    needles = []
+    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{jsonl}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise ValueError(f"{where}: {key!r} must be a non-empty string")
+        if ("image" in record) == ("video" in record):
+            raise ValueError(f"{where}: give exactly one of 'image' and 'video'")
+        media = jsonl.parent / record.get("image", record.get("video"))
+        count = 1 if "image" in record else record.get("num_frames", 1)
+        if not isinstance(count, int) or count < 1:
+            raise ValueError(f"{where}: 'num_frames' must be an integer >= 1, got {count!r}")
+        # Pixels as they are: scale 255 and offset 0 undo load_frames' normalisation.
+        frames = load_frames(media, count, image_size=_native_size(media), mean=0.0,
+                             std=1 / 255)
+        frames = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+        needles.append(Needle(frames if "video" in record else frames[0],
+                              record["question"], record["answer"]))
+    if not needles:
+        raise ValueError(f"{jsonl}: no needles")
+    return needles
+
+
+def _native_size(path: Path) -> int:
+    """The larger side of an image or video, so loading a needle does not shrink it before
+    the model's own resize."""
+    import cv2
+
+    if path.suffix.lower() in IMAGE_EXTENSIONS:
+        image = cv2.imread(str(path))
+        return max(image.shape[:2]) if image is not None else 1
+    capture = cv2.VideoCapture(str(path))
+    try:
+        size = max(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                   int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+    finally:
+        capture.release()
+    return max(size, 1)
 
 
 def normalize_answer(text: str) -> str:
