@@ -1,1 +1,2 @@
-"""Evaluations: V-NIAH needle retrieval (needle.py), later VideoMME-style multiple choice."""
+"""Evaluations: V-NIAH needle retrieval (needle.py) and VideoMME-style multiple choice
+(mcq.py), both over the inference engine."""

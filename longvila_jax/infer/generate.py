@@ -65,13 +65,15 @@ class Generator:
     def from_checkpoint(cls, checkpoint: str | os.PathLike, *,
                         tokenizer: str | os.PathLike | None = None, **kwargs) -> Generator:
         """Load a checkpoint; the tokenizer is `tokenizer`, else the checkpoint's own
-        `tokenizer.json`, else the one its config was trained with (`data.tokenizer`)."""
+        (`tokenizer/`, which training and import-hf write), else the one its config names
+        (`data.tokenizer`)."""
         from longvila_jax.train.checkpoint import load_config, load_model
 
         config = load_config(checkpoint)
         if tokenizer is None:
-            own = Path(checkpoint) / "tokenizer.json"
-            tokenizer = own if own.is_file() else config.data.get("tokenizer") or own
+            own = Path(checkpoint) / "tokenizer"
+            tokenizer = own if (own / "tokenizer.json").is_file() else (
+                config.data.get("tokenizer") or own)
         return cls(load_model(checkpoint, config), tokenizer, family=config.model.llm.family,
                    **kwargs)
 
