@@ -15,6 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import tokenizers
@@ -27,9 +28,9 @@ _PLACEHOLDERS = ("<image>", "<video>")
 _ROLES = {"human": "user", "gpt": "assistant"}
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """The JSON objects of a JSONL file, blank lines skipped; a bad line names file and line."""
-    records = []
+def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """`(line number, object)` for each non-blank line of a JSONL file; a bad line raises
+    one line naming the file and line."""
     with open(path, encoding="utf-8") as file:
         for number, line in enumerate(file, start=1):
             if not line.strip():
@@ -37,11 +38,17 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+                raise ValueError(f"{path}:{number}: invalid JSON ({err.msg}, column "
+                                 f"{err.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, not {line.strip()!r}")
-            records.append(record)
-    return records
+                raise ValueError(f"{path}:{number}: expected a JSON object, got "
+                                 f"{type(record).__name__}")
+            yield number, record
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The JSON objects of a JSONL file (`jsonl_records` without the line numbers)."""
+    return [record for _, record in jsonl_records(path)]
 
 
 def _media(record: dict) -> tuple[str | None, str | None]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from longvila_jax.atomic import atomic_file
+from longvila_jax.data.text_sources import jsonl_records
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 MIN_OPTIONS, MAX_OPTIONS = 2, len(LETTERS)
@@ -127,9 +128,7 @@ def _parse_answer(answer, options: tuple[str, ...], where: str) -> str:
                      f"{_letter_range(len(options))} or an option's text")
 
 
-def _parse_record(record, where: str, folder: Path) -> Question:
-    if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+def _parse_record(record: dict, where: str, folder: Path) -> Question:
     # Unknown keys fail rather than being ignored: a misspelt "subtitle" would silently run
     # the evaluation without subtitles.
     unknown = sorted(record.keys() - set(REQUIRED_KEYS + OPTIONAL_KEYS))
@@ -175,18 +174,8 @@ def load_questions(jsonl_path: str | os.PathLike) -> list[Question]:
     """
     jsonl_path = Path(jsonl_path)
     folder = jsonl_path.absolute().parent
-    questions = []
-    with open(jsonl_path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{os.fspath(jsonl_path)}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: invalid JSON: {error.msg} (column {error.colno})"
-                                 ) from None
-            questions.append(_parse_record(record, where, folder))
+    questions = [_parse_record(record, f"{os.fspath(jsonl_path)}:{number}", folder)
+                 for number, record in jsonl_records(jsonl_path)]
     if not questions:
         raise ValueError(f"{os.fspath(jsonl_path)}: holds no questions")
     return questions

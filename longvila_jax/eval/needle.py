@@ -36,9 +36,9 @@ from tqdm import tqdm
 
 from longvila_jax.atomic import atomic_file
 from longvila_jax.data.synthetic import needle_frame
-from longvila_jax.data.text_sources import tokenize_conversation
+from longvila_jax.data.text_sources import jsonl_records, tokenize_conversation
 from longvila_jax.data.tokenizer import load_tokenizer
-from longvila_jax.data.video import IMAGE_EXTENSIONS, frame_to_model_input, load_frames
+from longvila_jax.data.video import frame_to_model_input, load_frames
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.infer.generate import end_of_turn_ids
 from longvila_jax.models.longvila import IGNORE_INDEX, LongVILA
@@ -98,16 +98,8 @@ def load_needles(jsonl: str | os.PathLike) -> list[Needle]:
     if not jsonl.is_file():
         raise FileNotFoundError(f"{jsonl}: no such needles file")
     needles = []
-    for number, line in enumerate(jsonl.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for number, record in jsonl_records(jsonl):
         where = f"{jsonl}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
         for key in ("question", "answer"):
             if not isinstance(record.get(key), str) or not record[key].strip():
                 raise ValueError(f"{where}: {key!r} must be a non-empty string")
@@ -117,32 +109,39 @@ def load_needles(jsonl: str | os.PathLike) -> list[Needle]:
         count = 1 if "image" in record else record.get("num_frames", 1)
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"{where}: 'num_frames' must be an integer >= 1, got {count!r}")
-        # Pixels as they are: scale 255 and offset 0 undo load_frames' normalisation.
-        frames = load_frames(media, count, image_size=_native_size(media), mean=0.0,
-                             std=1 / 255)
-        frames = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
-        needles.append(Needle(frames if "video" in record else frames[0],
+        needles.append(Needle(_pixels(media, count) if "video" in record else _image(media),
                               record["question"], record["answer"]))
     if not needles:
         raise ValueError(f"{jsonl}: no needles")
     return needles
 
 
-def _native_size(path: Path) -> int:
-    """The larger side of an image or video, so loading a needle does not shrink it before
-    the model's own resize."""
+def _image(path: Path) -> np.ndarray:
+    """An image file's uint8 RGB pixels, as they are."""
     import cv2
 
-    if path.suffix.lower() in IMAGE_EXTENSIONS:
-        image = cv2.imread(str(path))
-        return max(image.shape[:2]) if image is not None else 1
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such needle image")
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"{path}: OpenCV cannot decode it as an image")
+    return image[..., ::-1].copy()
+
+
+def _pixels(path: Path, count: int) -> np.ndarray:
+    """`count` evenly sampled frames of a video as uint8 RGB `[count, S, S, 3]`, S its
+    larger side (`load_frames` resizes to a square, as the model's input is): offset 0 and
+    scale 1/255 undo its normalisation."""
+    import cv2
+
     capture = cv2.VideoCapture(str(path))
     try:
-        size = max(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
-                   int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)))
+        side = max(int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+                   int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)), 1)
     finally:
         capture.release()
-    return max(size, 1)
+    frames = load_frames(path, count, image_size=side, mean=0.0, std=1 / 255)
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
 
 
 def normalize_answer(text: str) -> str:

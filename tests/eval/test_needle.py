@@ -22,6 +22,7 @@ from longvila_jax.eval.needle import (
     DEPTHS,
     Needle,
     evaluate,
+    load_needles,
     make_needles,
     normalize_answer,
     teacher_forced_correct,
@@ -257,3 +258,26 @@ def test_bad_arguments(world, tmp_path):
     with pytest.raises(ValueError, match=r"depths must be in \[0, 1\], got 1.5"):
         _run(world, tmp_path, depths=(0.0, 1.5))
     assert not list(tmp_path.iterdir())
+
+
+def test_load_needles_reads_frames_and_clips(world, tmp_path):
+    frame = world["needles"][0].frame
+    cv2.imwrite(str(tmp_path / "n.png"), frame[..., ::-1])
+    clip = write_haystack_video(tmp_path / "clip.mp4", 6, width=64, height=48, seed=2)
+    lines = [{"image": "n.png", "question": "What digit?", "answer": "7"},
+             {"video": clip.name, "num_frames": 3, "question": "What colour?", "answer": "red"}]
+    (tmp_path / "needles.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    image, video = load_needles(tmp_path / "needles.jsonl")
+    np.testing.assert_array_equal(image.frame, frame)  # PNG is lossless
+    assert video.frames.shape == (3, 64, 64, 3) and video.frames.dtype == np.uint8
+    want = load_frames(clip, 3, image_size=64)
+    got = np.stack([frame_to_model_input(f, image_size=64) for f in video.frames])
+    np.testing.assert_allclose(got, want, atol=2 / 255 / 0.5)
+    assert (image.question, video.answer) == ("What digit?", "red")
+    for bad, message in [({"question": "Q", "answer": "A"}, "exactly one of 'image'"),
+                         ({"image": "n.png", "question": "Q", "answer": ""}, "'answer'"),
+                         ({"video": clip.name, "num_frames": 0, "question": "Q", "answer": "A"},
+                          "'num_frames'")]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(lines[0]) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=f"bad.jsonl:2: .*{message}"):
+            load_needles(tmp_path / "bad.jsonl")
