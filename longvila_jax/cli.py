@@ -17,6 +17,8 @@
 
 Flags may be spelt with '-' or '_' (`--num-frames`, `--num_frames`). Inference runs on every
 device, the sequence sharded over `--mesh=NODE,LOCAL` (default 1,<all devices>).
+Multi-host: `--coordinator=HOST:PORT --num_processes=N --process_id=I` on every command, or
+nothing under SLURM / Open MPI / a Kubernetes indexed Job (see `launch/`).
 Bad input ends with one line on stderr naming the file/key/value and exit status 2.
 """
 
@@ -72,6 +74,15 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "eval-needle: needles per forward
 _QUESTIONS = flags.DEFINE_string("questions", None, "eval-mcq: questions JSONL.")
 _SUBTITLES = flags.DEFINE_bool("subtitles", False, "eval-mcq: prefix each video's subtitles.")
 _LIMIT = flags.DEFINE_integer("limit", None, "eval-mcq: only the first N questions.")
+# Multi-host (see longvila_jax/distributed.py; SLURM / Open MPI / Kubernetes are detected).
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's "
+                                   "jax.distributed coordinator.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for the "
+                                     "coordinator and every process to join.")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which a silent "
+                                  "process counts as dead and the others stop.")
 
 USAGE = ("usage: longvila-jax {import-hf SRC DST | export-hf CKPT OUT | init DST | show-config | "
          "train | pipeline | demo | generate | eval-needle | eval-mcq} [flags]; see --helpfull")
@@ -259,12 +270,19 @@ def main(argv):
     from longvila_jax.config import ConfigError
     from longvila_jax.data.pipeline import DataError
     from longvila_jax.data.video import MediaError
+    from longvila_jax.distributed import DistributedError, initialize
     from longvila_jax.interop.safetensors_io import CheckpointError
 
     try:
+        if initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                      timeout_s=_DIST_TIMEOUT.value, heartbeat_s=_HEARTBEAT.value):
+            import jax
+
+            if jax.process_index() != 0:  # one process logs; the others only fail loudly
+                logging.set_verbosity(logging.ERROR)
         _dispatch(argv[1], argv[2:])
-    except (CheckpointError, ConfigError, DataError, FileExistsError, FileNotFoundError,
-            MediaError, ValueError) as e:
+    except (CheckpointError, ConfigError, DataError, DistributedError, FileExistsError,
+            FileNotFoundError, MediaError, ValueError) as e:
         print(f"longvila-jax: error: {e}", file=sys.stderr)
         sys.exit(2)
 

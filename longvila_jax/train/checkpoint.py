@@ -51,10 +51,15 @@ def model_params(model: nnx.Module) -> dict:
 
 
 def save_checkpoint(dst, config: ml_collections.ConfigDict, params: dict, tokenizer_dir=None):
-    """Write a checkpoint folder; `params` is flat `{path tuple: array}`."""
+    """Write a checkpoint folder; `params` is flat `{path tuple: array}` of host arrays.
+
+    The calling process writes alone (in a multi-process job, process 0 after gathering):
+    orbax would otherwise wait at a barrier for every process of the job."""
+    alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                               active_processes={jax.process_index()})
     with atomic_folder(dst) as tmp:
         (tmp / "config.json").write_text(config.to_json(indent=2))
-        with ocp.StandardCheckpointer() as ckptr:
+        with ocp.StandardCheckpointer(multiprocessing_options=alone) as ckptr:
             ckptr.save(tmp / "params", flat_to_nested(params))
         if tokenizer_dir is not None:
             (tmp / "tokenizer").mkdir()

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -53,6 +54,9 @@ class Run:
     optimizer: object
     step_fn: object
     trainable: object
+    # (first, count): the data groups (rows of the mesh's `data` axis) whose devices this
+    # process holds; it reads and decodes exactly their rows.
+    data_groups: tuple[int, int] = (0, 1)
 
 
 def _tokenizer_path(config) -> str:
@@ -77,12 +81,28 @@ def _sources(config) -> list[pipeline.Source]:
     return sources
 
 
-def make_data(config, tokens_per_frame: int):
-    """This host's iterator of packed batches for the config's `data` and `train`."""
+def process_data_groups(mesh) -> tuple[int, int]:
+    """`(first, count)` of the `data`-axis indices whose devices this process holds.
+
+    Processes that hold parts of one data group (a sequence split over hosts by `node`)
+    read the same rows; processes holding several groups read all of theirs.
+    """
+    mine = sorted({index[0] for index, device in np.ndenumerate(mesh.devices)
+                   if device.process_index == jax.process_index()})
+    if mine != list(range(mine[0], mine[0] + len(mine))) or mesh.devices.shape[0] % len(mine):
+        raise ConfigError(f"parallel.data: this process holds data groups {mine} of "
+                          f"{mesh.devices.shape[0]}; they must be an even, contiguous share")
+    return mine[0], len(mine)
+
+
+def make_data(config, tokens_per_frame: int, data_groups: tuple[int, int] | None = None):
+    """This process's iterator of packed batches for the config's `data` and `train`: the
+    rows of `data_groups` (`process_data_groups`; default: every group)."""
     train, data = config.train, config.data
     multiple = 2 * config.parallel.node * config.parallel.local
-    rows = train.batch_size // jax.process_count()
-    shard = (jax.process_index(), jax.process_count())
+    first, count = data_groups or (0, config.parallel.data)
+    rows = train.batch_size // config.parallel.data * count
+    shard = (first // count, config.parallel.data // count)
     tokenizer = _tokenizer_path(config)
     if data.kind == "text":
         tok = load_tokenizer(tokenizer)
@@ -112,12 +132,30 @@ def to_model_batch(run: Run, packed: dict) -> dict:
     batch = prepare_batch(packed["input_ids"], packed["labels"], frames,
                           media_token_id=run.model.media_token_id,
                           tokens_per_frame=_tokens_per_frame(run.model),
-                          scheme=run.scheme, data=p.data, node=p.node, local=p.local,
+                          scheme=run.scheme, data=run.data_groups[1], node=p.node,
+                          local=p.local,
                           positions=packed["positions"], segment_ids=packed["segment_ids"],
-                          frame_slots=len(packed["input_ids"]) // p.data
+                          frame_slots=len(packed["input_ids"]) // run.data_groups[1]
                           * run.config.train.max_frames)
+    # Global arrays from this process's rows: each device's shard is cut from the rows of its
+    # data group, which this process holds (`process_data_groups`).
     sharding = NamedSharding(run.mesh, P("data", SP_AXES))
-    return {k: jax.device_put(v, sharding) for k, v in batch.items()}
+    first, count = run.data_groups
+
+    def place(local):
+        per_group = local.shape[0] // count
+        shape = (per_group * p.data, *local.shape[1:])
+        offset = first * per_group
+
+        def shard(index):
+            rows = index[0]
+            start = (rows.start or 0) - offset
+            stop = (shape[0] if rows.stop is None else rows.stop) - offset
+            return local[(slice(start, stop), *index[1:])]
+
+        return jax.make_array_from_callback(shape, sharding, shard)
+
+    return {k: place(v) for k, v in batch.items()}
 
 
 def _tokens_per_frame(model) -> int:
@@ -131,9 +169,10 @@ def setup(config) -> Run:
     mesh = mesh_from_config(config)
     p = config.parallel
     scheme = resolve_scheme(p.attention, p.node, p.local)
-    if config.train.batch_size % (p.data * jax.process_count()):
+    if config.train.batch_size % p.data:
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is not a multiple of "
-                          f"parallel.data={p.data} x processes={jax.process_count()}")
+                          f"parallel.data={p.data}")
+    data_groups = process_data_groups(mesh)
     init = config.train.init_from
     if init and not Path(init).is_dir():
         raise ConfigError(f"train.init_from: {init!r} is not a checkpoint folder")
@@ -144,7 +183,7 @@ def setup(config) -> Run:
     optimizer = make_optimizer_state(model, config.optim, trainable)
     fsdp.place(model, optimizer, mesh)
     step_fn = make_train_step(loss_fn(mesh, scheme), trainable)
-    return Run(config, mesh, scheme, model, optimizer, step_fn, trainable)
+    return Run(config, mesh, scheme, model, optimizer, step_fn, trainable, data_groups)
 
 
 def _state(run: Run) -> dict:
@@ -172,9 +211,10 @@ def _metrics(run: Run, out: dict, packed: dict, seconds: float, data) -> dict:
     cfg = run.config
     frames = int((packed["frame_segment_ids"] > 0).sum()) if "frame_segment_ids" in packed \
         else 0
-    tokens = int((packed["segment_ids"] > 0).sum()) * jax.process_count()
-    model_flops = flops.train_step_flops(cfg.model, packed["segment_ids"], frames)
-    model_flops *= jax.process_count()
+    # This process's rows are `count` of the `data` groups; the step ran all of them.
+    share = cfg.parallel.data // run.data_groups[1]
+    tokens = int((packed["segment_ids"] > 0).sum()) * share
+    model_flops = flops.train_step_flops(cfg.model, packed["segment_ids"], frames) * share
     peak = flops.peak_tflops(jax.devices()[0].device_kind, cfg.train.peak_tflops)
     metrics = {"loss": float(out["loss"]), "grad_norm": float(out["grad_norm"]),
                "tokens_per_s": tokens / seconds, "step_s": seconds}
@@ -194,7 +234,7 @@ def train(config, workdir, *, progress: bool = True) -> Path:
         return final
     run = setup(config)
     config = run.config
-    data = make_data(config, _tokens_per_frame(run.model))
+    data = make_data(config, _tokens_per_frame(run.model), run.data_groups)
     writer = None
     if jax.process_index() == 0:
         from tensorboardX import SummaryWriter
@@ -263,7 +303,9 @@ def _write_final(run: Run, final: Path) -> Path:
     if config.model.lora.rank > 0 and config.train.merge_lora:
         model = merge_lora(model)
         config.model.lora.rank = 0
-    params = {k: np.asarray(jax.device_get(v)) for k, v in model_params(model).items()}
+    # Every process takes part in the gathers (arrays span hosts); process 0 writes.
+    params = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+              for k, v in model_params(model).items()}
     if jax.process_index() == 0:
         tokenizer = Path(_tokenizer_path(config)).parent
         save_checkpoint(final, config, params, tokenizer_dir=tokenizer)
