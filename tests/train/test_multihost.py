@@ -50,8 +50,9 @@ def losses(workdir: Path) -> dict[int, float]:
             (length,) = struct.unpack("Q", data[i:i + 8])
             event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
             i += 12 + length + 4
-            found.update({event.step: v.simple_value for v in event.summary.value
-                          if v.tag == "loss"})
+            for value in event.summary.value:
+                if value.tag == "loss":
+                    found[event.step] = value.simple_value
     return found
 
 
