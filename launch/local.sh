@@ -55,7 +55,7 @@ trap 'exit 143' TERM
 set -m
 for ((i = 0; i < num_processes; i++)); do
   JAX_PLATFORMS=cpu \
-    XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}" \
+    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}" \
     "${command[@]}" "$@" --coordinator="127.0.0.1:$port" --num_processes="$num_processes" \
     --process_id="$i" >"$log_dir/process_$i.log" 2>&1 &
   process_of[$!]=$i

@@ -57,7 +57,8 @@ def losses(workdir: Path) -> dict[int, float]:
 
 
 def local_launch(n: int, *args, log_dir: Path, timeout: int = 1200):
-    env = {**os.environ, "DEVICES_PER_PROCESS": "4", "LOG_DIR": str(log_dir),
+    # XLA_FLAGS cleared: this test process's own 8-device flag must not reach the children.
+    env = {**os.environ, "XLA_FLAGS": "", "DEVICES_PER_PROCESS": "4", "LOG_DIR": str(log_dir),
            "LONGVILA": f"{sys.executable} -m longvila_jax.cli"}
     return subprocess.run([str(ROOT / "launch" / "local.sh"), str(n), *map(str, args)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
