@@ -3,8 +3,8 @@
 # joined through a local coordinator, to exercise the multi-host code paths without a cluster.
 #
 #   launch/local.sh N [longvila-jax args...]
-#   launch/local.sh 2 train --config=configs/stages/3_sft.py:tiny --workdir=/tmp/run \
-#       --config.parallel.node=2 --config.parallel.local=4
+#   launch/local.sh 2 train --config=my_stage.py --workdir=/tmp/run \
+#       --config.parallel.node=2 --config.parallel.local=4     # 2 processes x 4 devices
 #
 # Process i runs `longvila-jax ARGS --coordinator=127.0.0.1:PORT --num_processes=N
 # --process_id=i`, its output in $LOG_DIR/process_i.log. Environment:
@@ -34,9 +34,12 @@ else
   command=("$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/longvila-jax")
 fi
 log_dir=${LOG_DIR:-.}
+devices=${DEVICES_PER_PROCESS:-4}
+xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
 mkdir -p "$log_dir"
 # Free now; process 0 binds it a moment later (another program could take it in between).
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0))
+print(s.getsockname()[1])')
 
 declare -A process_of # pid -> process id, for the processes still running
 
@@ -54,8 +57,7 @@ trap 'exit 143' TERM
 # anything it started.
 set -m
 for ((i = 0; i < num_processes; i++)); do
-  JAX_PLATFORMS=cpu \
-    XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-4}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS=$xla_flags \
     "${command[@]}" "$@" --coordinator="127.0.0.1:$port" --num_processes="$num_processes" \
     --process_id="$i" >"$log_dir/process_$i.log" 2>&1 &
   process_of[$!]=$i

@@ -43,6 +43,19 @@ def _launched_tasks() -> str | None:
     return None
 
 
+def _slurm_local_devices() -> list[int] | None:
+    """Under SLURM with one task per node, every GPU SLURM gave the task.
+
+    JAX's SLURM detection assumes one task per GPU and shows each task only GPU
+    `SLURM_LOCALID`; with one task per node (all GPUs of a host in one process, as the mesh's
+    `local` axis wants) that would leave seven of eight GPUs unused.
+    """
+    if os.environ.get("SLURM_NTASKS_PER_NODE") != "1" or "JAX_LOCAL_DEVICE_IDS" in os.environ:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return list(range(len(visible.split(",")))) if visible else None
+
+
 def _check_explicit(coordinator, num_processes, process_id) -> None:
     given = {"--coordinator": coordinator, "--num_processes": num_processes,
              "--process_id": process_id}
@@ -98,6 +111,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     try:
         jax.distributed.initialize(coordinator_address=coordinator,
                                    num_processes=num_processes, process_id=process_id,
+                                   local_device_ids=(_slurm_local_devices()
+                                                     if launcher == "SLURM" else None),
                                    initialization_timeout=timeout_s,
                                    heartbeat_timeout_seconds=heartbeat_s)
     except Exception as err:  # JAX raises its runtime's error types; keep one line
