@@ -188,8 +188,15 @@ def _eval_mcq(progress: bool):
     print(f"results: {Path(out) / 'mcq.json'}")
 
 
-def _dispatch(command: str, argv: list[str]):
+# Commands that only read and write files on the host: in a multi-process job, process 0 runs
+# them and the others stop (they would race to create the same output).
+HOST_ONLY = ("import-hf", "export-hf", "init", "show-config")
+
+
+def _dispatch(command: str, argv: list[str], primary: bool = True):
     progress = not _QUIET.value
+    if command in HOST_ONLY and not primary:
+        return
     if command == "import-hf":
         from longvila_jax.interop.hf_import import import_hf
 
@@ -274,13 +281,15 @@ def main(argv):
     from longvila_jax.interop.safetensors_io import CheckpointError
 
     try:
+        primary = True
         if initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                       timeout_s=_DIST_TIMEOUT.value, heartbeat_s=_HEARTBEAT.value):
             import jax
 
-            if jax.process_index() != 0:  # one process logs; the others only fail loudly
+            primary = jax.process_index() == 0
+            if not primary:  # one process logs; the others only fail loudly
                 logging.set_verbosity(logging.ERROR)
-        _dispatch(argv[1], argv[2:])
+        _dispatch(argv[1], argv[2:], primary)
     except (CheckpointError, ConfigError, DataError, DistributedError, FileExistsError,
             FileNotFoundError, MediaError, ValueError) as e:
         print(f"longvila-jax: error: {e}", file=sys.stderr)
