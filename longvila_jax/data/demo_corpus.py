@@ -55,7 +55,9 @@ VOCAB_SIZE = 512
 SPECIAL_TOKENS = {"<|endoftext|>": 508, "<|im_start|>": 509, "<image>": 510, "<|im_end|>": 511}
 
 # stage -> its sources: (name, media, video length, task, records at scale 1). One epoch of
-# each stage is a few hundred samples; the context stage's 300 documents make ~300k tokens.
+# each stage is a few hundred samples, but long_sft's thousand needle videos: its ~1,800
+# needle samples then meet each haystack about twice instead of learning a few by heart.
+# The context stage's 300 documents make ~300k tokens.
 _PLAN = {
     "align": (("align_image", "image", None, "describe", 240),
               ("align_video", "video", "short", "describe", 60)),
@@ -63,7 +65,7 @@ _PLAN = {
                  ("pretrain_video", "video", "short", "caption", 250)),
     "sft": (("sft_image", "image", None, "qa", 150),
             ("sft_video", "video", "short", "qa", 250)),
-    "long_sft": (("long_sft_needle", "video", "long", "qa", 250),),
+    "long_sft": (("long_sft_needle", "video", "long", "qa", 1000),),
 }
 _CONTEXT_DOCS = 300
 _LONG_SFT_SHORT_SHARE = 0.25  # of long_sft samples taken from sft's short videos

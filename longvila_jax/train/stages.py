@@ -14,9 +14,9 @@ uses lr 2e-5 (the paper's range is 2e-5 to 5e-5) and 256 frames (up to 2048).
 Warmup 3 % then cosine and weight decay 0 follow VILA's Hugging Face Trainer settings.
 
 `stage_config(stage, model)` builds one stage's config; `model` is a config in `configs/`
-(`tiny`, `qwen2_1_5b`, `qwen2_7b`, `llama3_8b`). `tiny` shrinks lengths and step counts
-to what a laptop CPU trains in minutes (the `demo`). Data sources are placeholders
-(`data/<stage>.jsonl`) to be replaced by the user's files.
+(`tiny`, `demo`, `qwen2_1_5b`, `qwen2_7b`, `llama3_8b`). `tiny` and `demo` (the demo's
+model) shrink lengths and step counts to what a laptop CPU trains in minutes. Data sources
+are placeholders (`data/<stage>.jsonl`) to be replaced by the user's files.
 """
 
 from __future__ import annotations
@@ -56,23 +56,31 @@ _REAL = {
                      batch_size=32),
 }
 
-# The demo's miniature (configs/tiny.py, data.demo_corpus): 2 CPU cores, minutes in all.
+# Models trained at the miniature scale `_TINY` rather than `_REAL`.
+MINIATURES = ("tiny", "demo")
+
+# The demo's miniature (configs/demo.py, data.demo_corpus): 2 CPU cores, minutes in all.
+# Everything starts from random weights, so the vision path is learnt in pretrain (every
+# caption token depends on the image), the question-dependent answer in sft, and finding
+# one frame among 32 in long_sft, which needs ~600 steps to still find it among 64 (V-NIAH
+# at 64 frames after 400 steps: 83-89%; after 600: 100%).
 _TINY = {
-    "align": dict(seq_len=256, num_frames=4, max_frames=16, total_steps=60, batch_size=4,
+    "align": dict(seq_len=256, num_frames=4, max_frames=16, total_steps=30, batch_size=4,
                   learning_rate=3e-3),
-    "pretrain": dict(seq_len=256, num_frames=4, max_frames=16, total_steps=120, batch_size=4,
+    "pretrain": dict(seq_len=256, num_frames=4, max_frames=16, total_steps=200, batch_size=4,
                      learning_rate=1e-3),
-    "sft": dict(seq_len=256, num_frames=4, max_frames=16, total_steps=150, batch_size=4,
+    "sft": dict(seq_len=256, num_frames=4, max_frames=16, total_steps=400, batch_size=4,
                 learning_rate=1e-3),
-    "context": dict(seq_len=1024, num_frames=1, max_frames=0, total_steps=60, batch_size=2,
+    "context": dict(seq_len=1024, num_frames=1, max_frames=0, total_steps=30, batch_size=2,
                     learning_rate=1e-3),
-    "long_sft": dict(seq_len=512, num_frames=32, max_frames=64, total_steps=150, batch_size=2,
+    "long_sft": dict(seq_len=512, num_frames=32, max_frames=64, total_steps=600, batch_size=2,
                      learning_rate=5e-4),
 }
 
-# Stage 4's RoPE theta by the positions it extends to (64K, 256K); the tiny model's
-# 1K-token extension raises its theta tenfold.
-CONTEXT_ROPE_THETA = {65536: 15_300_000.0, 262144: 207_100_000.0, 1024: 100_000.0}
+# Stage 4's RoPE theta by the positions it extends to (64K, 256K). The miniature's 1K-token
+# extension raises theta a hundredfold: with tenfold, needles far before the question in
+# videos longer than long_sft's were missed (V-NIAH at 128 frames 83%, hundredfold 97%).
+CONTEXT_ROPE_THETA = {65536: 15_300_000.0, 262144: 207_100_000.0, 1024: 1_000_000.0}
 
 
 def model_config(name: str) -> ml_collections.ConfigDict:
@@ -93,13 +101,13 @@ def stage_config(stage: str, model: str = "qwen2_7b") -> ml_collections.ConfigDi
         raise ValueError(f"stage config: unknown stage {stage!r}; stages: {STAGES}")
     config = model_config(model)
     trainable, lr, kind = _RECIPE[stage]
-    scale = _TINY if model == "tiny" else _REAL
+    scale = _TINY if model in MINIATURES else _REAL
     sizes = dict(scale[stage])
     lr = sizes.pop("learning_rate", lr)
     steps = sizes.pop("total_steps")
     config.train.update(stage=stage, trainable=trainable, **sizes)
     config.train.checkpoint_every = max(1, steps // 10)
-    config.train.log_every = 1 if model == "tiny" else 10
+    config.train.log_every = 1 if model in MINIATURES else 10
     config.optim.update(learning_rate=lr, total_steps=steps,
                         warmup_steps=max(1, round(0.03 * steps)), weight_decay=0.0)
     config.data.kind = kind
@@ -113,10 +121,29 @@ def stage_config(stage: str, model: str = "qwen2_7b") -> ml_collections.ConfigDi
         llm.rope_theta = CONTEXT_ROPE_THETA[positions]
     if stage == "context":
         config.model.lora.update(rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj")
-    if stage == "long_sft" and model != "tiny":
+    if stage == "long_sft" and model not in MINIATURES:
         config.model.remat = "full"
-        config.parallel.update(node=1, local=8, attention="auto")  # one 8-GPU host
+        local = _ulysses_degree(config.model.llm, HOST_GPUS)
+        config.parallel.update(node=HOST_GPUS // local, local=local, attention="auto")
     return config
+
+
+HOST_GPUS = 8  # long SFT's default mesh: one 8-GPU host
+
+
+def _ulysses_degree(llm, gpus: int) -> int:
+    """The largest all-to-all degree dividing `gpus` that splits the model's heads; the rest
+    of the host becomes the ring (Qwen2-7B's 28 heads: 4 x 2 (2D); Llama-3-8B's 32: 8)."""
+    from longvila_jax.parallel.mesh import check_ulysses
+
+    for degree in range(gpus, 0, -1):
+        if gpus % degree == 0:
+            try:
+                check_ulysses(llm.num_heads, llm.num_kv_heads, degree)
+                return degree
+            except ValueError:
+                continue
+    return 1
 
 
 def pipeline_config(model: str = "qwen2_7b") -> ml_collections.ConfigDict:

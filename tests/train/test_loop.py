@@ -1,4 +1,4 @@
-"""Training runs end to end on the demo corpus with the tiny model, on 8 simulated devices.
+"""Training runs end to end on the demo corpus with the demo model, on 8 simulated devices.
 
 Stage freezing, LoRA merged into the final checkpoint, exact resume after `kill -9`
 (subprocesses through the CLI), resuming onto another mesh layout, `export-hf` of a stage's
@@ -60,7 +60,7 @@ def test_context_stage_trains_lora_embeddings_norms_and_merges(corpus, tmp_path)
     config = stage(corpus, "context", 2, batch_size=2, seq_len=128)
     base = tmp_path / "base"
     subprocess.run([sys.executable, "-m", "longvila_jax.cli", "init",
-                    f"--config={ROOT / 'configs' / 'tiny.py'}", base], check=True,
+                    f"--config={ROOT / 'configs' / 'demo.py'}", base], check=True,
                    capture_output=True)
     config.train.init_from = str(base)
     config.model.llm.rope_theta = 10000.0  # as the base: only the weights differ
