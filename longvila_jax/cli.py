@@ -7,7 +7,7 @@
   longvila-jax show-config --config=configs/qwen2_7b.py:1m
   longvila-jax train --config=configs/stages/3_sft.py:qwen2_7b --workdir=DIR [--config.k=v]
   longvila-jax pipeline --config=configs/stages/pipeline.py:qwen2_7b --workdir=DIR
-  longvila-jax demo [--workdir=demo]   (synthetic data, tiny model, all five stages, V-NIAH)
+  longvila-jax demo [--workdir=demo]   (synthetic data, demo model, all five stages, V-NIAH)
   longvila-jax generate --checkpoint=DIR --video=FILE --prompt="..." [--num-frames=N
                         --max-new-tokens=N --temperature=T --top-p=P --stop=S --mesh=N,L]
   longvila-jax eval-needle --checkpoint=DIR --out=DIR [--haystack=FILE --needles=JSONL

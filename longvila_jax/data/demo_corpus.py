@@ -55,9 +55,10 @@ VOCAB_SIZE = 512
 SPECIAL_TOKENS = {"<|endoftext|>": 508, "<|im_start|>": 509, "<image>": 510, "<|im_end|>": 511}
 
 # stage -> its sources: (name, media, video length, task, records at scale 1). One epoch of
-# each stage is a few hundred samples, but long_sft's thousand needle videos: its ~1,800
-# needle samples then meet each haystack about twice instead of learning a few by heart.
-# The context stage's 300 documents make ~300k tokens.
+# each stage is a few hundred samples, but long_sft's thousand needle videos: its ~2,100
+# needle samples then meet each haystack about twice instead of learning a few by heart
+# (with 250 videos, V-NIAH at 64 frames fell to 58%). The context stage's 300 documents
+# make ~300k tokens.
 _PLAN = {
     "align": (("align_image", "image", None, "describe", 240),
               ("align_video", "video", "short", "describe", 60)),
