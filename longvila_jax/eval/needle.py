@@ -204,7 +204,7 @@ def engine_logits_fn(engine: InferenceEngine) -> LogitsFn:
         batch, seq = input_ids.shape
         rows = table.shape[0] // batch * table.shape[1]
         logits, _ = engine.prefill(list(input_ids), table, [r * rows for r in range(batch)],
-                                   [list(range(start, seq))] * batch)
+                                   [list(range(start, seq))] * batch, keep_cache=False)
         return np.asarray(logits)
 
     return logits_fn

@@ -33,20 +33,22 @@ def sample(logits, key, temperature, top_p):
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    before = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1) - jax.nn.softmax(ordered, -1)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
     # The most likely token is always kept; a token is kept while the mass before it < top_p.
     kept = jnp.where(before < top_p, ordered, jnp.inf).min(axis=-1, keepdims=True)
     drawn = jax.random.categorical(key, jnp.where(scaled >= kept, scaled, -jnp.inf), axis=-1)
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
-def make_decode(graphdef, mesh, steps: int):
+def make_decode(graphdef, mesh, steps: int, with_logits: bool = False):
     """Jitted `decode(params, cache, tail_k, tail_v, tokens, start, key, temperature, top_p)`.
 
     `tokens` `[batch]` sit at positions `cache.lengths + start`; their keys and values go to
     tail slot `start`, and so on for `steps` tokens. Returns `(tokens [steps, batch] sampled
-    after each step, logits float32 [steps, batch, vocab], tail_k, tail_v, key)`; the tails
-    are donated.
+    after each step, logits, tail_k, tail_v, key)`; the tails are donated. `logits` are the
+    float32 `[steps, batch, vocab]` the tokens were drawn from with `with_logits`, else None
+    (a 152K vocabulary makes them the largest output of a step; only tests read them).
     """
 
     def local(params, cache, tail_k, tail_v, tokens, start, key, temperature, top_p):
@@ -82,7 +84,8 @@ def make_decode(graphdef, mesh, steps: int):
             logits = model.llm.logits(h[:, 0])
             key, draw = jax.random.split(key)
             tokens = sample(logits, draw, temperature, top_p)
-            return (tail_k, tail_v, tokens, t + 1, key), (tokens, logits)
+            return (tail_k, tail_v, tokens, t + 1, key), (tokens,
+                                                          logits if with_logits else None)
 
         carry = (tail_k, tail_v, tokens, start, key)
         (tail_k, tail_v, _, _, key), (out, logits) = jax.lax.scan(step, carry, length=steps)

@@ -69,8 +69,11 @@ class InferenceEngine:
         self.decode_chunk = decode_chunk
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
-        self._prefill = make_prefill(graphdef, self.mesh, self.scheme)
-        self._decode = make_decode(graphdef, self.mesh, decode_chunk)
+        # jit compiles lazily: a variant costs nothing until it is called.
+        self._prefill = {cache: make_prefill(graphdef, self.mesh, self.scheme, cache)
+                         for cache in (True, False)}
+        self._decode = {logits: make_decode(graphdef, self.mesh, decode_chunk, logits)
+                        for logits in (True, False)}
         self._sample = jax.jit(sample)
         frames = NamedSharding(self.mesh, P(AXES))
         self._encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_frames(x),
@@ -102,8 +105,9 @@ class InferenceEngine:
 
     def prefill(self, prompts: Sequence[np.ndarray], table=None,
                 media_offsets: Sequence[int] | None = None,
-                windows: Sequence[Sequence[int]] | None = None):
-        """`(logits float32 [batch, w, vocab], PromptCache)` of a batch of token-id prompts.
+                windows: Sequence[Sequence[int]] | None = None, keep_cache: bool = True):
+        """`(logits float32 [batch, w, vocab], PromptCache)` of a batch of token-id prompts
+        (the cache None without `keep_cache`).
 
         Prompt i's media positions take rows `media_offsets[i]`, `+1`, ... of `table`
         (`[rows, hidden]` or `[frames, tokens, hidden]`; offsets default to 0: every prompt
@@ -141,11 +145,12 @@ class InferenceEngine:
         tokens = NamedSharding(self.mesh, TOKENS)
         put = lambda x: jax.device_put(np.ascontiguousarray(x, np.int32), tokens)
         positions = put(positions)
-        logits, k, v = self._prefill(self.params, put(ids[:, perm]), positions,
-                                     put(rows[:, perm]), table, window)
-        cache = PromptCache(k=k, v=v, positions=positions,
-                            lengths=jnp.asarray(lengths, jnp.int32))
-        return logits, cache
+        logits, k, v = self._prefill[keep_cache](self.params, put(ids[:, perm]), positions,
+                                                 put(rows[:, perm]), table, window)
+        if not keep_cache:
+            return logits, None
+        return logits, PromptCache(k=k, v=v, positions=positions,
+                                   lengths=jnp.asarray(lengths, jnp.int32))
 
     def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
                      media_offsets: Sequence[int] | None = None, *, max_new_tokens: int,
@@ -168,13 +173,13 @@ class InferenceEngine:
         key, draw = jax.random.split(jax.random.key(seed))
         temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
         token = self._sample(logits[:, 0], draw, temperature, top_p)
-        cfg_k = cache.k
         slots = math.ceil(max_new_tokens / self.decode_chunk) * self.decode_chunk
-        tail_shape = (cfg_k.shape[0], len(prompts), slots, *cfg_k.shape[3:])
+        tail_shape = (cache.k.shape[0], len(prompts), slots, *cache.k.shape[3:])
         replicated = NamedSharding(self.mesh, P())
-        tail_k = jax.device_put(jnp.zeros(tail_shape, cfg_k.dtype), replicated)
-        tail_v = jax.device_put(jnp.zeros(tail_shape, cfg_k.dtype), replicated)
-        tokens, steps = [np.asarray(token)[None]], [np.asarray(logits[:, 0])[None]]
+        tail_k = jax.device_put(jnp.zeros(tail_shape, cache.k.dtype), replicated)
+        tail_v = jax.device_put(jnp.zeros(tail_shape, cache.k.dtype), replicated)
+        tokens = [np.asarray(token)[None]]
+        steps = [np.asarray(logits[:, 0])[None]] if return_logits else []
         produced, stop_ids = 1, set(stop_ids)
         finished = np.zeros(len(prompts), bool)
         while True:
@@ -185,7 +190,7 @@ class InferenceEngine:
                     done is not None and done(int(row), row_ids))
             if finished.all() or produced >= max_new_tokens:
                 break
-            out, chunk_logits, tail_k, tail_v, key = self._decode(
+            out, chunk_logits, tail_k, tail_v, key = self._decode[return_logits](
                 self.params, cache, tail_k, tail_v, token, jnp.int32(produced - 1), key,
                 temperature, top_p)
             token = out[-1]

@@ -49,14 +49,16 @@ class PromptCache:
 CACHE_SPECS = PromptCache(k=KV, v=KV, positions=TOKENS, lengths=P())
 
 
-def make_prefill(graphdef, mesh, scheme: str):
+def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
     """Jitted `prefill(params, input_ids, positions, media_rows, table, window)`.
 
     `input_ids`, `positions` (global, layout order) and `media_rows` (row of `table` for a
     media position, else -1) are `[batch, seq]` sharded as `TOKENS`; `table`
     `[rows, hidden]` holds frame embeddings (replicated); `window` `[batch, w]` global
     positions whose logits are returned. Returns `(logits float32 [batch, w, vocab],
-    k, v)` with k/v sharded as `KV`. `params` are replicated over `mesh`.
+    k, v)` with k/v sharded as `KV`, or `(logits, None, None)` without `with_cache`
+    (teacher-forced scoring: the cache is then never written out). `params` are replicated
+    over `mesh`.
     `scheme` is a resolved scheme ('none' for a group of one).
     """
 
@@ -76,8 +78,10 @@ def make_prefill(graphdef, mesh, scheme: str):
         pick = (positions[:, :, None] == window[:, None, :]).astype(h.dtype)
         picked = jnp.einsum("bsw,bsd->bwd", pick, h, preferred_element_type=jnp.float32)
         picked = jax.lax.psum(picked, SP_AXES).astype(h.dtype)
+        if not with_cache:
+            return model.llm.logits(picked), None, None
         return model.llm.logits(picked), k, v
 
     sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), TOKENS, TOKENS, TOKENS, P(), P()),
-                            out_specs=(P(), KV, KV))
+                            out_specs=(P(), KV, KV) if with_cache else (P(), None, None))
     return jax.jit(sharded)
