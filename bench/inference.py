@@ -15,9 +15,17 @@ Each phase runs once to compile and is then timed once (a 2048-frame prefill on 
 takes minutes). Rows are appended to `--json` as they finish, so a run cut short keeps what
 it measured. Run one `--mesh` per process (JAX keeps the first engine's memory).
 
+`--longest SECONDS` looks instead for the longest video whose prefill + one decoded token
+runs: from the last `--frames` count it doubles (then bisects once) while XLA's compiled
+memory analysis of the prefill fits `--memory-gib` per device, and runs each count that fits
+(encode, prefill, one decode step; first call, compilation included) while the next run,
+extrapolated quadratically from the last, still ends within SECONDS. It stops at whichever
+limit comes first and says which.
+
   python bench/inference.py --model qwen2_7b --frames 256,1024,2048 --mesh 1,1,4 --json r.jsonl
   CUDA_VISIBLE_DEVICES=0 python bench/inference.py --model qwen2_7b --frames 256,1024,2048 \
       --mesh 1,1,1 --json r.jsonl
+  python bench/inference.py --model qwen2_7b --frames 2048 --mesh 1,2,4 --longest 480
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.models.longvila import build_model
 from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.train.stages import model_config
+
+GIB = 1 << 30
 
 
 def once(fn):
@@ -81,6 +91,62 @@ def measure(engine, config, frames: int, args, questions: int, rng) -> dict:
     return row
 
 
+def run_once(engine, config, frames: int, rng) -> dict:
+    """Encode `frames` frames and generate two tokens (prefill, then one decode step), each
+    timed on its first call; 64 random frames are tiled to save host time and memory."""
+    size = config.model.vision.image_size
+    block = rng.uniform(-1, 1, (min(frames, 64), size, size, 3)).astype(np.float32)
+    pixels = np.resize(block, (frames, size, size, 3))
+    ids = prompt(config, engine, frames, rng)
+    start = time.perf_counter()
+    table = jax.block_until_ready(engine.encode(pixels))
+    encoded = time.perf_counter()
+    engine.generate_ids([ids], table, max_new_tokens=2)
+    return {"encode_s": encoded - start, "generate_s": time.perf_counter() - encoded}
+
+
+def longest(engine, config, args, rng) -> list[dict]:
+    """Rows of the longest-video search (see the module docstring)."""
+    limit = args.memory_gib * GIB if args.memory_gib else \
+        jax.local_devices()[0].memory_stats()["bytes_limit"]
+    began, frames, rows = time.perf_counter(), int(args.frames.split(",")[-1]), []
+    ran, failed, bisected = None, None, False  # (frames, s) of the longest run; first failure
+    while True:
+        tokens = len(prompt(config, engine, frames, rng))
+        need = engine.prefill_bytes(tokens, frames * engine.tokens_per_frame)
+        row = {"frames": frames, "tokens": tokens, "prefill_gib": need / GIB,
+               "limit_gib": limit / GIB}
+        predicted = ran[1] * (frames / ran[0]) ** 2 if ran else 0.0
+        if need > limit:
+            row["stopped"] = "memory"
+        elif time.perf_counter() - began + predicted > args.longest:
+            row.update(stopped="time", predicted_s=predicted)
+        else:
+            try:
+                row.update(run_once(engine, config, frames, rng))
+                ran = (frames, row["encode_s"] + row["generate_s"])
+            except Exception as err:  # out of memory at run time despite the analysis
+                row.update(stopped="error", error=str(err).splitlines()[0][:200])
+        rows.append(row)
+        print(f"{frames:>7} {tokens:>9} {need / GIB:>8.2f} GiB of {limit / GIB:.2f}  " + (
+            f"encode {row['encode_s']:.1f} s, prefill + 1 decode step {row['generate_s']:.1f} s"
+            if "generate_s" in row else {
+                "memory": "does not fit", "error": row.get("error"),
+                "time": f"not run: predicted {predicted:.0f} s would pass --longest"}[
+                    row["stopped"]]), flush=True)
+        if "stopped" in row:
+            failed = frames
+        if failed is None:
+            frames *= 2
+        elif ran and not bisected and (ran[0] + failed) // 2 > ran[0]:
+            frames, bisected = (ran[0] + failed) // 2, True
+        else:
+            break
+    print(f"longest video run: {ran[0] if ran else 'none'} frames"
+          + (f" (next tried: {failed}, stopped by {rows[-1]['stopped']})" if failed else ""))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2_7b")
@@ -89,6 +155,10 @@ def main():
     parser.add_argument("--attention", default="auto", help="scheme: auto|ring|ulysses|2d")
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--questions", type=int, default=0)
+    parser.add_argument("--longest", type=float, default=None, metavar="SECONDS",
+                        help="find the longest video that runs within SECONDS")
+    parser.add_argument("--memory-gib", type=float, default=None,
+                        help="per-device budget for --longest (default: device memory)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
@@ -98,12 +168,19 @@ def main():
     engine = InferenceEngine(build_model(config), mesh=mesh, scheme=args.attention)
     device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
     print(f"{device}, jax {jax.__version__}, scheme {engine.scheme}, mesh {args.mesh}")
+    meta = {"bench": "inference", "device": device, "jax": jax.__version__,
+            "model": args.model, "mesh": args.mesh, "scheme": engine.scheme}
+    if args.longest is not None:
+        print(f"{'frames':>7} {'tokens':>9} {'prefill memory':>14}")
+        rows = [{**meta, "longest": True, **r} for r in longest(engine, config, args, rng)]
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+        return
     print(f"{'frames':>7} {'tokens':>8} {'encode s':>9} {'prefill s':>10} {'decode tok/s':>13}")
     counts = [int(f) for f in args.frames.split(",")]
     for frames in counts:
-        row = {"bench": "inference", "device": device, "jax": jax.__version__,
-               "model": args.model, "mesh": args.mesh, "scheme": engine.scheme,
-               **measure(engine, config, frames, args,
+        row = {**meta, **measure(engine, config, frames, args,
                          args.questions if frames == counts[0] else 0, rng)}
         print(f"{frames:>7} {row['tokens']:>8} {row.get('encode_s', float('nan')):>9.2f} "
               f"{row.get('prefill_s', float('nan')):>10.2f} "

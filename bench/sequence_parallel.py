@@ -5,7 +5,9 @@ layout; forward+backward time and per-GPU TFLOP/s (causal = half of dense, fwd+b
 fwd) for each scheme, against (a) one GPU attending over its local length, with cuDNN
 (what `auto` picks for plain causal attention) and with our Triton kernel (what every
 ring step runs, given positions), and (b) all-gather-KV context parallelism (every GPU
-gathers all K/V; MaxText's default). Efficiency divides per-GPU TFLOP/s by (a), per
+gathers all K/V; MaxText's default). Ulysses over more devices than the heads split evenly
+pads them (`parallel.ulysses.head_layout`: Qwen2-7B's 28/4 over 8 become 32/8); TF/s count
+the real heads only. Efficiency divides per-GPU TFLOP/s by (a), per
 kernel. With --hlo DIR, the compiled ring step's HLO is written there and its async
 collective-permute pairs are counted (overlap needs XLA's latency-hiding scheduler,
 which this script turns on). With --longest, the ring's fwd+bwd is compiled at doubling
@@ -36,6 +38,7 @@ from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.p
 
 from longvila_jax.kernels import flash_attention
 from longvila_jax.parallel import (
+    head_layout,
     layout_permutation,
     make_mesh,
     resolve_scheme,
@@ -43,6 +46,7 @@ from longvila_jax.parallel import (
     sequence_parallel_attention,
     zigzag_permutation,
 )
+from longvila_jax.parallel.schemes import ulysses_degree
 
 
 def allgather_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, axis_name):
@@ -193,11 +197,18 @@ def main():
             print(f"ring HLO: {starts} async collective-permute-start ops "
                   f"({'async: overlap possible' if starts else 'synchronous permutes'})")
         t = timed(step, *operands, pos, seg)
-        tflops = per_gpu_flops / t / 1e12
+        tflops = per_gpu_flops / t / 1e12  # useful FLOPs: padded heads count as waste
+        degree = ulysses_degree(resolve_scheme(name, node, local_deg), node, local_deg) \
+            if name != "allgather" else 1
+        layout = head_layout(args.heads, args.kv_heads, degree)
+        note = (f"heads padded {args.heads} -> {layout.query_heads}, KV {args.kv_heads} -> "
+                f"{layout.kv_heads * layout.repeat} copies" if layout.padded else "")
         rows.append(dict(scheme=name, mesh=f"{node}x{local_deg}", ms=t * 1e3, tflops=tflops,
-                         vs_cudnn=tflops / base["cudnn"], vs_ours=tflops / base["triton"]))
+                         vs_cudnn=tflops / base["cudnn"], vs_ours=tflops / base["triton"],
+                         note=note))
         print(f"{name:>26} {node}x{local_deg:<4} {t * 1e3:9.2f} {tflops:9.1f} "
-              f"{tflops / base['cudnn']:7.2f} {tflops / base['triton']:6.2f}", flush=True)
+              f"{tflops / base['cudnn']:7.2f} {tflops / base['triton']:6.2f}  {note}",
+              flush=True)
     if "ring" in args.schemes.split(",") and jax.default_backend() == "gpu":
         floor = ring_kernel_floor(n, local, shape, key)
         ring = next(r for r in rows if r["scheme"] == "ring")

@@ -7,7 +7,8 @@ prefix, random text after them. MFU counts model FLOPs (`train/flops.py`: linear
 causal attention, 3x the forward; rematerialisation not counted) over the dense bf16 peak.
 
 `--longest` doubles the sequence from `--seq` while XLA's compiled memory analysis of the
-step fits `--memory-gib`, with the given remat policies (compiles only, no run).
+step fits `--memory-gib`, then bisects `--bisect` times between the longest fit and the
+first failure, with the given remat policies (compiles only, no run).
 `--torch` times, instead, the baseline a PyTorch user would pick for a text-only LLM step:
 a Hugging Face transformers Qwen2 with SDPA attention, gradient checkpointing, bf16
 autocast and fused AdamW, on one GPU (a separate process: JAX holds most GPU memory).
@@ -35,6 +36,7 @@ from longvila_jax.train.loop import setup, to_model_batch
 from longvila_jax.train.stages import model_config
 
 GIB = 1 << 30
+LONGEST_STEP = 16384  # --longest's bisection granularity (tokens)
 
 
 def bench_config(args, remat: str, seq: int):
@@ -189,6 +191,8 @@ def main():
     parser.add_argument("--longest", default="", help="remat policies to find the longest for")
     parser.add_argument("--memory-gib", type=float, default=None,
                         help="per-device budget for --longest (default: device memory)")
+    parser.add_argument("--bisect", type=int, default=1,
+                        help="--longest: bisection steps after doubling")
     parser.add_argument("--torch", action="store_true")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -226,15 +230,22 @@ def main():
                          "error": f"{remat}: out of memory"})
         show(rows[-1])
     for remat in [r for r in args.longest.split(",") if r]:
-        seq, best = args.seq, None
+        seq, best, failed, halvings = args.seq, None, None, 0
         while True:
             ok, used = fits(args, remat, seq, rng)
-            print(f"longest ({remat}): {seq} tokens -> {used:.1f} GiB per device "
-                  f"({'fits' if ok else 'does not fit'} {args.memory_gib:.1f})", flush=True)
-            if not ok:
+            print(f"longest ({remat}): {seq} tokens -> {used:.2f} GiB per device "
+                  f"({'fits' if ok else 'does not fit'} {args.memory_gib:.2f})", flush=True)
+            best, failed = (seq, failed) if ok else (best, seq)
+            if failed is None:
+                seq *= 2
+                continue
+            # Bisect between the longest fit and the first failure, in LONGEST_STEP units.
+            mid = (best + failed) // 2 // LONGEST_STEP * LONGEST_STEP if best else 0
+            if halvings == args.bisect or mid <= (best or 0):
                 break
-            best, seq = seq, 2 * seq
-        rows.append({"longest": remat, "seq": best, "mesh": list(args.mesh)})
+            seq, halvings = mid, halvings + 1
+        rows.append({"longest": remat, "seq": best, "next_fails": failed,
+                     "mesh": list(args.mesh)})
     _save(args, rows)
 
 

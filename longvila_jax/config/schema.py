@@ -212,7 +212,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "lora" in model:
         _validate_lora(model.lora)
     if "parallel" in config:
-        _validate_parallel(config.parallel, llm)
+        _validate_parallel(config.parallel)
     if "optim" in config:
         _validate_optim(config.optim)
     if "train" in config:
@@ -277,18 +277,16 @@ def _validate_optim(optim):
     _check(optim.clip_norm >= 0, "optim.clip_norm", optim.clip_norm, "must be >= 0 (0: off)")
 
 
-def _validate_parallel(parallel, llm):
+def _validate_parallel(parallel):
     # Imported here: the parallel package imports the kernels, which import this module.
-    from longvila_jax.parallel.mesh import check_ulysses
-    from longvila_jax.parallel.schemes import SCHEMES, resolve_scheme, ulysses_degree
+    # Any Ulysses degree works for any heads (`parallel.ulysses.head_layout` pads them).
+    from longvila_jax.parallel.schemes import SCHEMES, resolve_scheme
 
     _positive_int(parallel, "parallel", ["data", "node", "local"])
     _check(parallel.attention in SCHEMES, "parallel.attention", parallel.attention,
            f"one of {SCHEMES}")
     try:
-        scheme = resolve_scheme(parallel.attention, parallel.node, parallel.local)
-        check_ulysses(llm.num_heads, llm.num_kv_heads,
-                      ulysses_degree(scheme, parallel.node, parallel.local))
+        resolve_scheme(parallel.attention, parallel.node, parallel.local)
     except ValueError as e:
         raise ConfigError(f"parallel: {e} (node={parallel.node}, local={parallel.local}, "
                           f"attention={parallel.attention!r})") from None

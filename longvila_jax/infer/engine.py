@@ -25,8 +25,9 @@ from jax.sharding import PartitionSpec as P
 from longvila_jax.infer.decode import make_decode, sample
 from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill
 from longvila_jax.models.longvila import LongVILA
-from longvila_jax.parallel.mesh import AXES, check_ulysses, make_mesh
+from longvila_jax.parallel.mesh import AXES, make_mesh
 from longvila_jax.parallel.schemes import layout_permutation, resolve_scheme, ulysses_degree
+from longvila_jax.parallel.ulysses import head_layout
 
 # Prompts are right-padded to a multiple of this times twice the group size (the zigzag
 # layout's unit), so prompts of similar length share one compiled prefill.
@@ -36,16 +37,12 @@ SEQ_BUCKET = 64
 def inference_scheme(scheme: str, node: int, local: int, num_heads: int,
                      num_kv_heads: int) -> str:
     """`resolve_scheme`, except that 'auto' falls back to ring attention when the heads do
-    not split over the Ulysses degree (a small model on many devices)."""
+    not split over the Ulysses degree (a small model on many devices): padding them would
+    waste compute that the ring does not. An explicit scheme is kept, padded if need be."""
     resolved = resolve_scheme(scheme, node, local)
     degree = ulysses_degree(resolved, node, local)
-    if degree > 1:
-        try:
-            check_ulysses(num_heads, num_kv_heads, degree)
-        except ValueError:
-            if scheme != "auto":
-                raise
-            return "ring"
+    if scheme == "auto" and head_layout(num_heads, num_kv_heads, degree).padded:
+        return "ring"
     return resolved
 
 
@@ -84,6 +81,10 @@ class InferenceEngine:
     def group(self) -> int:
         return self.node * self.local
 
+    def _padded_length(self, length: int) -> int:
+        unit = 2 * self.group * SEQ_BUCKET
+        return math.ceil(length / unit) * unit
+
     def encode(self, frames: np.ndarray, frames_per_device: int = 64) -> jax.Array:
         """Float32 frames `[F, H, W, 3]` -> embeddings `[F, media_tokens_per_frame, hidden]`,
         the frames spread evenly over every device, `frames_per_device` per device and call
@@ -118,8 +119,7 @@ class InferenceEngine:
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) < 1:
             raise ValueError("prefill: need at least one non-empty prompt")
-        unit = 2 * self.group * SEQ_BUCKET
-        seq = math.ceil(max(lengths) / unit) * unit
+        seq = self._padded_length(max(lengths))
         pad_id = int(self.media_token_id == 0)
         ids = np.full((len(prompts), seq), pad_id, np.int32)
         for row, prompt in enumerate(prompts):
@@ -151,6 +151,23 @@ class InferenceEngine:
             return logits, None
         return logits, PromptCache(k=k, v=v, positions=positions,
                                    lengths=jnp.asarray(lengths, jnp.int32))
+
+    def prefill_bytes(self, prompt_length: int, media_rows: int, batch: int = 1) -> int:
+        """Device bytes per device that XLA plans for a prefill of `batch` prompts of
+        `prompt_length` tokens with a `media_rows`-row embedding table, KV cache kept
+        (arguments, outputs and temporaries, by the compiled memory analysis): whether a
+        video fits, without encoding or running it. Compiling takes seconds to minutes; jit
+        compiles again at the real call unless JAX's persistent compilation cache is on."""
+        seq = self._padded_length(prompt_length)
+        tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32,
+                                      sharding=NamedSharding(self.mesh, TOKENS))
+        table = jax.ShapeDtypeStruct((media_rows, self.hidden), self.dtype,
+                                     sharding=NamedSharding(self.mesh, P()))
+        window = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+        memory = self._prefill[True].lower(self.params, tokens, tokens, tokens, table,
+                                           window).compile().memory_analysis()
+        return (memory.argument_size_in_bytes + memory.output_size_in_bytes
+                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
 
     def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
                      media_offsets: Sequence[int] | None = None, *, max_new_tokens: int,

@@ -57,20 +57,3 @@ def mesh_from_config(config, devices=None) -> Mesh:
     except ValueError as e:
         raise ConfigError(f"parallel.local: {e}") from None
 
-
-def check_ulysses(num_heads: int, num_kv_heads: int, local: int) -> None:
-    """Fail early when a Ulysses degree `local` cannot split the attention heads.
-
-    Query heads are split evenly over `local`; KV heads either split evenly too
-    (`num_kv_heads % local == 0`) or are repeated until each device holds the one KV head its
-    query heads use (`local % num_kv_heads == 0`).
-    """
-    if num_heads % num_kv_heads:
-        raise ValueError(f"ulysses: num_heads={num_heads} is not a multiple of "
-                         f"num_kv_heads={num_kv_heads}")
-    if num_heads % local:
-        raise ValueError(f"ulysses: local={local} (Ulysses degree) does not divide "
-                         f"num_heads={num_heads}")
-    if num_kv_heads % local and local % num_kv_heads:
-        raise ValueError(f"ulysses: local={local} (Ulysses degree) and num_kv_heads="
-                         f"{num_kv_heads} must divide one another (num_heads={num_heads})")

@@ -132,18 +132,13 @@ HOST_GPUS = 8  # long SFT's default mesh: one 8-GPU host
 
 
 def _ulysses_degree(llm, gpus: int) -> int:
-    """The largest all-to-all degree dividing `gpus` that splits the model's heads; the rest
-    of the host becomes the ring (Qwen2-7B's 28 heads: 4 x 2 (2D); Llama-3-8B's 32: 8)."""
-    from longvila_jax.parallel.mesh import check_ulysses
+    """The largest all-to-all degree dividing `gpus` that splits the model's heads without
+    padding; the rest of the host becomes the ring (Qwen2-7B's 28 heads: 4 x 2 (2D);
+    Llama-3-8B's 32: 8)."""
+    from longvila_jax.parallel.ulysses import head_layout
 
-    for degree in range(gpus, 0, -1):
-        if gpus % degree == 0:
-            try:
-                check_ulysses(llm.num_heads, llm.num_kv_heads, degree)
-                return degree
-            except ValueError:
-                continue
-    return 1
+    return next(degree for degree in range(gpus, 0, -1) if gpus % degree == 0
+                and not head_layout(llm.num_heads, llm.num_kv_heads, degree).padded)
 
 
 def pipeline_config(model: str = "qwen2_7b") -> ml_collections.ConfigDict:

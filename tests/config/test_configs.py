@@ -105,3 +105,13 @@ def test_unknown_key_is_named():
     config.model.vison = {}
     with pytest.raises(ConfigError, match=r"^model\.vison:"):
         validate(config)
+
+
+@pytest.mark.parametrize("model, node, local", [("qwen2_7b", 2, 4), ("llama3_8b", 1, 8)])
+def test_long_sft_mesh_splits_heads_without_padding(model, node, local):
+    """Stage 5's default 8-GPU host: the widest all-to-all the heads allow unpadded (Qwen2-7B's
+    28 heads pad to 32 over 8), the rest a ring."""
+    from longvila_jax.train.stages import stage_config
+
+    parallel = stage_config("long_sft", model).parallel
+    assert (parallel.data, parallel.node, parallel.local) == (1, node, local)

@@ -147,3 +147,13 @@ def test_sampler_frequencies_match_float64_nucleus(temperature, top_p):
     assert (freq[want == 0] == 0).all()
     np.testing.assert_allclose(freq, want, atol=0.015)
     assert int(sample(jnp.asarray(logits), keys[0], 0.0, top_p)[0]) == logits.argmax()
+
+
+def test_prefill_bytes_grow_with_the_prompt_and_cover_the_cache(world):
+    """The compile-only footprint covers at least the KV cache it writes, and grows with
+    the prompt (what bench/inference.py's longest-video search relies on)."""
+    engine = InferenceEngine(world["model"], mesh=make_mesh(1, 2, 4))
+    llm = model_config("tiny").model.llm
+    short, long = (engine.prefill_bytes(n, media_rows=64) for n in (512, 4096))
+    cache = 2 * llm.num_layers * 4096 * llm.num_kv_heads * llm.head_dim * 4 / 8  # f32, 8-way
+    assert long > short and long >= cache

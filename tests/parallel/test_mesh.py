@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import pytest
 
-from longvila_jax.parallel import AXES, check_ulysses, make_mesh
+from longvila_jax.parallel import AXES, make_mesh
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +69,3 @@ def test_uneven_hosts_are_fine_when_local_divides_each():
     assert [{d.process_index for d in row} for row in mesh.devices.reshape(-1, 2)] == [
         {0}, {0}, {0}, {1}]
 
-
-@pytest.mark.parametrize("heads, kv_heads, local", [
-    (16, 2, 4), (16, 2, 8), (8, 8, 8), (32, 4, 8), (16, 8, 4), (12, 1, 4)])
-def test_ulysses_heads_ok(heads, kv_heads, local):
-    check_ulysses(heads, kv_heads, local)
-
-
-@pytest.mark.parametrize("heads, kv_heads, local, message", [
-    (28, 4, 8, "local=8 .* does not divide num_heads=28"),
-    (12, 3, 2, "local=2 .* and num_kv_heads=3 must divide one another"),
-    (12, 8, 4, "num_heads=12 is not a multiple of num_kv_heads=8"),
-])
-def test_ulysses_heads_rejected(heads, kv_heads, local, message):
-    with pytest.raises(ValueError, match=message):
-        check_ulysses(heads, kv_heads, local)

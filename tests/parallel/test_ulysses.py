@@ -17,7 +17,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.kernels import flash_attention
-from longvila_jax.parallel import make_mesh, ulysses_attention
+from longvila_jax.parallel import HeadLayout, head_layout, make_mesh, ulysses_attention
 
 FP32_RTOL = 1e-5
 HEAD_DIM = 8
@@ -147,7 +147,39 @@ def test_padding_with_an_unmatched_segment(rng):
     assert not np.any(dk[:, length:]) and not np.any(dv[:, length:])
 
 
-def test_heads_not_divisible_fail_clearly(rng):
-    q, k, v, *_ = draw(rng, 1, 16, 28, 4)
-    with pytest.raises(ValueError, match=r"local=8 .* does not divide num_heads=28"):
-        sharded_no_masks(make_mesh(1, 1, 8), True)(q, k, v, None, None)
+@pytest.mark.parametrize("heads, kv_heads, n, want", [
+    (16, 2, 8, HeadLayout(2, 8, 4, padded=False)),   # KV repeated 4x
+    (16, 8, 4, HeadLayout(8, 2, 1, padded=False)),   # KV split, 2 per device
+    (32, 8, 8, HeadLayout(8, 4, 1, padded=False)),   # Llama-3-8B over 8
+    (28, 4, 4, HeadLayout(4, 7, 1, padded=False)),   # Qwen2-7B over 4
+    (28, 4, 8, HeadLayout(4, 8, 2, padded=True)),    # Qwen2-7B over 8: 32 query heads
+    (28, 28, 8, HeadLayout(32, 1, 1, padded=True)),  # MHA: pad KV heads, not 2x copies
+    (12, 3, 2, HeadLayout(3, 4, 2, padded=False)),   # neither KV count nor n divides
+    (6, 2, 4, HeadLayout(2, 4, 2, padded=True)),
+])
+def test_head_layout_is_the_cheapest_even_split(heads, kv_heads, n, want):
+    layout = head_layout(heads, kv_heads, n)
+    assert layout == want
+    copies = layout.kv_heads * layout.repeat
+    assert layout.query_heads % n == 0 and copies % n == 0
+    assert layout.group % layout.repeat == 0 and layout.query_heads >= heads
+
+
+def test_head_layout_rejects_uneven_groups():
+    with pytest.raises(ValueError, match="num_heads=12 is not a multiple of num_kv_heads=8"):
+        head_layout(12, 8, 4)
+
+
+@pytest.mark.parametrize("dims, heads, kv_heads", [
+    ((1, 1, 8), 14, 2),  # Qwen2-7B's 7 query heads per KV head, 8-way: pad 14 -> 16
+    ((2, 1, 4), 3, 3),   # MHA, 3 heads 4-way: a zero KV head and its query head
+    ((4, 1, 2), 12, 3),  # KV repeated 2x with no padding
+])
+def test_heads_that_do_not_split_are_padded_exactly(rng, dims, heads, kv_heads):
+    """Padded heads must not leak into the real heads' out, lse or gradients."""
+    batch, length = dims[0], 8 * dims[2]
+    q, k, v, d_out, d_lse = draw(rng, batch, length, heads, kv_heads)
+    pos, seg = packed_masks(rng, batch, length, documents=2)
+    args = (q, k, v, pos, seg, d_out, d_lse)
+    expected = with_grads(single_device(True), *args)
+    assert_close(with_grads(sharded(make_mesh(*dims), True), *args), expected)
