@@ -135,7 +135,7 @@ def longest(engine, config, args, rng) -> list[dict]:
                 "time": f"not run: predicted {predicted:.0f} s would pass --longest"}[
                     row["stopped"]]), flush=True)
         if "stopped" in row:
-            failed = frames
+            failed, reason = frames, row["stopped"]
         if failed is None:
             frames *= 2
         elif ran and not bisected and (ran[0] + failed) // 2 > ran[0]:
@@ -143,7 +143,7 @@ def longest(engine, config, args, rng) -> list[dict]:
         else:
             break
     print(f"longest video run: {ran[0] if ran else 'none'} frames"
-          + (f" (next tried: {failed}, stopped by {rows[-1]['stopped']})" if failed else ""))
+          + (f" (not run: {failed}, stopped by {reason})" if failed else ""))
     return rows
 
 

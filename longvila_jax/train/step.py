@@ -9,6 +9,7 @@ optimizer applies the mean update every k-th call. Only the parameters a stage t
 
 from __future__ import annotations
 
+import functools
 import re
 
 import optax
@@ -38,10 +39,12 @@ def make_train_step(loss, trainable=nnx.Param):
     """`step(model, optimizer, batch) -> metrics` (jitted), updating both in place.
 
     Metrics: `loss` and `grad_norm` (of the trainable parameters, before clipping), as
-    float32 scalars.
+    float32 scalars. The model's and optimizer's arrays are donated: the step writes their
+    new values over the old buffers, so float32 parameters and Adam moments (12 bytes per
+    parameter) are held once, not twice, at the step's peak.
     """
 
-    @nnx.jit
+    @functools.partial(nnx.jit, donate_argnums=(0, 1))
     def step(model, optimizer, batch):
         diff = nnx.DiffState(0, trainable)
         value, grads = nnx.value_and_grad(loss, argnums=diff)(model, batch)
