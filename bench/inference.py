@@ -91,13 +91,13 @@ def measure(engine, config, frames: int, args, questions: int, rng) -> dict:
     return row
 
 
-def run_once(engine, config, frames: int, rng) -> dict:
-    """Encode `frames` frames and generate two tokens (prefill, then one decode step), each
-    timed on its first call; 64 random frames are tiled to save host time and memory."""
+def run_once(engine, config, ids: np.ndarray, frames: int, rng) -> dict:
+    """Encode `frames` frames and generate two tokens after prompt `ids` (prefill, then one
+    decode step), each timed on its first call; 64 random frames are tiled to save host time
+    and memory."""
     size = config.model.vision.image_size
     block = rng.uniform(-1, 1, (min(frames, 64), size, size, 3)).astype(np.float32)
     pixels = np.resize(block, (frames, size, size, 3))
-    ids = prompt(config, engine, frames, rng)
     start = time.perf_counter()
     table = jax.block_until_ready(engine.encode(pixels))
     encoded = time.perf_counter()
@@ -112,7 +112,8 @@ def longest(engine, config, args, rng) -> list[dict]:
     began, frames, rows = time.perf_counter(), int(args.frames.split(",")[-1]), []
     ran, failed, bisected = None, None, False  # (frames, s) of the longest run; first failure
     while True:
-        tokens = len(prompt(config, engine, frames, rng))
+        ids = prompt(config, engine, frames, rng)
+        tokens = len(ids)
         need = engine.prefill_bytes(tokens, frames * engine.tokens_per_frame)
         row = {"frames": frames, "tokens": tokens, "prefill_gib": need / GIB,
                "limit_gib": limit / GIB}
@@ -123,7 +124,7 @@ def longest(engine, config, args, rng) -> list[dict]:
             row.update(stopped="time", predicted_s=predicted)
         else:
             try:
-                row.update(run_once(engine, config, frames, rng))
+                row.update(run_once(engine, config, ids, frames, rng))
                 ran = (frames, row["encode_s"] + row["generate_s"])
             except Exception as err:  # out of memory at run time despite the analysis
                 row.update(stopped="error", error=str(err).splitlines()[0][:200])

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.py`)
 
 from longvila_jax.kernels import flash_attention
+from longvila_jax.memory import planned_bytes
 from longvila_jax.parallel import (
     head_layout,
     layout_permutation,
@@ -126,9 +127,7 @@ def longest_ring(n, shape, start, limit, tflops):
         spec = [jax.ShapeDtypeStruct((1, total, h, head_dim), jnp.bfloat16, sharding=sharding)
                 for h in (heads, kv_heads, kv_heads, heads)]
         ids = jax.ShapeDtypeStruct((1, total), jnp.int32, sharding=sharding)
-        mem = step.lower(*spec, ids, ids).compile().memory_analysis()
-        need = (mem.argument_size_in_bytes + mem.output_size_in_bytes
-                + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        need = planned_bytes(step.lower(*spec, ids, ids).compile())
         print(f"  ring fwd+bwd at {total} tokens: {need / 2**30:.2f} GiB per GPU of "
               f"{limit / 2**30:.2f}", flush=True)
         if need > limit:

@@ -31,6 +31,7 @@ import time
 import jax
 import numpy as np
 
+from longvila_jax.memory import planned_bytes
 from longvila_jax.train import flops
 from longvila_jax.train.loop import setup, to_model_batch
 from longvila_jax.train.stages import model_config
@@ -103,7 +104,8 @@ def measure(args, remat: str, rng) -> dict:
 
 def fits(args, remat: str, seq: int, rng) -> tuple[bool, float]:
     """Whether the compiled step at `seq` tokens fits `--memory-gib` per device, and its
-    footprint (arguments + temporaries, GiB), by XLA's memory analysis."""
+    footprint (GiB, `memory.planned_bytes`: the step donates the model and optimizer like
+    the library's own), by XLA's memory analysis."""
     from flax import nnx
 
     config = bench_config(args, remat, seq)
@@ -125,8 +127,7 @@ def fits(args, remat: str, seq: int, rng) -> tuple[bool, float]:
         if "RESOURCE_EXHAUSTED" in str(e) or "memory" in str(e).lower():
             return False, float("inf")
         raise
-    memory = compiled.memory_analysis()
-    used = (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / GIB
+    used = planned_bytes(compiled) / GIB
     return used <= args.memory_gib, used
 
 

@@ -48,12 +48,14 @@ def _slurm_local_devices() -> list[int] | None:
 
     JAX's SLURM detection assumes one task per GPU and shows each task only GPU
     `SLURM_LOCALID`; with one task per node (all GPUs of a host in one process, as the mesh's
-    `local` axis wants) that would leave seven of eight GPUs unused.
+    `local` axis wants) that would leave seven of eight GPUs unused. A `JAX_LOCAL_DEVICE_IDS`
+    the user set wins (JAX reads it).
     """
     if os.environ.get("SLURM_NTASKS_PER_NODE") != "1" or "JAX_LOCAL_DEVICE_IDS" in os.environ:
         return None
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    return list(range(len(visible.split(",")))) if visible else None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    count = len(visible.split(",")) if visible else int(os.environ.get("SLURM_GPUS_ON_NODE", 0))
+    return list(range(count)) or None
 
 
 def _check_explicit(coordinator, num_processes, process_id) -> None:

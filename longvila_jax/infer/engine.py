@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.infer.decode import make_decode, sample
 from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill
+from longvila_jax.memory import planned_bytes
 from longvila_jax.models.longvila import LongVILA
 from longvila_jax.parallel.mesh import AXES, make_mesh
 from longvila_jax.parallel.schemes import layout_permutation, resolve_scheme, ulysses_degree
@@ -164,10 +165,8 @@ class InferenceEngine:
         table = jax.ShapeDtypeStruct((media_rows, self.hidden), self.dtype,
                                      sharding=NamedSharding(self.mesh, P()))
         window = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-        memory = self._prefill[True].lower(self.params, tokens, tokens, tokens, table,
-                                           window).compile().memory_analysis()
-        return (memory.argument_size_in_bytes + memory.output_size_in_bytes
-                + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+        return planned_bytes(self._prefill[True].lower(self.params, tokens, tokens, tokens,
+                                                       table, window).compile())
 
     def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
                      media_offsets: Sequence[int] | None = None, *, max_new_tokens: int,

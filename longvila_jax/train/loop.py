@@ -137,25 +137,12 @@ def to_model_batch(run: Run, packed: dict) -> dict:
                           positions=packed["positions"], segment_ids=packed["segment_ids"],
                           frame_slots=len(packed["input_ids"]) // run.data_groups[1]
                           * run.config.train.max_frames)
-    # Global arrays from this process's rows: each device's shard is cut from the rows of its
-    # data group, which this process holds (`process_data_groups`).
+    # Global arrays from this process's rows, those of the data groups its devices hold
+    # (`process_data_groups`); every other dimension is whole on every process.
     sharding = NamedSharding(run.mesh, P("data", SP_AXES))
-    first, count = run.data_groups
-
-    def place(local):
-        per_group = local.shape[0] // count
-        shape = (per_group * p.data, *local.shape[1:])
-        offset = first * per_group
-
-        def shard(index):
-            rows = index[0]
-            start = (rows.start or 0) - offset
-            stop = (shape[0] if rows.stop is None else rows.stop) - offset
-            return local[(slice(start, stop), *index[1:])]
-
-        return jax.make_array_from_callback(shape, sharding, shard)
-
-    return {k: place(v) for k, v in batch.items()}
+    share = p.data // run.data_groups[1]
+    return {k: jax.make_array_from_process_local_data(
+        sharding, v, (v.shape[0] * share, *v.shape[1:])) for k, v in batch.items()}
 
 
 def _tokens_per_frame(model) -> int:

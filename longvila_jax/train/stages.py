@@ -133,8 +133,8 @@ HOST_GPUS = 8  # long SFT's default mesh: one 8-GPU host
 
 def _ulysses_degree(llm, gpus: int) -> int:
     """The largest all-to-all degree dividing `gpus` that splits the model's heads without
-    padding; the rest of the host becomes the ring (Qwen2-7B's 28 heads: 4 x 2 (2D);
-    Llama-3-8B's 32: 8)."""
+    padding; the rest of the host becomes the ring (Qwen2-7B's 28 heads: Ulysses over 4
+    and a ring of 2 (2D); Llama-3-8B's 32: Ulysses over 8)."""
     from longvila_jax.parallel.ulysses import head_layout
 
     return next(degree for degree in range(gpus, 0, -1) if gpus % degree == 0

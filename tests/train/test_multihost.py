@@ -160,3 +160,21 @@ def test_a_process_that_dies_stops_the_others(tmp_path):
     assert procs[1].returncode == 7, outs[1][1][-2000:]
     assert "sum 6.0" in outs[0][0], outs[0][1][-2000:]
     assert procs[0].returncode != 0 and time.time() - began < 180, outs[0][1][-2000:]
+
+
+@pytest.mark.parametrize("env, want", [
+    ({"SLURM_NTASKS_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "4,5,6,7"}, [0, 1, 2, 3]),
+    ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8"}, list(range(8))),
+    ({"SLURM_NTASKS_PER_NODE": "8", "CUDA_VISIBLE_DEVICES": "0,1"}, None),  # JAX: one GPU each
+    ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8", "JAX_LOCAL_DEVICE_IDS": "0"},
+     None),  # the user's choice, which JAX reads
+])
+def test_slurm_one_task_per_node_keeps_every_gpu(monkeypatch, env, want):
+    from longvila_jax.distributed import _slurm_local_devices
+
+    for name in ("SLURM_NTASKS_PER_NODE", "CUDA_VISIBLE_DEVICES", "SLURM_GPUS_ON_NODE",
+                 "JAX_LOCAL_DEVICE_IDS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert _slurm_local_devices() == want
