@@ -1,7 +1,9 @@
 """Writes that appear whole or not at all: a temporary name beside the target, then a rename.
 
 A reader (or a resumed run) never sees a half-written file or folder, whatever kills the
-writer; the temporary is removed when the write fails.
+writer; the temporary is removed when the write fails, and what a kill left behind is
+removed by the next write of the same target (`atomic_folder`) or by the next command that
+owns the folder (`remove_temporaries`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,24 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def _temporary(target: Path, suffix: str = "") -> Path:
+    return target.with_name(f".{target.name.removesuffix(suffix)}.tmp-"
+                            f"{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def remove_temporaries(folder, target: str = "*") -> list[Path]:
+    """Delete the temporaries that killed writers of `target` (a name or pattern; default
+    every one) left in `folder` (not below it); returns them. Only for what the caller
+    alone writes: a live writer's temporary would go too."""
+    removed = sorted(Path(folder).glob(f".{target}.tmp-*"))
+    for path in removed:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def ensure_new_path(dst):
@@ -27,7 +47,8 @@ def atomic_folder(dst) -> Iterator[Path]:
     dst = Path(dst).absolute()
     ensure_new_path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    remove_temporaries(dst.parent, dst.name)
+    tmp = _temporary(dst)
     tmp.mkdir()
     try:
         yield tmp
@@ -45,7 +66,7 @@ def atomic_file(path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
+    tmp = _temporary(path, path.suffix)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -19,20 +19,53 @@ Flags may be spelt with '-' or '_' (`--num-frames`, `--num_frames`). Inference r
 device, the sequence sharded over `--mesh=NODE,LOCAL` (default 1,<all devices>).
 Multi-host: `--coordinator=HOST:PORT --num_processes=N --process_id=I` on every command, or
 nothing under SLURM / Open MPI / a Kubernetes indexed Job (see `launch/`).
-Bad input ends with one line on stderr naming the file/key/value and exit status 2.
+Bad input ends with one line on stderr naming the file/key/value and exit status 2; a
+training run stopped on non-finite numbers ends with one line naming the step, the values
+and the last good checkpoint, and exit status 3.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+
+class _ConfigFile(flags.ArgumentParser):
+    """`--config=FILE[:ARG]` by `config.load_file`, its errors one line (config_flags' parser
+    defers a missing file's error to first use and wraps `get_config`'s in a traceback).
+    It also checks that the `--config.KEY=VALUE` overrides name keys of the config: config_flags
+    applies them right after this, and fails on an unknown one with a bare AttributeError."""
+
+    def parse(self, argument):
+        from longvila_jax.config import ConfigError, check_keys, load_file
+
+        try:
+            config = load_file(argument)
+            check_keys(config, _override_keys())
+        except ConfigError as e:  # absl would prefix a ValueError with "flag --config=ARG"
+            raise flags.IllegalFlagValueError(str(e)) from None
+        return config
+
+    def flag_type(self):
+        return "config object"
+
+
+def _override_keys() -> list[str]:
+    """The KEYs of the `--config.KEY[=VALUE]` arguments, read where config_flags reads them:
+    `sys.argv`, flag files expanded."""
+    argv = flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
+    return [m[2] for m in (re.match(r"--?(no)?config\.([^=]+)", a) for a in argv) if m]
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                           lock_config=False)
+flags.FLAGS[_CONFIG.name].parser = _ConfigFile()
 _VISION = flags.DEFINE_string("vision", None, "import-hf: SigLIP folder to assemble with SRC.")
 _PROJECTOR = flags.DEFINE_string("projector", None, "import-hf: projector type with --vision.")
 _MEDIA = flags.DEFINE_integer("media_token_id", None, "import-hf: override the media token id.")
@@ -279,6 +312,7 @@ def main(argv):
     from longvila_jax.data.video import MediaError
     from longvila_jax.distributed import DistributedError, initialize
     from longvila_jax.interop.safetensors_io import CheckpointError
+    from longvila_jax.train.loop import Diverged
 
     try:
         primary = True
@@ -292,8 +326,27 @@ def main(argv):
         _dispatch(argv[1], argv[2:], primary)
     except (CheckpointError, ConfigError, DataError, DistributedError, FileExistsError,
             FileNotFoundError, MediaError, ValueError) as e:
-        print(f"longvila-jax: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(e)
+    except Diverged as e:
+        _fail(e, status=DIVERGED)
+
+
+# Exit status of a training run stopped on non-finite numbers (2 is bad input).
+DIVERGED = 3
+
+
+def _fail(error: Exception, status: int = 2) -> NoReturn:
+    print(f"longvila-jax: error: {error}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, a bad flag (`--config` file, key or value included) reported like
+    every other user error: one line, exit status 2 (absl: a two-line FATAL, status 1)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _fail(e)
 
 
 def _underscored(argv: list[str]) -> list[str]:
@@ -309,7 +362,7 @@ def _underscored(argv: list[str]) -> list[str]:
 
 def run():
     """Console-script entry point."""
-    app.run(main, argv=_underscored(sys.argv))
+    app.run(main, argv=_underscored(sys.argv), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

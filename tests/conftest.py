@@ -72,9 +72,34 @@ def reference(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="module")
+def module_seed() -> int:
+    """The seed of every random draw in one test module: `$LONGVILA_TEST_SEED`, else fresh.
+
+    One seed per module, not per test, so that a test and the module-scoped fixtures it
+    uses replay together from the one seed it prints (`_print_seed`).
+    """
+    return int(os.environ.get("LONGVILA_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
+
+
+@pytest.fixture(autouse=True)
+def _print_seed(request):
+    """Print the seed in every test that draws from it, so a failure shows it (pytest shows a
+    failing test's captured output), whichever test first built the module's fixtures."""
+    if "module_seed" in request.fixturenames:
+        print(f"{request.node.name}: LONGVILA_TEST_SEED={request.getfixturevalue('module_seed')}")
+
+
 @pytest.fixture
-def rng(request):
-    """A fresh random generator per test; the seed is printed so a failure can be replayed."""
-    seed = int(os.environ.get("LONGVILA_TEST_SEED", np.random.SeedSequence().entropy % 2**32))
-    print(f"{request.node.name}: LONGVILA_TEST_SEED={seed}")
-    return np.random.default_rng(seed)
+def rng(module_seed):
+    """A fresh random generator per test, from the module's printed seed."""
+    return np.random.default_rng(module_seed)
+
+
+@pytest.fixture(scope="module")
+def module_rng(module_seed):
+    """`rng` for module-scoped fixtures: one generator per module, on a stream of its own
+    (a test's `rng` draws must not repeat its fixtures' draws). Fixtures draw from it in the
+    order they are built, which depends on the tests selected: a module's second seeded
+    fixture needs a stream of its own (`default_rng([module_seed, 2])`) to replay alone."""
+    return np.random.default_rng([module_seed, 1])

@@ -9,6 +9,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from longvila_jax.train.checkpoint import load_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
+SFT = ROOT / "configs" / "stages" / "3_sft.py"
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -39,6 +41,12 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *names):
     assert last.startswith("longvila-jax: error:"), result.stderr[-4000:]
     for name in names:
         assert str(name) in last, (name, last)
+
+
+def assert_only_line_error(result: subprocess.CompletedProcess, *names):
+    """`assert_one_line_error`, with nothing else on stderr (no FATAL, no hint, no log)."""
+    assert_one_line_error(result, *names)
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +125,39 @@ def test_invalid_config_value_names_the_key(tmp_path):
     result = cli("init", f"--config={config}", tmp_path / "dst")
     assert_one_line_error(result, "model.llm.num_kv_heads", "invalid value 3")
     assert not (tmp_path / "dst").exists()
+
+
+@pytest.mark.parametrize("flags, names", [
+    ([f"--config={SFT}:tiny", "--config.train.learning_rat=1e-3"],
+     ["train.learning_rat", "did you mean optim.learning_rate?"]),
+    ([f"--config={SFT}:tiny", "--config.train.batch_size=four"],
+     ["--config.train.batch_size=four"]),
+    ([f"--config={SFT}:qwen9_99b"], ["unknown model 'qwen9_99b'; known: [", "'tiny'"]),
+    ([f"--config={ROOT / 'configs' / 'nope.py'}"], [ROOT / "configs" / "nope.py"]),
+    ([f"--config={SFT.with_name('3_stf.py')}:tiny"], ["did you mean", SFT]),
+    ([f"--config={SFT}:tiny", "--frobnicate"], ["frobnicate"]),
+], ids=["unknown-key", "wrong-type", "unknown-model", "missing-file", "near-file", "flag"])
+def test_a_bad_flag_is_one_line_before_anything_runs(flags, names, tmp_path):
+    began = time.monotonic()
+    result = cli("train", f"--workdir={tmp_path / 'run'}", *flags)
+    assert_only_line_error(result, *names)
+    assert time.monotonic() - began < 30  # the JAX import at most: flags fail before main
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_training_data_is_one_line_before_the_model_is_built(tmp_path):
+    """The stage config's placeholder source (`data/sft.jsonl`, relative to the working
+    folder) does not exist; only the tokenizer is given."""
+    (tmp_path / "tokenizer.json").write_text("{}")
+    result = cli("train", f"--config={SFT}:tiny", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data.tokenizer={tmp_path / 'tokenizer.json'}", cwd=tmp_path)
+    assert_only_line_error(result, "data.sources[0].jsonl", "data/sft.jsonl")
+    assert not (tmp_path / "run").exists()
+
+
+def test_helpfull_lists_the_config_flag():
+    result = cli("--helpfull")
+    assert "--config: Config file" in result.stdout and "Traceback" not in result.stderr
 
 
 def test_unknown_command_prints_usage():

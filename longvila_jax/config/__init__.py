@@ -1,5 +1,6 @@
 """The one place that says what a config may hold, and checks it before any compute."""
 
+from longvila_jax.config.files import check_keys, load_file
 from longvila_jax.config.schema import ConfigError, base_config, validate
 
-__all__ = ["ConfigError", "base_config", "validate"]
+__all__ = ["ConfigError", "base_config", "check_keys", "load_file", "validate"]

@@ -20,11 +20,12 @@ VISION_ACTS = ("gelu_pytorch_tanh", "gelu")
 REMAT = ("none", "selective", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DATA_KINDS = ("conversations", "text")
+NONFINITE = ("stop", "skip")
 SOURCE_KEYS = ("name", "jsonl", "media_root", "weight")
 
 
 class ConfigError(ValueError):
-    """A config value is invalid; the message starts with the dotted key."""
+    """A config file, key or value is invalid; a key's message starts with the dotted key."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -122,6 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
     train.keep = 3  # run checkpoints kept
     train.log_every = 10
     train.merge_lora = True  # fold LoRA adapters into the weights of the final checkpoint
+    # A step whose loss, gradient norm or new state is not finite is never applied or
+    # saved; "stop" ends the run there, "skip" goes on and stops after `nonfinite_limit`
+    # such steps in a row (or at once if an update overflowed the state).
+    train.nonfinite = "stop"
+    train.nonfinite_limit = 10
+    # Write the samples each step consumed to <workdir>/samples/ (loop._SampleLog).
+    train.log_samples = False
     # Dense bf16 peak TFLOP/s per device for MFU; 0: known GPUs by name, else no MFU.
     train.peak_tflops = 0.0
 
@@ -235,7 +243,9 @@ def _validate_train(train):
     import re
 
     _positive_int(train, "train", ["batch_size", "seq_len", "num_frames", "checkpoint_every",
-                                   "keep", "log_every"])
+                                   "keep", "log_every", "nonfinite_limit"])
+    _check(train.nonfinite in NONFINITE, "train.nonfinite", train.nonfinite,
+           f"one of {NONFINITE}")
     _check(isinstance(train.max_frames, int) and train.max_frames >= 0, "train.max_frames",
            train.max_frames, "must be an integer >= 0")
     _check(train.fps >= 0, "train.fps", train.fps, "must be >= 0 (0: uniform sampling)")

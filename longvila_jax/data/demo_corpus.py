@@ -42,7 +42,7 @@ import cv2
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from longvila_jax.atomic import atomic_file
+from longvila_jax.atomic import atomic_file, remove_temporaries
 from longvila_jax.data.synthetic import needle_fact, needle_frame, write_needle_video
 from longvila_jax.data.templates import render_chat
 from longvila_jax.data.text_sources import conversation_to_messages
@@ -260,6 +260,7 @@ def write_demo_data(root: str | os.PathLike, *, seed: int = 0, image_size: int =
     for stage, plan in _PLAN.items():
         stage_dir = root / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
+        remove_temporaries(stage_dir)  # what a killed earlier call left
         counts = [_count(base, scale) for *_, base in plan]
         first, sources = 0, []
         for (name, media, length, task, _), count in zip(plan, counts, strict=True):
@@ -282,6 +283,7 @@ def write_demo_data(root: str | os.PathLike, *, seed: int = 0, image_size: int =
 
     context_dir = root / "context"
     context_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(context_dir)
     documents = [_passkey_document(seed, i) for i in range(_count(_CONTEXT_DOCS, scale))]
     texts += documents
     jsonl = _write_jsonl(context_dir / "context_text.jsonl", [{"text": d} for d in documents])

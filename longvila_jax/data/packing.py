@@ -79,6 +79,45 @@ def _fits(sample: dict, *, tokens: int, frames: int, stats: PackStats) -> bool:
     return True
 
 
+class _Admit(grain.IterDataset):
+    """Drops the samples `fits` rejects; their `sample_ids` go on with the next kept sample,
+    so a reader of the packed rows learns that they were consumed."""
+
+    def __init__(self, parent: grain.IterDataset, fits):
+        super().__init__(parent)
+        self._fits = fits
+
+    def __iter__(self):
+        return _AdmitIterator(self._parent.__iter__(), self._fits)
+
+
+class _AdmitIterator(grain.DatasetIterator):
+    def __init__(self, parent, fits):
+        super().__init__(parent)
+        self._fits = fits
+        self._carried: list[list[int]] = []
+
+    def __next__(self):
+        while True:
+            sample = next(self._parent)
+            if self._fits(sample):
+                if self._carried:
+                    ids = sample["sample_ids"]
+                    carried = np.asarray(self._carried, ids.dtype)
+                    sample = {**sample, "sample_ids": np.concatenate([carried, ids])}
+                    self._carried = []
+                return sample
+            if "sample_ids" in sample:
+                self._carried += sample["sample_ids"].tolist()
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "carried": list(self._carried)}
+
+    def set_state(self, state):
+        self._parent.set_state(state["parent"])
+        self._carried = list(state["carried"])
+
+
 def _rename(packed: dict) -> dict:
     """Grain's per-feature packing outputs under the model's names."""
     out = {
@@ -90,6 +129,8 @@ def _rename(packed: dict) -> dict:
     if "frames" in packed:
         out["frames"] = packed["frames"]
         out["frame_segment_ids"] = packed["frames_segment_ids"]
+    if "sample_ids" in packed:  # grain's list of the row's samples' values
+        out["sample_ids"] = np.concatenate(packed["sample_ids"])
     return out
 
 
@@ -102,6 +143,7 @@ def pack(
     seed: int = 0,
     pad_id: int = 0,
     stats: PackStats | None = None,
+    sample_ids: bool = False,
 ) -> grain.IterDataset:
     """Rows of `tokens` tokens (and `frames` frames) first-fit packed from `dataset`'s samples.
 
@@ -111,6 +153,8 @@ def pack(
     with frames `frames` (pads 0) and `frame_segment_ids` (`[frames]`). With `frames == 0` a
     sample with frames is over the frame budget. The `num_bins` open rows are all in memory;
     with frames that is `num_bins * frames` frames, so keep it small for long videos.
+    With `sample_ids`, every sample holds a `sample_ids` array `[n, k]` and a row gets the
+    concatenation of its samples' (with those of samples dropped before them).
     """
     stats = PackStats() if stats is None else stats
     lengths = {"input_ids": tokens, "labels": tokens}
@@ -119,11 +163,12 @@ def pack(
         lengths["frames"], padding["frames"] = frames, 0
     fits = functools.partial(_fits, tokens=tokens, frames=frames, stats=stats)
     packed = grain.experimental.FirstFitPackIterDataset(
-        dataset.filter(fits).map(prepare),
+        _Admit(dataset, fits).map(prepare),
         length_struct=lengths,
         num_packing_bins=num_bins,
         seed=seed,
         padding_struct=padding,
+        meta_features=("sample_ids",) if sample_ids else (),
     )
     return packed.map(_rename)
 

@@ -2,23 +2,29 @@
 
 Order of stages, and why:
 
-1. Per source: the record list, this host's shard (`process_index::process_count`, taken
-   before shuffling so every record lands on exactly one host per epoch), a seeded shuffle,
-   and endless repetition; sources are then mixed by weight (grain's `MapDataset.mix`).
+1. Per source: one endless stream, a fresh seeded permutation of its records per epoch, of
+   which this reader (one shard of the run's data-parallel rows) takes its turns
+   (`position.Share`: every record is read by exactly one shard per epoch, whatever the
+   shard count); sources are then mixed by weight (grain's `MapDataset.mix`). Every read
+   carries its `sample_ids` row (`ID_COLUMNS`) through to the batch.
 2. `_Load` decodes the media (OpenCV, `video.load_frames`) and tokenises the chat with its
    media placeholders expanded. It runs in grain worker processes (`mp_prefetch`), never in
    the training process. Bad media does not raise there: the record comes back as a
    `{"skip": reason, "source": index}` marker, because a raise inside a worker would stop
-   the whole pipeline.
-3. `_DropSkipped`, in the training process, drops the markers, counts them per source and
-   reason (the counts travel in the iterator's state, so they survive a restore), logs each
-   bad path once, and stops with one line naming the source when a source has produced
-   nothing but failures.
+   the whole pipeline; a file that failed is remembered (per worker) and skipped without
+   being opened again in later epochs, still counted.
+3. `_DropSkipped`, in the training process, drops the markers (their ids go on with the
+   next sample), logs each bad path once, and stops with one line naming the source when a
+   source has produced nothing but failures.
 4. Packing (`packing.pack`) into fixed token/frame budgets with segment ids and positions,
    padding to the multiple sequence parallelism needs, and batching.
+5. `_Position` marks the samples each batch consumed and counts the skipped ones by reason.
 
-Every stage's iterator state is JSON, so grain's orbax handler saves and restores the
-whole pipeline next to the model; after a restore the next batch is the same.
+Every stage's iterator state is JSON, so grain's orbax handler saves the whole pipeline next
+to the model, one file per process. `build(..., saved=...)` resumes from those files: the
+same shard restores exactly (the next batch is the same); after a change of process or
+data-group count the shards are merged into the samples consumed, and no sample of an
+epoch is read twice or missed (`position`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import tokenizers
 from absl import flags
 
 from longvila_jax.data import packing
+from longvila_jax.data.position import Coverage, Progress, Share, merge
 from longvila_jax.data.text_sources import read_jsonl, tokenize_conversation
 from longvila_jax.data.video import REASONS, MediaError, load_frames
 
@@ -42,6 +49,11 @@ ALL_FAILED_AFTER = 16
 # Why a sample was skipped: the media reasons, and a record the text side rejects
 # (no human turn, a placeholder without media, ...).
 SKIP_REASONS = (*REASONS, "bad_record")
+# A batch's `sample_ids[row]` is `[n, 5]`, a row per sample the row consumed: its source,
+# its index among this shard's reads of the source, its stream position (epoch =
+# position // records), its record (index into the source's records) and 0, or 1 + its
+# index in SKIP_REASONS when it was skipped.
+ID_COLUMNS = ("source", "read", "position", "record", "skipped")
 
 
 class DataError(RuntimeError):
@@ -71,14 +83,33 @@ class SampleSpec:
 
 
 class _Load(grain.transforms.Map):
-    """Record -> sample dict (`input_ids`, `labels`, `frames`), or a skip marker."""
+    """`(sample_ids, record)` -> sample dict (`input_ids`, `labels`, `frames`), or a skip
+    marker; both keep the `sample_ids`."""
 
     def __init__(self, sources: list[Source], spec: SampleSpec, tokenizer_json: str):
         self._sources, self._spec, self._tokenizer_json = sources, spec, tokenizer_json
         self._tokenizer = None  # loaded in the worker, on first use
+        # (path, frame count) -> the arguments of the MediaError it raised: a bad file stays bad
+        # for the run, so later epochs skip it without decoding it again. Each grain worker
+        # process holds its own copy of this object, so each learns a file's failure once, the
+        # first time it meets the file.
+        self._failed: dict[tuple[str, int], tuple[str, str, str]] = {}
+
+    def _frames(self, path: str, count: int) -> np.ndarray:
+        """`load_frames`, raising a file's remembered error instead of decoding it again."""
+        if (path, count) in self._failed:
+            raise MediaError(*self._failed[path, count])
+        try:
+            return load_frames(path, count, image_size=self._spec.image_size, fps=self._spec.fps)
+        except MediaError as e:
+            self._failed[path, count] = e.args  # not `e`: its traceback holds decoded frames
+            raise
 
     def map(self, element):
-        index, record = element
+        ids, record = element
+        return {**self._load(int(ids[0, 0]), record), "sample_ids": ids}
+
+    def _load(self, index: int, record: dict) -> dict:
         spec, source = self._spec, self._sources[index]
         if self._tokenizer is None:
             self._tokenizer = tokenizers.Tokenizer.from_file(self._tokenizer_json)
@@ -86,8 +117,7 @@ class _Load(grain.transforms.Map):
         try:
             if media:
                 count = spec.num_frames if record.get("video") else 1
-                frames = load_frames(os.path.join(source.media_root, media), count,
-                                     image_size=spec.image_size, fps=spec.fps)
+                frames = self._frames(os.path.join(source.media_root, media), count)
             else:
                 frames = np.zeros((0, spec.image_size, spec.image_size, 3), np.float32)
             sample = tokenize_conversation(self._tokenizer, spec.family, record,
@@ -104,7 +134,7 @@ class _Load(grain.transforms.Map):
 
 
 class _DropSkipped(grain.IterDataset):
-    """Drops skip markers, counting them per (source, reason); see the module docstring."""
+    """Drops skip markers; see the module docstring."""
 
     def __init__(self, parent, sources: list[Source]):
         super().__init__(parent)
@@ -115,21 +145,32 @@ class _DropSkipped(grain.IterDataset):
 
 
 class _DropSkippedIterator(grain.DatasetIterator):
+    """Drops skip markers, handing their `sample_ids` (marked with the reason) on with the
+    next sample, so that the position and the skip counts see them when its row is
+    emitted; stops the run when a source has produced nothing but failures."""
+
     def __init__(self, parent, sources: list[Source]):
         super().__init__(parent)
         self._sources = sources
         self.skipped = np.zeros((len(sources), len(SKIP_REASONS)), np.int64)
         self.loaded = np.zeros(len(sources), np.int64)
+        self._carried: list[list[int]] = []
         self._logged: set[str] = set()
 
     def __next__(self):
         while True:
             element = next(self._parent)
+            ids = element.pop("sample_ids")
             if "skip" not in element:
                 self.loaded[element.pop("source")] += 1
-                return element
+                if self._carried:
+                    ids = np.concatenate([np.asarray(self._carried, np.int64), ids])
+                    self._carried = []
+                return {**element, "sample_ids": ids}
             index, reason = element["source"], SKIP_REASONS[element["skip"]]
             self.skipped[index, element["skip"]] += 1
+            ids[:, ID_COLUMNS.index("skipped")] = 1 + element["skip"]
+            self._carried += ids.tolist()
             if element["message"] not in self._logged:
                 self._logged.add(element["message"])
                 logging.warning("skipping sample (%s): %s", reason, element["message"])
@@ -140,55 +181,65 @@ class _DropSkippedIterator(grain.DatasetIterator):
                                 f"({self._sources[index].jsonl}): every one of its first "
                                 f"{self.skipped[index].sum()} samples failed ({counts})")
 
-    def counts(self) -> dict[str, int]:
-        """Skipped samples by reason, summed over sources (for training metrics)."""
-        return {f"data/skipped_{r}": int(n) for r, n in zip(SKIP_REASONS, self.skipped.sum(0),
-                                                            strict=True)}
-
     def get_state(self):
         return {"parent": self._parent.get_state(), "skipped": self.skipped.tolist(),
-                "loaded": self.loaded.tolist()}
+                "loaded": self.loaded.tolist(), "carried": list(self._carried)}
 
     def set_state(self, state):
         self._parent.set_state(state["parent"])
         self.skipped = np.asarray(state["skipped"], np.int64)
         self.loaded = np.asarray(state["loaded"], np.int64)
+        self._carried = list(state["carried"])
 
 
-def host_stream(source: Source, index: int, count: int, seed: int) -> grain.MapDataset:
-    """This host's records of `source`, endlessly, each epoch a fresh seeded permutation of
-    the host's share (every record on exactly one host per epoch)."""
-    records = read_jsonl(source.jsonl)[index::count]
-    if not records:
-        raise DataError(f"source {source.name!r} ({source.jsonl}): no records for host "
-                        f"{index} of {count}")
-    return grain.MapDataset.source(records).shuffle(seed=seed).repeat()
+class _ShareOf(grain.MapDataset):
+    """A shard's reads of one source: read k -> (`sample_ids` row, record), the record
+    being the one at the shard's k-th stream position (`position.Share`)."""
+
+    def __init__(self, records, source: int, share: Share, seed: int):
+        # Position g of the stream is record order[g]: a fresh permutation per epoch.
+        super().__init__(grain.MapDataset.range(len(records)).shuffle(seed=seed).repeat())
+        self._records, self._source, self._share = records, source, share
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        position = int(self._share.positions(self._source, [index])[0])
+        record = self._parent[position]
+        return (np.array([[self._source, index, position, record, 0]], np.int64),
+                self._records[record])
 
 
-class _Tag(grain.transforms.Map):
-    """record -> (source index, record): a class, not a lambda, so workers can unpickle it."""
-
-    def __init__(self, index: int):
-        self._index = index
-
-    def map(self, record):
-        return self._index, record
+def source_stream(records, source: int, share: Share, seed: int) -> grain.MapDataset:
+    """Shard `share`'s endless reads of one source's `records` (a sequence); every record
+    is read by exactly one shard per epoch."""
+    if not len(records):
+        raise DataError(f"source {source}: no records")
+    return _ShareOf(records, source, share, seed)
 
 
 def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, tokens: int,
           frames: int, batch_size: int, pad_multiple: int = 1, pad_id: int = 0, seed: int = 0,
           workers: int = 0, shard: tuple[int, int] | None = None,
+          saved: list[dict] | None = None,
           pack_stats: packing.PackStats | None = None) -> grain.IterDataset:
     """The whole pipeline as one grain IterDataset of packed batches.
 
     `tokens` / `frames`: budgets of one packed sequence; `pad_multiple`: its length's
     multiple (2 x the ring size for zigzag sequence parallelism); `workers`: grain worker
     processes for decoding (0: in this process, for tests); `shard`: (index, count) of this
-    host, default the jax process index/count; `pack_stats` counts the
-    samples too long for the budgets (dropped by the packer, in this process).
+    reader, default the jax process index/count; `saved`: the data states of a run
+    checkpoint (every process's, see `resume`), to continue where they stopped;
+    `pack_stats` counts the samples too long for the budgets (dropped by the packer, in
+    this process). Each batch's `sample_ids` lists, per row, the `ID_COLUMNS` of the
+    samples it consumed (packed, or skipped on the way).
     """
-    index, count = shard or (jax.process_index(), jax.process_count())
-    per_source = [host_stream(source, index, count, seed + i).map(_Tag(i))
+    share, state = resume(saved, *(shard or (jax.process_index(), jax.process_count())),
+                          len(sources))
+    per_source = [source_stream(read_jsonl(source.jsonl), i, share, seed + i)
                   for i, source in enumerate(sources)]
     weights = [source.weight for source in sources]
     mixed = per_source[0] if len(sources) == 1 else grain.MapDataset.mix(per_source, weights)
@@ -200,8 +251,9 @@ def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, token
             flags.FLAGS.mark_as_parsed()
         loaded = loaded.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     packed = packing.pack(_DropSkipped(loaded, sources), tokens=tokens, frames=frames, seed=seed,
-                          pad_id=pad_id, stats=pack_stats)
-    return packed.map(_PadTo(pad_multiple, pad_id)).batch(batch_size)
+                          pad_id=pad_id, stats=pack_stats, sample_ids=True)
+    batches = packed.map(_PadTo(pad_multiple, pad_id)).batch(batch_size, batch_fn=_stack)
+    return _Position(batches, share, len(sources), state)
 
 
 class _PadTo(grain.transforms.Map):
@@ -212,32 +264,115 @@ class _PadTo(grain.transforms.Map):
         return packing.pad_to_multiple(example, self._multiple, pad_id=self._pad_id)
 
 
+def _stack(rows: list[dict]) -> dict:
+    """Rows -> a batch; `sample_ids` stays a list (rows consume different sample counts)."""
+    batch = {k: np.stack([row[k] for row in rows]) for k in rows[0] if k != "sample_ids"}
+    batch["sample_ids"] = [row["sample_ids"] for row in rows]
+    return batch
+
+
 def build_text(source, *, batch_size: int, seed: int = 0,
-               shard: tuple[int, int] | None = None) -> grain.IterDataset:
+               shard: tuple[int, int] | None = None,
+               saved: list[dict] | None = None) -> grain.IterDataset:
     """Batches for the context-extension stage from a chunked text source
     (`text_sources.TextJsonlSource` or `TokenArraySource`, chunks of the stage's length).
 
     Each chunk is one sequence (segment 1, positions 0..length-1), so nothing is packed;
-    chunks are sharded over hosts, shuffled per epoch from `seed`, and repeated.
+    chunks are read as `build`'s records are (a fresh permutation per epoch, shards taking
+    turns) and resume the same way.
     """
-    index, count = shard or (jax.process_index(), jax.process_count())
-    chunks = grain.MapDataset.source(source)[index::count]
-    if len(chunks) == 0:
-        raise DataError(f"text source: no chunks for host {index} of {count}")
-    return (chunks.shuffle(seed=seed).repeat().map(_WholeSequence()).to_iter_dataset()
-            .batch(batch_size))
+    share, state = resume(saved, *(shard or (jax.process_index(), jax.process_count())), 1)
+    chunks = source_stream(source, 0, share, seed).map(_WholeSequence()).to_iter_dataset()
+    return _Position(chunks.batch(batch_size, batch_fn=_stack), share, 1, state)
 
 
 class _WholeSequence(grain.transforms.Map):
-    def map(self, chunk):
+    def map(self, element):
+        ids, chunk = element
         length = len(chunk["input_ids"])
         return {**chunk, "segment_ids": np.ones(length, np.int32),
-                "positions": np.arange(length, dtype=np.int32)}
+                "positions": np.arange(length, dtype=np.int32), "sample_ids": ids}
 
 
-def skip_counts(iterator) -> dict[str, int]:
-    """Skipped-sample counts of a `build(...)` iterator, for the training metrics."""
-    node = iterator
-    while not isinstance(node, _DropSkippedIterator):
-        node = node._parent  # grain iterators chain through `_parent`
-    return node.counts()
+def resume(saved: list[dict] | None, index: int, count: int,
+           sources: int) -> tuple[Share, dict | None]:
+    """Shard `index` of `count`'s reading order and the `_Position` state to start from.
+
+    With no saved states: the start of every stream. When a saved shard is this one (same
+    index and count, e.g. the same processes, or hosts that split one sequence), its state
+    is restored exactly. Otherwise the saved shards are merged into what they consumed and
+    this shard reads its turn of the rest (`position.merge`); the skip counts so far carry
+    over into shard 0.
+    """
+    if not saved:
+        return Share(index, count, Coverage.empty(sources)), None
+    if any("share" not in state for state in saved):
+        raise DataError("run checkpoint: its data position is in the older per-process "
+                        "form, which this version cannot resume; start the run afresh")
+    distinct = {state["share"]["index"]: state for state in saved}
+    shares = {i: Share.from_json(state["share"]) for i, state in distinct.items()}
+    if len(distinct) != next(iter(shares.values())).count:
+        raise DataError(f"run checkpoint: data position has shards {sorted(distinct)} of "
+                        f"{next(iter(shares.values())).count}; a shard's file is missing")
+    saved_sources = len(next(iter(shares.values())).start.base)
+    if saved_sources != sources:
+        raise DataError(f"run checkpoint: its data position has {saved_sources} sources, "
+                        f"the config {sources}")
+    mine = shares.get(index)
+    if mine is not None and mine.count == count:
+        return mine, distinct[index]
+    coverage = merge([(shares[i], Progress.from_json(distinct[i]["progress"]))
+                      for i in sorted(distinct)])
+    skipped = np.sum([state["skipped"] for state in distinct.values()], axis=0)
+    return Share(index, count, coverage), {"skipped": (skipped * (index == 0)).tolist()}
+
+
+class _Position(grain.IterDataset):
+    """The last stage: what the batches so far consumed, as a process-count-free state."""
+
+    def __init__(self, parent, share: Share, sources: int, state: dict | None):
+        super().__init__(parent)
+        self._share, self._sources, self._state = share, sources, state
+
+    def __iter__(self):
+        iterator = _PositionIterator(self._parent.__iter__(), self._share, self._sources)
+        if self._state is not None:
+            iterator.set_state(self._state)
+        return iterator
+
+
+class _PositionIterator(grain.DatasetIterator):
+    """Marks each batch's samples consumed (`position.Progress`), counts skipped ones by
+    reason, and turns each row's ids into global ones (`ID_COLUMNS`)."""
+
+    def __init__(self, parent, share: Share, sources: int):
+        super().__init__(parent)
+        self._share = share
+        self._progress = Progress.empty(sources)
+        self._skipped = np.zeros((sources, len(SKIP_REASONS)), np.int64)
+
+    def __next__(self):
+        batch = next(self._parent)
+        for ids in batch["sample_ids"]:
+            for source, read, _, _, skipped in ids:
+                self._progress.add(int(source), int(read))
+                if skipped:
+                    self._skipped[source, skipped - 1] += 1
+        return batch
+
+    def skip_counts(self) -> dict[str, int]:
+        """Skipped samples by reason, summed over sources (for training metrics)."""
+        return {f"data/skipped_{r}": int(n) for r, n in zip(SKIP_REASONS, self._skipped.sum(0),
+                                                            strict=True)}
+
+    def get_state(self):
+        return {"parent": self._parent.get_state(), "share": self._share.to_json(),
+                "progress": self._progress.to_json(), "skipped": self._skipped.tolist()}
+
+    def set_state(self, state):
+        """A saved state of this shard, or only `skipped` (counts merged from other shards,
+        for a fresh start)."""
+        if "parent" in state:
+            self._parent.set_state(state["parent"])
+            self._progress = Progress.from_json(state["progress"])
+        self._skipped = np.asarray(state["skipped"], np.int64)

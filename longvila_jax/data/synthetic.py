@@ -86,7 +86,8 @@ def _cell_bounds(size: int) -> np.ndarray:
     return np.round(np.linspace(0, size, _GRID + 1)).astype(int)
 
 
-def _index_frame(index: int, width: int, height: int) -> np.ndarray:
+def index_frame(index: int, width: int, height: int) -> np.ndarray:
+    """A uint8 RGB `[height, width, 3]` frame showing `index` in binary (see `read_frame_index`)."""
     frame = np.zeros((height, width, 3), np.uint8)
     rows, cols = _cell_bounds(height), _cell_bounds(width)
     for bit in range(INDEX_BITS):
@@ -108,7 +109,7 @@ def write_index_video(
     """Write a video whose frame i shows i in binary (see `read_frame_index`)."""
     if not 1 <= num_frames <= 2**INDEX_BITS:
         raise ValueError(f"num_frames must be in [1, {2**INDEX_BITS}], got {num_frames}")
-    frames = (_index_frame(i, width, height) for i in range(num_frames))
+    frames = (index_frame(i, width, height) for i in range(num_frames))
     return _write_video(path, frames, width=width, height=height, fps=fps, codec=codec)
 
 

@@ -3,27 +3,46 @@
 This runs inside grain worker processes, so it is plain numpy and cv2 (no jax), and it returns
 float32 `[frames, size, size, 3]` RGB arrays normalised as `(x / 255 - mean) / std`.
 
-Frames are chosen before anything is decoded (`sample_indices`), so a long video costs only the
-frames it contributes: the reader seeks across long gaps and `grab()`s (decodes without colour
-conversion) across short ones, and resizes each kept frame as soon as it is read, so memory holds
-the output and one source frame, never the whole video.
+Frame n of a video is the one that decodes after n others, whatever its timestamp. Frames are
+chosen before anything is decoded (`sample_indices`), so a long video costs only the frames it
+contributes: the reader seeks across long gaps and `grab()`s (decodes without colour conversion)
+across short ones, and resizes each kept frame as soon as it is read, so memory holds the output
+and one source frame, never the whole video.
 
-Seeking is the fragile part. OpenCV seeks to the keyframe before the target and walks forward by
-timestamps, which can miss or fail on badly muxed or variable-frame-rate files, while decoding
-every frame from the start is exact but slow. So the reader seeks optimistically, checks the
-position OpenCV reports after each seek, and if a seek or a read after one fails, decodes the
-frames not yet read again from the start without seeking. Container headers also lie about frame
-counts; running out of frames early is reported, never papered over with repeated frames.
+Seeking is the fragile part. OpenCV seeks by time: it turns frame n into the time n / fps (fps
+being the container's average rate), jumps to the keyframe before that, and counts frames on
+from the keyframe's timestamp times fps. That finds frame n only where every frame sits at
+t0 + k / fps. On a variable-frame-rate file (phone and screen recordings) it finds another frame,
+and OpenCV still reports position n. So the reader seeks only on a stream that keeps to that
+constant-rate grid: it decodes the first `PROBE_FRAMES` frames before any seek, and checks the
+timestamp of every frame it decodes (before and after each seek, and the frame after each one
+it keeps) against the grid, to within `GRID_SLACK_MS`. A frame off the grid, a failed seek, or a
+read failing after a seek make it start again from the first frame and decode forward without
+seeking, counting frames itself: exact on any stream, and slow only on the files that need it.
+The check sees only the frames the reader decodes: a stream on the grid at every one of those,
+whose frames are held or dropped by whole periods only in between, can still mislead a seek
+(OpenCV exposes no frame table to check against).
+
+fps mode samples presentation time: it takes the frame on screen at 0, 1 / fps, 2 / fps, ...
+seconds. On the grid that is a frame index computed from the rate; off it, one decoding pass
+reads every frame's timestamp first.
+
+Container headers also lie about frame counts. Decoding that ends before a frame the sampling
+needs (uniform), or before a sample time (fps), raises `too_few_frames`; it is never papered
+over with repeated or missing frames.
 
 Every bad input raises `MediaError` with one reason from `REASONS`, so a pipeline can count and
-skip bad samples by cause instead of losing a worker to a cv2 traceback.
+skip bad samples by cause instead of losing a worker to a cv2 traceback. FFmpeg's and OpenCV's
+own lines about a broken file are silenced (`_silence_decoder_logs`), so that error is the only
+report of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import cv2
 import numpy as np
@@ -33,6 +52,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 # Across a shorter gap, grabbing forward beats a seek, which decodes from a keyframe anyway.
 SEEK_MIN_GAP = 32
+# Frames decoded from the start before the first seek: enough to show the irregular cadence of a
+# phone or a screen recorder before the constant-rate grid is trusted.
+PROBE_FRAMES = 16
+# A constant-rate stream's timestamps sit on the grid to within their rounding, half a
+# millisecond at worst (containers counting in milliseconds); a frame further off is off the grid.
+GRID_SLACK_MS = 1.0
 
 # mp4/mov boxes that open a file at offset 4; other signatures open it at offset 0.
 _MP4_BOXES = (b"ftyp", b"moov", b"mdat", b"wide", b"free")
@@ -69,14 +94,32 @@ def _spread(count: int, num: int) -> np.ndarray:
     return np.floor((np.arange(num) + 0.5) * count / num).astype(np.int64)
 
 
+def _on_screen(times: np.ndarray, duration: float, num_frames: int, fps: float) -> np.ndarray:
+    """Sorted indices of the frames on screen at 0, 1 / fps, 2 / fps, ... seconds before
+    `duration`, each once, thinned evenly to `num_frames` when there are more.
+
+    `times`: each frame's presentation time in seconds, increasing from 0. A frame is on screen
+    from its time until the next frame's (the last one until `duration`).
+    """
+    # Sample k is in frame i when starts[i] <= k < ends[i], counted in sample steps. The epsilon
+    # (a millionth of a frame) keeps a sample at exactly a frame's time in that frame.
+    eps = 1e-6 * fps * duration / len(times)
+    starts = times * fps - eps
+    ends = np.append(times[1:], duration) * fps - eps
+    candidates = np.flatnonzero(np.ceil(starts) < ends)
+    if len(candidates) > num_frames:
+        candidates = candidates[_spread(len(candidates), num_frames)]
+    return candidates
+
+
 def sample_indices(
     total_frames: int, native_fps: float, num_frames: int, fps: float | None = None
 ) -> np.ndarray:
-    """Sorted int64 indices of the frames to keep from a video of `total_frames` frames.
+    """Sorted int64 indices of the frames to keep from a constant-rate video of `total_frames`.
 
     With `fps=None`, `num_frames` frames spread uniformly over the whole video (the frame under
-    the centre of each of `num_frames` equal segments). With `fps`, one frame every `1 / fps`
-    seconds from the start (`native_fps` converts seconds to frames), thinned evenly to
+    the centre of each of `num_frames` equal segments). With `fps`, the frame on screen every
+    `1 / fps` seconds from the start (frame i showing from `i / native_fps`), thinned evenly to
     `num_frames` when there are more. Indices are unique unless more frames are asked than exist.
     """
     if total_frames < 1:
@@ -87,14 +130,12 @@ def sample_indices(
         return _spread(total_frames, num_frames)
     _require_positive("fps", fps)
     _require_positive("native_fps", native_fps)
-    # Frames per sample; below one frame every frame is a sample, so cap the candidate count.
-    step = max(native_fps / fps, 1.0)
-    # The epsilon keeps k * step from landing just under an exact integer.
-    candidates = np.floor(np.arange(math.ceil(total_frames / step)) * step + 1e-6)
-    candidates = np.unique(candidates[candidates < total_frames].astype(np.int64))
-    if len(candidates) > num_frames:
-        candidates = candidates[_spread(len(candidates), num_frames)]
-    return candidates
+    times = np.arange(total_frames) / native_fps
+    return _on_screen(times, total_frames / native_fps, num_frames, fps)
+
+
+def _known_rate(fps: float) -> bool:
+    return math.isfinite(fps) and fps > 0
 
 
 def _looks_like_media(path: str) -> bool:
@@ -128,52 +169,99 @@ def frame_to_model_input(
     return _to_model_input(np.ascontiguousarray(rgb[..., ::-1]), image_size, mean, std)
 
 
-def _open(path: str) -> cv2.VideoCapture:
+def _silence_decoder_logs() -> None:
+    """Keep FFmpeg's and OpenCV's own lines about broken media off the terminal: the
+    `MediaError` reports each file once, where a run over bad files printed thousands of lines.
+
+    OpenCV reads `OPENCV_FFMPEG_LOGLEVEL` anew at every capture it opens, so setting it in the
+    environment covers this process and every worker process it starts, forked or spawned.
+    OpenCV reads `OPENCV_LOG_LEVEL` once, when it starts: this process's OpenCV has started and
+    is told directly, spawned workers read the environment. A level already set in the
+    environment (to debug a file) is kept.
+    """
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
+    if "OPENCV_LOG_LEVEL" not in os.environ:
+        os.environ["OPENCV_LOG_LEVEL"] = "SILENT"
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+
+
+_silence_decoder_logs()
+
+
+@contextlib.contextmanager
+def _capture(path: str) -> Iterator[cv2.VideoCapture]:
     cap = cv2.VideoCapture(path)
-    if not cap.isOpened():
-        raise _undecodable(path, "OpenCV cannot open it as a video")
-    return cap
+    try:
+        if not cap.isOpened():
+            raise _undecodable(path, "OpenCV cannot open it as a video")
+        yield cap
+    finally:
+        cap.release()
 
 
-def _count_by_decoding(path: str) -> int:
-    """Frames in a video whose container does not say, by decoding (not converting) them all."""
-    cap = _open(path)
-    count = 0
-    while cap.grab():
-        count += 1
-    cap.release()
-    return count
+def _timestamps(path: str) -> np.ndarray:
+    """Presentation time (seconds) of each frame that decodes, in order, by decoding (not
+    converting) them all."""
+    times = []
+    with _capture(path) as cap:
+        while cap.grab():
+            times.append(cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0)
+    return np.asarray(times)
+
+
+class _Grid:
+    """Where a constant-rate stream shows frame i: at the first frame's time + i / fps."""
+
+    def __init__(self, fps: float):
+        self._period = 1000.0 / fps
+        self._slack = min(GRID_SLACK_MS, self._period / 4)
+        self._origin: float | None = None
+
+    def holds(self, cap: cv2.VideoCapture, index: int) -> bool:
+        """Whether frame `index`, just decoded by `cap`, is where the grid puts it (the first
+        call is for frame 0: reading starts at the first frame)."""
+        ms = cap.get(cv2.CAP_PROP_POS_MSEC)
+        if self._origin is None:
+            self._origin = ms
+        return abs(ms - self._origin - index * self._period) <= self._slack
 
 
 def _read(
-    cap: cv2.VideoCapture, indices: np.ndarray, keep: Callable[[int, np.ndarray], None], *,
-    seek: bool,
-) -> tuple[int, bool]:
-    """Decode the frames at sorted unique `indices` from a capture at frame 0, in order,
-    calling `keep(n, frame)` for each.
+    cap: cv2.VideoCapture, indices: np.ndarray, keep: Callable[[int, np.ndarray], None],
+    grid: _Grid | None,
+) -> int | None:
+    """Decode the frames at sorted unique `indices` from a capture at frame 0, in order, calling
+    `keep(n, frame)` for each; returns how many were read before the stream ended.
 
-    Returns how many indices were read before the video ended or failed, and whether a seek may
-    be to blame for stopping early.
+    Without a grid every frame is decoded: exact on any stream. With one, gaps longer than
+    `SEEK_MIN_GAP` are crossed by seeking once `PROBE_FRAMES` frames have decoded, and every
+    frame decoded must be on the grid, the one after each kept frame included (its start ends
+    the kept frame's time on screen, which fps mode's samples rely on). Returns None when one is
+    not, a seek fails, or the stream ends after a seek: the frames kept are then not known to be
+    the ones named, nor the end real.
     """
-    position = 0  # the frame the next grab() returns
+    position = 0  # the index of the frame the next grab() decodes
     seeked = False
     for n, index in enumerate(indices):
-        if seek and index - position > SEEK_MIN_GAP:
-            seeked = True
-            if not cap.set(cv2.CAP_PROP_POS_FRAMES, int(index)):
-                return n, True
-            if round(cap.get(cv2.CAP_PROP_POS_FRAMES)) != index:
-                return n, True
-            position = int(index)
         while position <= index:
+            if grid is not None and position >= PROBE_FRAMES and index - position > SEEK_MIN_GAP:
+                if not cap.set(cv2.CAP_PROP_POS_FRAMES, int(index)):
+                    return None
+                position, seeked = int(index), True
             if not cap.grab():
-                return n, seeked
+                return None if seeked else n
+            if grid is not None and not grid.holds(cap, position):
+                return None
             position += 1
         ok, frame = cap.retrieve()
         if not ok:
-            return n, seeked
+            return None if seeked else n
         keep(n, frame)
-    return len(indices), False
+        if grid is not None and cap.grab():  # the next frame, when there is one
+            if not grid.holds(cap, position):
+                return None
+            position += 1
+    return len(indices)
 
 
 def _check_file(path: str) -> None:
@@ -188,7 +276,7 @@ def _header(path: str, cap: cv2.VideoCapture) -> tuple[int, float]:
     none, the rate 0.0 when unknown."""
     total = round(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     if total <= 0:
-        total = _count_by_decoding(path)
+        total = len(_timestamps(path))
     return total, cap.get(cv2.CAP_PROP_FPS)
 
 
@@ -196,11 +284,48 @@ def video_info(path: str | os.PathLike) -> tuple[int, float]:
     """(frame count, frames per second) of a video as its container states them."""
     path = os.fspath(path)
     _check_file(path)
-    cap = _open(path)
-    try:
+    with _capture(path) as cap:
         return _header(path, cap)
-    finally:
-        cap.release()
+
+
+def _timed_indices(
+    path: str, total: int, native_fps: float, num_frames: int, fps: float
+) -> np.ndarray:
+    """fps mode's indices from the frames' own timestamps, for a stream off the grid.
+
+    The video lasts `total / native_fps`, or, without a rate in the container, as long as its
+    timestamps say. A stream whose timestamps do not increase has none to use: its frames are
+    then taken as evenly spaced, one sample step apart when there is no rate either.
+    """
+    times = _timestamps(path)
+    if len(times) == 0:
+        raise _undecodable(path, f"the container lists {total} frames but none decodes")
+    times -= times[0]
+    increasing = bool(np.all(np.diff(times) > 0))
+    if not _known_rate(native_fps):
+        native_fps = (len(times) - 1) / times[-1] if increasing and len(times) > 1 else fps
+    if not increasing:
+        times = np.arange(len(times)) / native_fps
+    duration = total / native_fps
+    # Decoding stopped early: the frame on screen after the last one that decoded is unknown.
+    after_last = (math.floor(times[-1] * fps + 1e-6) + 1) / fps
+    if len(times) < total and after_last < duration:
+        raise MediaError(path, "too_few_frames", f"decoding stopped after {len(times)} of "
+                         f"{total} frames, before the sample at {after_last:.3f} s")
+    return _on_screen(times, duration, num_frames, fps)
+
+
+def _decode(
+    cap: cv2.VideoCapture, indices: np.ndarray, grid: _Grid | None, image_size: int,
+    mean: float, std: float,
+) -> tuple[np.ndarray, int | None]:
+    """`_read` into a float32 `[len(indices), image_size, image_size, 3]` array."""
+    out = np.empty((len(indices), image_size, image_size, 3), np.float32)
+
+    def keep(n: int, frame: np.ndarray) -> None:
+        out[n] = _to_model_input(frame, image_size, mean, std)
+
+    return out, _read(cap, indices, keep, grid)
 
 
 def _load_video(
@@ -208,38 +333,31 @@ def _load_video(
 ) -> np.ndarray:
     # One capture serves the header and the first decoding pass (each open parses the
     # container's index again).
-    cap = _open(path)
-    try:
+    with _capture(path) as cap:
         total, native_fps = _header(path, cap)
         if total == 0:
             raise MediaError(path, "zero_frames", "the video opens but holds no frames")
         if fps is None and total < num_frames:
             raise MediaError(path, "too_few_frames", f"{total} frames, {num_frames} requested")
-        if fps is not None and not (math.isfinite(native_fps) and native_fps > 0):
-            native_fps = fps  # no frame rate in the container: every frame is one sample step
-        indices = sample_indices(total, native_fps, num_frames, fps)
-        out = np.empty((len(indices), image_size, image_size, 3), np.float32)
-
-        def keep(n: int, frame: np.ndarray) -> None:
-            out[n] = _to_model_input(frame, image_size, mean, std)
-
-        read, seek_suspect = _read(cap, indices, keep, seek=True)
-    finally:
-        cap.release()
-    if seek_suspect:
-        retry = _open(path)
-        try:
-            more, _ = _read(retry, indices[read:], lambda n, f: keep(read + n, f), seek=False)
-        finally:
-            retry.release()
-        read += more
+        read = None
+        if _known_rate(native_fps):
+            indices = sample_indices(total, native_fps, num_frames, fps)
+            out, read = _decode(cap, indices, _Grid(native_fps), image_size, mean, std)
+    if read is None:
+        # Off the constant-rate grid, or no rate to draw one: count frames from the first.
+        if fps is None:
+            indices = sample_indices(total, native_fps, num_frames)
+        else:
+            indices = _timed_indices(path, total, native_fps, num_frames, fps)
+        with _capture(path) as cap:
+            out, read = _decode(cap, indices, None, image_size, mean, std)
     if read == 0:
         raise _undecodable(path, f"the container lists {total} frames but none decodes")
-    if read < len(indices) and fps is None:
+    if read < len(indices):
         raise MediaError(
             path, "too_few_frames", f"decoding stopped before frame {indices[read]} of {total}"
         )
-    return out[:read]
+    return out
 
 
 def load_frames(
@@ -253,10 +371,10 @@ def load_frames(
 ) -> np.ndarray:
     """Decode a video (or an image, as one frame) to float32 `[F, image_size, image_size, 3]`.
 
-    Frames are picked by `sample_indices`: F = `num_frames` with `fps=None`; with `fps`, at most
-    `num_frames`, and fewer when the video ends before the container said it would. Frames are
-    resized to a square without cropping and normalised as `(x / 255 - mean) / std`.
-    Raises `MediaError` for any file that cannot give them.
+    Frames are picked as `sample_indices` picks them, by the frames' own timestamps on a
+    variable-frame-rate video: F = `num_frames` with `fps=None`; with `fps`, at most
+    `num_frames`. Frames are resized to a square without cropping and normalised as
+    `(x / 255 - mean) / std`. Raises `MediaError` for any file that cannot give them.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames!r}")

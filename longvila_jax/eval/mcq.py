@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from longvila_jax.atomic import atomic_file
+from longvila_jax.atomic import atomic_file, remove_temporaries
 from longvila_jax.data.text_sources import jsonl_records
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -311,6 +311,7 @@ def evaluate_mcq(
         "per_category": per_category,
         "per_sample": per_sample,
     }
+    remove_temporaries(out_dir, "mcq")  # what a kill during an earlier write left
     with atomic_file(Path(out_dir) / "mcq.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
     return result

@@ -34,7 +34,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from longvila_jax.atomic import atomic_file
+from longvila_jax.atomic import atomic_file, remove_temporaries
 from longvila_jax.data.synthetic import needle_frame
 from longvila_jax.data.text_sources import jsonl_records, tokenize_conversation
 from longvila_jax.data.tokenizer import load_tokenizer
@@ -394,6 +394,7 @@ def evaluate(
         result["generation_accuracy"] = (generated_hits / len(needles)).tolist()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out_dir, "needle*")  # what a kill during an earlier write left
     with atomic_file(out_dir / "needle.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     plot_heatmap(result, out_dir / "needle_heatmap.png")

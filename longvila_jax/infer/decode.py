@@ -23,13 +23,16 @@ from longvila_jax.kernels import flash_attention
 from longvila_jax.parallel.ring import merge, merge_over
 
 
-def sample(logits, key, temperature, top_p):
-    """Next tokens `[batch]` from float32 `logits` `[batch, vocab]`.
+def sample(logits, key, temperature, top_p, banned: tuple[int, ...] = ()):
+    """Next tokens `[batch]` from float32 `logits` `[batch, vocab]`, never a `banned` id.
 
     `temperature` 0 is greedy (argmax); otherwise the logits are divided by it and the
     smallest set of most likely tokens whose probability reaches `top_p` is sampled from
-    (nucleus sampling; `top_p` 1 keeps every token).
+    (nucleus sampling; `top_p` 1 keeps every token). Banned ids' logits are -inf first, so
+    the others share their probability as if the vocabulary lacked them.
     """
+    if banned:
+        logits = logits.at[:, jnp.asarray(banned)].set(-jnp.inf)
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
     ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
@@ -41,14 +44,16 @@ def sample(logits, key, temperature, top_p):
     return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
 
 
-def make_decode(graphdef, mesh, steps: int, with_logits: bool = False):
+def make_decode(graphdef, mesh, steps: int, with_logits: bool = False,
+                banned: tuple[int, ...] = ()):
     """Jitted `decode(params, cache, tail_k, tail_v, tokens, start, key, temperature, top_p)`.
 
     `tokens` `[batch]` sit at positions `cache.lengths + start`; their keys and values go to
-    tail slot `start`, and so on for `steps` tokens. Returns `(tokens [steps, batch] sampled
-    after each step, logits, tail_k, tail_v, key)`; the tails are donated. `logits` are the
-    float32 `[steps, batch, vocab]` the tokens were drawn from with `with_logits`, else None
-    (a 152K vocabulary makes them the largest output of a step; only tests read them).
+    tail slot `start`, and so on for `steps` tokens, each `sample`d without the `banned` ids.
+    Returns `(tokens [steps, batch] sampled after each step, logits, tail_k, tail_v, key)`;
+    the tails are donated. `logits` are the model's float32 `[steps, batch, vocab]` for each
+    step with `with_logits` (banned ids' logits as the model gave them), else None (a 152K
+    vocabulary makes them the largest output of a step; only tests read them).
     """
 
     def local(params, cache, tail_k, tail_v, tokens, start, key, temperature, top_p):
@@ -83,7 +88,7 @@ def make_decode(graphdef, mesh, steps: int, with_logits: bool = False):
             tail_v = jax.lax.dynamic_update_slice_in_dim(tail_v, v.astype(tail_v.dtype), t, 2)
             logits = model.llm.logits(h[:, 0])
             key, draw = jax.random.split(key)
-            tokens = sample(logits, draw, temperature, top_p)
+            tokens = sample(logits, draw, temperature, top_p, banned)
             return (tail_k, tail_v, tokens, t + 1, key), (tokens,
                                                           logits if with_logits else None)
 

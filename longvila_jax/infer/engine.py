@@ -12,6 +12,7 @@ Everything here takes token ids and embedding tables; text, chat templates and v
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
@@ -70,9 +71,12 @@ class InferenceEngine:
         # jit compiles lazily: a variant costs nothing until it is called.
         self._prefill = {cache: make_prefill(graphdef, self.mesh, self.scheme, cache)
                          for cache in (True, False)}
-        self._decode = {logits: make_decode(graphdef, self.mesh, decode_chunk, logits)
+        # A generated media placeholder would mean nothing (no frame fills it, and a later
+        # pass over the text would take it for one), so decoding never emits it.
+        banned = (self.media_token_id,)
+        self._decode = {logits: make_decode(graphdef, self.mesh, decode_chunk, logits, banned)
                         for logits in (True, False)}
-        self._sample = jax.jit(sample)
+        self._sample = jax.jit(functools.partial(sample, banned=banned))
         frames = NamedSharding(self.mesh, P(AXES))
         self._encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_frames(x),
                                out_shardings=frames)
@@ -177,8 +181,10 @@ class InferenceEngine:
         """New token ids per prompt (prefill, then cached decoding, `decode_chunk` at a time).
 
         A row ends at its first `stop_ids` token (not included), when `done(row, ids)` says
-        so (stop strings), or after `max_new_tokens`. With `return_logits`, also each row's
-        float32 logits `[n, vocab]`, the ones its n tokens were drawn from.
+        so (stop strings), or after `max_new_tokens`. No token is ever the media placeholder
+        id. With `return_logits`, also each row's float32 logits `[n, vocab]`: the model's
+        at each of its n tokens, unmasked; the token was drawn from them with the media
+        placeholder's logit at -inf (greedy: their argmax over every other id).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

@@ -49,7 +49,11 @@ class LongVILA(nnx.Module):
         return emb
 
     def embed(self, input_ids, images=None):
-        """Text embeddings with media positions replaced by frame embeddings."""
+        """Text embeddings with media positions replaced by frame embeddings.
+
+        Eager calls check that the ids hold exactly the frames' media positions; under jit
+        a surplus position is NaN (`splice_media`) and surplus frames go unused.
+        """
         x = self.llm.embed(input_ids)
         if images is None:
             return x
@@ -72,8 +76,13 @@ class LongVILA(nnx.Module):
 
 def splice_media(x, media, rows):
     """`x` `[b, s, hidden]` with each position whose `rows` entry is >= 0 replaced by that
-    row of `media` `[n, hidden]` (-1: keep the text embedding)."""
-    gathered = jnp.take(media, jnp.clip(rows, 0, media.shape[0] - 1), axis=0)
+    row of `media` `[n, hidden]` (-1: keep the text embedding).
+
+    A row >= n (more media positions than frames) gives NaN there: jit cannot raise on a
+    value, and clipping would silently splice the last frame's embedding; NaN reaches the
+    logits and the loss, where it shows. In-range rows gather exactly as before.
+    """
+    gathered = jnp.take(media, rows, axis=0, mode="fill", fill_value=jnp.nan)
     return jnp.where((rows >= 0)[..., None], gathered.astype(x.dtype), x)
 
 

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from longvila_jax.atomic import atomic_folder
-from longvila_jax.config import validate
+from longvila_jax.config import base_config, validate
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
@@ -73,7 +73,10 @@ def load_config(ckpt) -> ml_collections.ConfigDict:
     path = Path(ckpt) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing (is {ckpt} a longvila-jax checkpoint?)")
-    return validate(ml_collections.ConfigDict(json.loads(path.read_text())))
+    # Over the schema's defaults, so that a checkpoint written before a key existed loads.
+    config = base_config()
+    config.update(json.loads(path.read_text()))
+    return validate(config)
 
 
 def load_params(ckpt) -> dict:

@@ -14,6 +14,7 @@ the whole mesh.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.atomic import atomic_file, remove_temporaries
 from longvila_jax.config import ConfigError, validate
 from longvila_jax.data import pipeline
 from longvila_jax.data.text_sources import TextJsonlSource
@@ -69,14 +71,18 @@ def _tokenizer_path(config) -> str:
 
 
 def _sources(config) -> list[pipeline.Source]:
+    """The config's data sources, each JSONL (and a conversation source's media root) checked
+    to exist: a missing media root would otherwise show only as every sample skipped."""
     if not config.data.sources:
         raise ConfigError("data.sources: empty (a run needs at least one data source)")
     sources = []
     for i, s in enumerate(config.data.sources):
         if not Path(s["jsonl"]).is_file():
             raise ConfigError(f"data.sources[{i}].jsonl: {s['jsonl']!r} does not exist")
-        sources.append(pipeline.Source(name=s["name"], jsonl=s["jsonl"],
-                                       media_root=s.get("media_root", ""),
+        root = s.get("media_root", "")
+        if config.data.kind == "conversations" and root and not Path(root).is_dir():
+            raise ConfigError(f"data.sources[{i}].media_root: {root!r} is not a folder")
+        sources.append(pipeline.Source(name=s["name"], jsonl=s["jsonl"], media_root=root,
                                        weight=float(s.get("weight", 1.0))))
     return sources
 
@@ -95,9 +101,11 @@ def process_data_groups(mesh) -> tuple[int, int]:
     return mine[0], len(mine)
 
 
-def make_data(config, tokens_per_frame: int, data_groups: tuple[int, int] | None = None):
+def make_data(config, tokens_per_frame: int, data_groups: tuple[int, int] | None = None,
+              saved: list[dict] | None = None):
     """This process's iterator of packed batches for the config's `data` and `train`: the
-    rows of `data_groups` (`process_data_groups`; default: every group)."""
+    rows of `data_groups` (`process_data_groups`; default: every group), continuing from
+    a run checkpoint's `saved` data states (`RunCheckpoints.data_states`) when given."""
     train, data = config.train, config.data
     multiple = 2 * config.parallel.node * config.parallel.local
     first, count = data_groups or (0, config.parallel.data)
@@ -109,7 +117,7 @@ def make_data(config, tokens_per_frame: int, data_groups: tuple[int, int] | None
         source = TextJsonlSource(_sources(config)[0].jsonl, tok, train.seq_len,
                                  token_id(tok, END_OF_TEXT[config.model.llm.family]))
         return iter(pipeline.build_text(source, batch_size=rows, seed=config.seed,
-                                        shard=shard))
+                                        shard=shard, saved=saved))
     spec = pipeline.SampleSpec(family=config.model.llm.family,
                                media_token_id=config.model.media.media_token_id,
                                tokens_per_frame=tokens_per_frame,
@@ -119,7 +127,7 @@ def make_data(config, tokens_per_frame: int, data_groups: tuple[int, int] | None
     return iter(pipeline.build(_sources(config), spec, tokenizer, tokens=train.seq_len,
                                frames=train.max_frames, batch_size=rows,
                                pad_multiple=multiple, seed=config.seed,
-                               workers=data.workers, shard=shard))
+                               workers=data.workers, shard=shard, saved=saved))
 
 
 def to_model_batch(run: Run, packed: dict) -> dict:
@@ -151,18 +159,26 @@ def _tokens_per_frame(model) -> int:
 
 def setup(config) -> Run:
     """Mesh, model (from `train.init_from` or random), optimizer for the trainable
-    parameters, all placed with FSDP shardings, and the jitted step."""
+    parameters, all placed with FSDP shardings, and the jitted step.
+
+    The files the config names (tokenizer, data sources, `train.init_from`) are checked
+    first: a missing one fails in a second, not after a 7B model has filled the devices. A
+    config naming no data at all (a benchmark's synthetic batches) has none to check.
+    """
     config = validate(config)
-    mesh = mesh_from_config(config)
-    p = config.parallel
-    scheme = resolve_scheme(p.attention, p.node, p.local)
-    if config.train.batch_size % p.data:
-        raise ConfigError(f"train.batch_size: {config.train.batch_size} is not a multiple of "
-                          f"parallel.data={p.data}")
-    data_groups = process_data_groups(mesh)
+    if config.data.tokenizer or config.data.sources:
+        _tokenizer_path(config)
+        _sources(config)
     init = config.train.init_from
     if init and not Path(init).is_dir():
         raise ConfigError(f"train.init_from: {init!r} is not a checkpoint folder")
+    p = config.parallel
+    if config.train.batch_size % p.data:
+        raise ConfigError(f"train.batch_size: {config.train.batch_size} is not a multiple of "
+                          f"parallel.data={p.data}")
+    mesh = mesh_from_config(config)
+    scheme = resolve_scheme(p.attention, p.node, p.local)
+    data_groups = process_data_groups(mesh)
     model = load_model(init, config) if init else build_model(config)
     trainable = trainable_filter(config.train.trainable)
     if not nnx.to_flat_state(nnx.state(model, trainable)):
@@ -178,19 +194,19 @@ def _state(run: Run) -> dict:
             "optimizer": nnx.to_pure_dict(nnx.state(run.optimizer))}
 
 
-def _restore(run: Run, checkpoints: RunCheckpoints, data) -> int:
+def _restore(run: Run, checkpoints: RunCheckpoints) -> int:
+    """Parameters and optimizer state from the latest run checkpoint; its step (0: none)."""
     step = checkpoints.latest_step()
     if step is None:
         return 0
     state = _state(run)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
-    restored = checkpoints.restore(step, abstract, data)
+    restored = checkpoints.restore(step, abstract)
     for target, key in ((run.model, "params"), (run.optimizer, "optimizer")):
         current = nnx.state(target, nnx.Param) if key == "params" else nnx.state(target)
         nnx.replace_by_pure_dict(current, restored[key])
         nnx.update(target, current)
-    logging.info("resumed from step %d", step)
     return step
 
 
@@ -208,76 +224,204 @@ def _metrics(run: Run, out: dict, packed: dict, seconds: float, data) -> dict:
     if peak:
         metrics["mfu"] = model_flops / seconds / (peak * 1e12 * run.mesh.devices.size)
     if cfg.data.kind == "conversations":
-        metrics.update(pipeline.skip_counts(data))
+        metrics.update(data.skip_counts())
     return metrics
 
 
+class Diverged(RuntimeError):
+    """A step's numbers were not finite; the message names the step, the values and the
+    last good run checkpoint."""
+
+
 def train(config, workdir, *, progress: bool = True) -> Path:
-    """Run (or resume, or skip if finished) one training run; returns its final checkpoint."""
+    """Run (or resume, or skip if finished) one training run; returns its final checkpoint.
+
+    Raises `Diverged` when a step's loss, gradient norm or new state is not finite (with
+    `train.nonfinite='skip'`: after `train.nonfinite_limit` such steps in a row); nothing
+    non-finite is ever written.
+    """
     workdir = Path(workdir).absolute()
     final = workdir / "final"
     if final.is_dir():
         logging.info("%s exists: run finished", final)
         return final
+    # A run reads data: a config naming none fails here, before the model fills the devices
+    # (`setup` checks only the data a config names, so that benchmarks run without any).
+    _tokenizer_path(config)
+    _sources(config)
+    if jax.process_index() == 0:
+        remove_temporaries(workdir)
     run = setup(config)
     config = run.config
-    data = make_data(config, _tokens_per_frame(run.model), run.data_groups)
-    writer = None
-    if jax.process_index() == 0:
-        from tensorboardX import SummaryWriter
-
-        writer = SummaryWriter(str(workdir / "tensorboard"))
-    try:
-        _loop(run, data, writer, workdir, progress)
-    finally:
-        if writer is not None:
-            writer.close()
+    with RunCheckpoints(workdir / "checkpoints", keep=config.train.keep,
+                        every=config.train.checkpoint_every) as checkpoints:
+        start = _restore(run, checkpoints)
+        saved = checkpoints.data_states(start) if start else None
+        data = make_data(config, _tokens_per_frame(run.model), run.data_groups, saved)
+        if start:
+            logging.info("resumed from step %d (%s)", start, checkpoints.directory / str(start))
+        with _Reporter(run, workdir, start, progress) as reporter:
+            try:
+                _loop(run, data, checkpoints, start, reporter)
+            except _NonFinite as e:
+                checkpoints.wait()
+                good = checkpoints.latest_step()
+                where = checkpoints.directory / str(good) if good else "none"
+                raise Diverged(f"{e}; last good checkpoint: {where}") from None
     return _write_final(run, final)
 
 
-def _loop(run: Run, data, writer, workdir: Path, progress: bool) -> None:
-    """Steps from the latest checkpoint to `optim.total_steps`. A step's metrics are read
-    after the next step is dispatched, so the host decodes the next batch while the device
-    computes instead of waiting for each step to finish."""
-    config = run.config
-    total = config.optim.total_steps
-    with RunCheckpoints(workdir / "checkpoints", keep=config.train.keep,
-                        every=config.train.checkpoint_every) as checkpoints:
-        start = _restore(run, checkpoints, data)
-        bar = tqdm.tqdm(range(start, total), initial=start, total=total,
-                        desc=config.train.stage, disable=not progress or writer is None)
-        pending, last = None, time.perf_counter()
-        for step in bar:
-            packed = next(data)
-            out = run.step_fn(run.model, run.optimizer, to_model_batch(run, packed))
-            if pending is not None:
-                last = _report(run, *pending, last, data, writer, bar)
-            pending = (step, out, packed)
-            checkpoints.save(step + 1, _state(run), data, force=step + 1 == total)
+class _NonFinite(Exception):
+    pass
+
+
+def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> None:
+    """Steps from `start` to `optim.total_steps`. A step's metrics are read after the next
+    step is dispatched, so the host decodes the next batch while the device computes
+    instead of waiting for each step to finish; before a checkpoint the step being saved
+    is read too, so no save holds the result of a step not yet checked."""
+    total = run.config.optim.total_steps
+    pending = None
+    for step in range(start, total):
+        packed = next(data)
+        out = run.step_fn(run.model, run.optimizer, to_model_batch(run, packed))
         if pending is not None:
-            _report(run, *pending, last, data, writer, bar)
-        checkpoints.wait()
+            reporter.report(*pending, data)
+        pending = (step, out, packed)
+        if step + 1 == total or checkpoints.should_save(step + 1):
+            reporter.report(*pending, data)
+            pending = None
+            checkpoints.save(step + 1, _state(run), data, force=True)
+            reporter.flush()
+    if pending is not None:
+        reporter.report(*pending, data)
 
 
-def _report(run: Run, step: int, out, packed: dict, last: float, data, writer, bar) -> float:
-    """Log one finished step; its time is from the previous step's end to its own."""
-    out = jax.device_get(out)  # waits for this step
-    now = time.perf_counter()
-    config = run.config
-    metrics = _metrics(run, out, packed, now - last, data)
-    lr = schedule(config.optim)(step // config.optim.accumulation_steps)
-    metrics["learning_rate"] = float(lr)
-    if writer is not None and (step + 1) % config.train.log_every == 0:
-        for key, value in metrics.items():
-            writer.add_scalar(key, value, step + 1)
-    bar.set_postfix(_postfix(metrics), refresh=False)
-    return now
+class _Reporter:
+    """Logs each finished step (progress bar, TensorBoard from process 0, the sample log)
+    and applies `train.nonfinite`.
+
+    TensorBoard's events past the step a run resumes from are purged, so a killed run's
+    unsaved steps do not show twice; events are flushed whenever a checkpoint is saved, so
+    a kill loses none that a resume will not write again.
+    """
+
+    def __init__(self, run: Run, workdir: Path, start: int, progress: bool):
+        self._run = run
+        config = run.config
+        self._writer = None
+        if jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+
+            logs = workdir / "tensorboard"
+            self._writer = SummaryWriter(str(logs), purge_step=start + 1 if start else None)
+        self._samples = (_SampleLog(workdir, start, config, run.data_groups)
+                         if config.train.log_samples else None)
+        self._bar = tqdm.tqdm(total=config.optim.total_steps, initial=start,
+                              desc=config.train.stage,
+                              disable=not progress or self._writer is None)
+        self._last = time.perf_counter()
+        self._in_a_row = 0
+        self._skipped = 0
+
+    def report(self, step: int, out, packed: dict, data) -> None:
+        """Log one finished step (its time runs from the previous step's end to its own);
+        raise `_NonFinite` when the config says the run must stop."""
+        out = jax.device_get(out)  # waits for this step
+        now = time.perf_counter()
+        self._check(step, out)
+        config = self._run.config
+        metrics = _metrics(self._run, out, packed, now - self._last, data)
+        lr = schedule(config.optim)(step // config.optim.accumulation_steps)
+        metrics.update(learning_rate=float(lr), nonfinite_skipped=self._skipped)
+        if self._writer is not None and (step + 1) % config.train.log_every == 0:
+            for key, value in metrics.items():
+                self._writer.add_scalar(key, value, step + 1)
+        if self._samples is not None:
+            self._samples.write(step + 1, packed["sample_ids"])
+        self._bar.update()
+        self._bar.set_postfix(_postfix(metrics), refresh=False)
+        self._last = now
+
+    def _check(self, step: int, out: dict) -> None:
+        train = self._run.config.train
+        values = f"loss {float(out['loss'])}, gradient norm {float(out['grad_norm'])}"
+        if not out["state_finite"]:
+            raise _NonFinite(f"step {step + 1}: the update made the parameters or optimizer "
+                             f"state non-finite ({values}; learning rate too high?)")
+        if out["applied"]:
+            self._in_a_row = 0
+            return
+        self._in_a_row += 1
+        self._skipped += 1
+        if train.nonfinite == "stop":
+            raise _NonFinite(f"step {step + 1}: {values}, not finite; the update was not "
+                             "applied (train.nonfinite='stop')")
+        logging.warning("step %d: %s; update skipped (%d in a row)", step + 1, values,
+                        self._in_a_row)
+        if self._in_a_row >= train.nonfinite_limit:
+            raise _NonFinite(f"step {step + 1}: {self._in_a_row} steps in a row not finite, "
+                             f"the last with {values} (train.nonfinite_limit="
+                             f"{train.nonfinite_limit})")
+
+    def flush(self) -> None:
+        for log in (self._writer, self._samples):
+            if log is not None:
+                log.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._bar.close()
+        for log in (self._writer, self._samples):
+            if log is not None:
+                log.close()
+
+
+class _SampleLog:
+    """`<workdir>/samples/process_<i>-of-<n>.jsonl`: per step, the samples this process's
+    rows consumed, as `[source name, stream position, record index, skipped]` (see
+    `pipeline.ID_COLUMNS`), with the data shard that read them. Lines of steps past the
+    one a run resumes from are dropped, as TensorBoard's are: each process drops its own
+    file's, process 0 also those of files another process count wrote."""
+
+    def __init__(self, workdir: Path, start: int, config, data_groups: tuple[int, int]):
+        folder = workdir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        count = jax.process_count()
+        path = folder / f"process_{jax.process_index()}-of-{count}.jsonl"
+        others = [p for p in folder.glob("*.jsonl") if not p.name.endswith(f"-of-{count}.jsonl")]
+        for stale in [path, *others] if jax.process_index() == 0 else [path]:
+            if stale.exists():
+                kept = [line for line in stale.read_text().splitlines(keepends=True)
+                        if json.loads(line)["step"] <= start]
+                with atomic_file(stale) as tmp:
+                    tmp.write_text("".join(kept))
+        self._file = open(path, "a")  # noqa: SIM115 (closed by close())
+        first, groups = data_groups
+        self._shard = [first // groups, config.parallel.data // groups]
+        self._names = [s["name"] for s in config.data.sources]
+
+    def write(self, step: int, sample_ids: list) -> None:
+        columns = [pipeline.ID_COLUMNS.index(c) for c in ("position", "record", "skipped")]
+        rows = [[[self._names[ids[0]], *(int(ids[c]) for c in columns)] for ids in row]
+                for row in sample_ids]
+        self._file.write(json.dumps({"step": step, "shard": self._shard, "rows": rows}) + "\n")
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _postfix(metrics: dict) -> dict:
     shown = {"loss": f"{metrics['loss']:.4f}", "tok/s": f"{metrics['tokens_per_s']:.0f}"}
     if "mfu" in metrics:
         shown["mfu"] = f"{100 * metrics['mfu']:.1f}%"
+    if metrics["nonfinite_skipped"]:
+        shown["skipped"] = metrics["nonfinite_skipped"]
     return shown
 
 

@@ -1,9 +1,11 @@
-"""Checkpoints of a training run: the state pytree, its step, and the data-iterator position.
+"""Checkpoints of a training run: the state pytree, its step, and the data position.
 
 One orbax `CheckpointManager` per run directory, one step folder per save:
 `<directory>/<step>/state` (the pytree, via `StandardCheckpointHandler`) and
 `<directory>/<step>/data` (grain's own handler: one JSON file per process holding
-`DatasetIterator.get_state()`). Model-only checkpoints for export are in `checkpoint.py`.
+`DatasetIterator.get_state()`). The data states are read back with `data_states`, all of
+them, because a run resumed on another number of processes builds its readers from every
+saved one (`data.pipeline.resume`). Model-only checkpoints for export are in `checkpoint.py`.
 
 Orbax writes each step into `<step>.orbax-checkpoint-tmp` and renames it when every item is
 committed, so a run killed mid-save never shows that step; the next `RunCheckpoints` on the
@@ -12,6 +14,7 @@ directory deletes such leftovers. One writing job per directory (orbax's own rul
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grain.checkpoint as grain_ckpt
@@ -58,8 +61,7 @@ class RunCheckpoints:
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
         for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
             registry.add(_STATE, args, ocp.StandardCheckpointHandler)
-        for args in (grain_ckpt.CheckpointSave, grain_ckpt.CheckpointRestore):
-            registry.add(_DATA, args, grain_ckpt.CheckpointHandler)
+        registry.add(_DATA, grain_ckpt.CheckpointSave, grain_ckpt.CheckpointHandler)
         options = ocp.CheckpointManagerOptions(
             # Orbax's default also saves the first step of an empty directory whatever its
             # number; here a save happens on multiples of `every`, on force, or when a
@@ -82,6 +84,10 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
+    def should_save(self, step: int) -> bool:
+        """Whether `save(step)` (unforced) would write."""
+        return self._manager.should_save(step)
+
     def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
         """Save when step % every == 0 or force; returns whether a save started.
 
@@ -94,32 +100,38 @@ class RunCheckpoints:
             items[_DATA] = grain_ckpt.CheckpointSave(data_iterator)
         return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int | None, abstract_state, data_iterator=None):
+    def restore(self, step: int | None, abstract_state):
         """Restore `state` onto the shardings given by `abstract_state`.
 
         `abstract_state` is a pytree of `jax.ShapeDtypeStruct` with `.sharding` (e.g. from
         `jax.eval_shape` plus shardings on ANY mesh / device count, not necessarily the one it
-        was saved from). If `data_iterator` is given its state is set in place (grain keeps
-        one file per process: restore with the process count that saved). step None = latest.
-        Returns the restored state pytree.
+        was saved from). step None = latest. Returns the restored state pytree.
         """
+        step = self._complete(step)
+        self._check_abstract(step, abstract_state)
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract_state)})
+        return self._manager.restore(step, args=args)[_STATE]
+
+    def data_states(self, step: int | None) -> list[dict]:
+        """Every process's saved data-iterator state at `step` (None = latest)."""
+        folder = self.directory / str(self._complete(step)) / _DATA
+        files = sorted(folder.glob("process_*-of-*.json"))
+        if not files:
+            raise ValueError(f"{folder}: no data position saved at this step")
+        return [json.loads(f.read_text()) for f in files]
+
+    def _complete(self, step: int | None) -> int:
+        """`step`, or the latest when None, after checking it is complete."""
         self._manager.wait_until_finished()
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"{self.directory}: no complete checkpoint to restore")
         if step is None:
-            step = steps[-1]
-        elif step not in steps:
+            return steps[-1]
+        if step not in steps:
             raise FileNotFoundError(f"{self.directory}: no checkpoint for step {step} "
                                     f"(have {steps})")
-        self._check_abstract(step, abstract_state)
-        items = {_STATE: ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            if not (self.directory / str(step) / _DATA).is_dir():
-                raise ValueError(f"{self.directory}: step {step} was saved without a data "
-                                 "iterator; restore with data_iterator=None")
-            items[_DATA] = grain_ckpt.CheckpointRestore(data_iterator)
-        return self._manager.restore(step, args=ocp.args.Composite(**items))[_STATE]
+        return step
 
     def _check_abstract(self, step: int, abstract_state) -> None:
         """ValueError naming the first key path whose presence or shape differs from the save.

@@ -21,10 +21,11 @@ are placeholders (`data/<stage>.jsonl`) to be replaced by the user's files.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
+
+from longvila_jax.config import load_file
 
 STAGES = ("align", "pretrain", "sft", "context", "long_sft")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -89,10 +90,7 @@ def model_config(name: str) -> ml_collections.ConfigDict:
     if not path.is_file():
         known = sorted(p.stem for p in CONFIGS.glob("*.py"))
         raise ValueError(f"stage config: unknown model {name!r}; known: {known}")
-    spec = importlib.util.spec_from_file_location(f"longvila_configs_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_file(str(path))
 
 
 def stage_config(stage: str, model: str = "qwen2_7b") -> ml_collections.ConfigDict:

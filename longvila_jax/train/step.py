@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import re
 
+import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -38,17 +40,39 @@ def make_optimizer_state(model, optim, trainable=nnx.Param) -> nnx.Optimizer:
 def make_train_step(loss, trainable=nnx.Param):
     """`step(model, optimizer, batch) -> metrics` (jitted), updating both in place.
 
-    Metrics: `loss` and `grad_norm` (of the trainable parameters, before clipping), as
-    float32 scalars. The model's and optimizer's arrays are donated: the step writes their
-    new values over the old buffers, so float32 parameters and Adam moments (12 bytes per
-    parameter) are held once, not twice, at the step's peak.
+    Metrics (device scalars): `loss` and `grad_norm` (of the trainable parameters, before
+    clipping); `applied`, whether the update was applied: a step whose loss or gradient
+    norm is not finite leaves parameters and optimizer state bit-identical (a `where` on
+    one scalar, fused into the update, so no second copy of the state is held); and
+    `state_finite`, whether the state after the step is all finite (a finite gradient can
+    still overflow a parameter, which no later step can undo). The caller decides whether
+    to stop; reading these one step behind costs no host sync.
+
+    The model's and optimizer's arrays are donated: the step writes their new values over
+    the old buffers, so float32 parameters and Adam moments (12 bytes per parameter) are
+    held once, not twice, at the step's peak.
     """
 
     @functools.partial(nnx.jit, donate_argnums=(0, 1))
     def step(model, optimizer, batch):
         diff = nnx.DiffState(0, trainable)
         value, grads = nnx.value_and_grad(loss, argnums=diff)(model, batch)
+        grad_norm = optax.tree.norm(grads)
+        applied = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+        # The values, not the Variables: those are updated in place by `update`.
+        before = jax.tree.map(jnp.asarray, (nnx.state(model, trainable), nnx.state(optimizer)))
         optimizer.update(model, grads)
-        return {"loss": value, "grad_norm": optax.tree.norm(grads)}
+        after = nnx.state(model, trainable), nnx.state(optimizer)
+        kept = jax.tree.map(lambda new, old: jnp.where(applied, new, old), after, before)
+        nnx.update(model, kept[0])
+        nnx.update(optimizer, kept[1])
+        return {"loss": value, "grad_norm": grad_norm, "applied": applied,
+                "state_finite": _all_finite(kept)}
 
     return step
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(leaves).all() if leaves else jnp.bool_(True)

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import jax
 import pytest
 from flax import nnx
 
-from longvila_jax.config import ConfigError, validate
+from longvila_jax.config import ConfigError, load_file, validate
 from longvila_jax.models.longvila import LongVILA, build_model
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def load(name: str, *args):
-    spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
+    return load_file(":".join([str(CONFIGS / f"{name}.py"), *args]))
 
 
 def llm_param_count(llm) -> int:

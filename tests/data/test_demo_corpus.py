@@ -30,16 +30,9 @@ TOKENS_PER_FRAME = 5
 
 
 @pytest.fixture(scope="module")
-def seed():
-    seed = int(os.environ.get("LONGVILA_TEST_SEED", np.random.SeedSequence().entropy % 2**31))
-    print(f"test_demo_corpus: LONGVILA_TEST_SEED={seed}")
-    return seed
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory, seed):
+def corpus(tmp_path_factory, module_seed):
     root = tmp_path_factory.mktemp("demo")
-    return write_demo_data(root, seed=seed, image_size=SIZE, short_frames=SHORT,
+    return write_demo_data(root, seed=module_seed, image_size=SIZE, short_frames=SHORT,
                            long_frames=LONG, scale=0.05)
 
 
@@ -194,9 +187,9 @@ def _files(root: Path) -> dict[str, bytes]:
             if p.is_file()}
 
 
-def test_same_seed_same_files(tmp_path, seed):
+def test_same_seed_same_files(tmp_path, module_seed):
     args = dict(image_size=SIZE, short_frames=SHORT, long_frames=LONG, scale=0.02)
-    for name, s in (("a", seed), ("b", seed), ("c", seed + 1)):
+    for name, s in (("a", module_seed), ("b", module_seed), ("c", module_seed + 1)):
         write_demo_data(tmp_path / name, seed=s, **args)
     same, other = _files(tmp_path / "a"), _files(tmp_path / "b")
     # Every file, the media included, byte for byte.

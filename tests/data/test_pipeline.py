@@ -5,7 +5,6 @@ with orbax giving the identical next batch (in-process and with 2 worker process
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import grain
 import numpy as np
@@ -20,11 +19,11 @@ from longvila_jax.data.pipeline import (
     Source,
     build,
     build_text,
-    host_stream,
-    skip_counts,
+    source_stream,
 )
+from longvila_jax.data.position import Coverage, Share
 from longvila_jax.data.synthetic import make_needle_dataset, write_bad_media
-from longvila_jax.data.text_sources import TokenArraySource
+from longvila_jax.data.text_sources import TokenArraySource, read_jsonl
 
 SPECIALS = ["<|im_start|>", "<|im_end|>", "<image>"]
 TOKENS, FRAMES, BATCH = 256, 16, 2
@@ -62,9 +61,10 @@ def world(tmp_path_factory):
                 spec=spec, reasons=[*sorted(bad), "bad_record"])
 
 
-def pipeline(world, sources, workers=0):
+def pipeline(world, sources, workers=0, saved=None):
     return build(sources, world["spec"], world["tokenizer"], tokens=TOKENS, frames=FRAMES,
-                 batch_size=BATCH, pad_multiple=8, seed=5, workers=workers, shard=(0, 1))
+                 batch_size=BATCH, pad_multiple=8, seed=5, workers=workers, shard=(0, 1),
+                 saved=saved)
 
 
 def test_batches_are_packed_and_bad_media_is_skipped_and_counted(world):
@@ -85,7 +85,7 @@ def test_batches_are_packed_and_bad_media_is_skipped_and_counted(world):
     # 6 batches of up to 2 x 256 tokens pull ~15+ of the mixed source's records, which
     # cycle through every bad case: each reason has been counted (too_few_frames: 3 frames
     # of the 4 asked).
-    counts = skip_counts(iterator)
+    counts = iterator.skip_counts()
     assert {k.removeprefix("data/skipped_") for k, v in counts.items() if v} == set(
         world["reasons"])
 
@@ -98,20 +98,16 @@ def test_a_source_with_only_bad_media_stops_with_its_name(world):
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])
-def test_host_sharding_covers_every_record_once_per_epoch(world, count):
-    source = Source("needles", world["needles"], str(world["root"]))
-    records = [json.loads(line) for line in Path(world["needles"]).read_text().splitlines()]
+def test_shards_cover_every_record_once_per_epoch(world, count):
+    records = read_jsonl(world["needles"])
     total = len(records)
-    seen = []
-    for index in range(count):
-        stream = host_stream(source, index, count, seed=1)
-        share = -(-(total - index) // count)
-        for epoch in range(2):
-            ids = [stream[epoch * share + k]["id"] for k in range(share)]
-            assert len(set(ids)) == share  # a permutation of the share each epoch
-            if epoch == 0:
-                seen += ids
-    assert sorted(seen) == sorted(record["id"] for record in records)
+    for epoch in range(2):
+        seen = []
+        for index in range(count):
+            stream = source_stream(records, 0, Share(index, count, Coverage.empty(1)), seed=1)
+            share = -(-(total - index) // count)  # reads epoch 0 and 1 split alike
+            seen += [stream[epoch * share + k][1]["id"] for k in range(share)]
+        assert sorted(seen) == sorted(record["id"] for record in records)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -125,17 +121,65 @@ def test_restored_iterator_gives_the_identical_next_batch(world, tmp_path, worke
     manager = ocp.CheckpointManager(tmp_path / "ckpt")
     manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
     manager.wait_until_finished()
+    manager.close()
     expected = [next(iterator) for _ in range(2)]
-    counts = skip_counts(iterator)
+    counts = iterator.skip_counts()
 
-    fresh = iter(pipeline(world, sources, workers))
-    manager.restore(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    saved = [json.loads(f.read_text())
+             for f in (tmp_path / "ckpt" / "2" / "data").glob("process_*.json")]
+    fresh = iter(pipeline(world, sources, workers, saved=saved))
     for want in expected:
         got = next(fresh)
         for key in want:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-    assert skip_counts(fresh) == counts
-    manager.close()
+            np.testing.assert_array_equal(np.concatenate(got[key]) if key == "sample_ids"
+                                          else got[key], np.concatenate(want[key])
+                                          if key == "sample_ids" else want[key], err_msg=key)
+    assert fresh.skip_counts() == counts
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_resuming_on_other_shard_counts_reads_each_sample_once(world, before, after, rng):
+    """Shards stop after different numbers of batches (as processes do: packing puts a
+    varying number of samples into a row); their saved states resume on another shard
+    count, which reads on until the first two epochs of every source are read: each of
+    their samples exactly once."""
+    sources = [Source("needles", world["needles"], str(world["root"])),
+               Source("mixed", world["mixed"], str(world["root"]))]
+    sizes = [len(read_jsonl(s.jsonl)) for s in sources]
+
+    def build_shard(index, count, saved=None):
+        return iter(build(sources, world["spec"], world["tokenizer"], tokens=TOKENS,
+                          frames=FRAMES, batch_size=1, seed=5, shard=(index, count),
+                          saved=saved))
+
+    def consume(iterator, batches):
+        for _ in range(batches):
+            for ids in next(iterator)["sample_ids"]:
+                seen.extend((int(s), int(g), int(skip)) for s, g, skip in ids[:, [0, 2, 4]])
+
+    seen: list[tuple[int, int, int]] = []
+    saved = []
+    for index in range(before):
+        iterator = build_shard(index, before)
+        consume(iterator, int(rng.integers(1, 5)))
+        saved.append(iterator.get_state())
+    resumed = [build_shard(index, after, saved) for index in range(after)]
+
+    def two_epochs_read():
+        return all({g for s, g, _ in seen if s == source} >= set(range(2 * size))
+                   for source, size in enumerate(sizes))
+
+    for _ in range(40):  # rounds of one batch per resumed shard, until two epochs are read
+        if two_epochs_read():
+            break
+        for iterator in resumed:
+            consume(iterator, 1)
+    assert two_epochs_read()
+    positions = [(s, g) for s, g, _ in seen]
+    assert len(positions) == len(set(positions)), "a sample was read twice"
+    # Skip counts carry over (into shard 0): the run's total is every skipped sample seen.
+    counted = sum(sum(it.skip_counts().values()) for it in resumed)
+    assert counted == sum(1 for *_, skip in seen if skip) > 0
 
 
 def test_text_stage_batches_cover_the_token_array(tmp_path, rng):

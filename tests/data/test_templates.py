@@ -61,8 +61,9 @@ def _text(rng: random.Random) -> str:
 
 
 @pytest.fixture
-def rng():
-    return random.Random()
+def rng(module_seed):
+    """Python's generator (for `choices`), from the module's printed seed."""
+    return random.Random(module_seed)
 
 
 def test_load_from_folder_and_file(tokenizer_dir):

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import subprocess
+import sys
+from fractions import Fraction
 
+import av
 import cv2
 import numpy as np
 import pytest
+from tokenizers import Tokenizer, models
 
 from longvila_jax.data import video
-from longvila_jax.data.synthetic import read_frame_index, write_bad_media, write_index_video
+from longvila_jax.data.pipeline import SampleSpec, Source, _Load
+from longvila_jax.data.synthetic import (
+    index_frame,
+    read_frame_index,
+    write_bad_media,
+    write_index_video,
+)
 from longvila_jax.data.video import REASONS, MediaError, load_frames, sample_indices, video_info
 
 NATIVE_FPS = 24.0
@@ -101,8 +113,13 @@ def test_a_long_video_is_not_decoded_frame_by_frame(long_video, rng, monkeypatch
         {"set_": lambda cap, prop, value: False},
         # A seek that lands one frame late (and says so).
         {"set_": lambda cap, prop, value: cap.set(prop, value + 1)},
+        # One that lands late and reports the frame asked for, as OpenCV does on a VFR file.
+        {
+            "set_": lambda cap, prop, value: cap.set(prop, value + 1),
+            "get": lambda cap, prop: cap.get(prop) - (prop == cv2.CAP_PROP_POS_FRAMES),
+        },
     ],
-    ids=["seek-fails", "seek-lands-wrong"],
+    ids=["seek-fails", "seek-lands-wrong", "seek-lands-wrong-silently"],
 )
 def test_failed_seeks_fall_back_to_decoding_from_the_start(long_video, rng, monkeypatch, broken):
     path, total = long_video
@@ -118,12 +135,10 @@ def test_a_header_that_overcounts_frames(index_video, rng, monkeypatch):
     overcount = lambda cap, prop: cap.get(prop) + extra * (prop == cv2.CAP_PROP_FRAME_COUNT)
     _fake_capture(monkeypatch, get=overcount)
     num_frames = int(rng.integers(4, 30))
-    with pytest.raises(MediaError) as info:
-        load_frames(path, num_frames, image_size=32)
-    assert info.value.reason == "too_few_frames"
-    # In fps mode the frames that exist come back.
-    frames = load_frames(path, 10**6, image_size=32, fps=NATIVE_FPS / 3)
-    assert _indices(frames) == list(range(0, total, 3))
+    for fps in (None, NATIVE_FPS / 3):  # fps mode too: its sample times run to the end
+        with pytest.raises(MediaError) as info:
+            load_frames(path, num_frames, image_size=32, fps=fps)
+        assert info.value.reason == "too_few_frames"
 
 
 def test_a_header_without_counts_is_counted_by_decoding(index_video, rng, monkeypatch):
@@ -134,14 +149,86 @@ def test_a_header_without_counts_is_counted_by_decoding(index_video, rng, monkey
     num_frames = int(rng.integers(1, 30))
     frames = load_frames(path, num_frames, image_size=32)
     assert _indices(frames) == sample_indices(total, NATIVE_FPS, num_frames).tolist()
-    # Without a frame rate, fps mode takes every frame as one step, thinned to num_frames.
+    # Without a frame rate, fps mode goes by the frames' own timestamps.
     frames = load_frames(path, num_frames, image_size=32, fps=2.0)
-    assert _indices(frames) == sample_indices(total, NATIVE_FPS, num_frames).tolist()
+    assert _indices(frames) == sample_indices(total, NATIVE_FPS, num_frames, 2.0).tolist()
 
 
 def test_video_info_reads_the_container(index_video):
     path, total = index_video
     assert video_info(path) == (total, NATIVE_FPS)
+
+
+# --- variable frame rate -----------------------------------------------------------------------
+
+
+def _write_timed_index_video(path, durations_ms, rng, *, width=64, height=48):
+    """An MPEG-4 index video whose frame i lasts `durations_ms[i]` (cv2.VideoWriter writes only
+    constant rates), with noise on every frame so the file is big enough to damage (`_damage`).
+
+    Returns each frame's presentation time and the video's duration, in seconds.
+    """
+    starts = np.concatenate([[0], np.cumsum(durations_ms)[:-1]]).astype(int)
+    lasting = dict(zip(starts.tolist(), durations_ms, strict=True))
+    container = av.open(str(path), "w")
+    stream = container.add_stream("mpeg4", rate=1000)  # a millisecond time base
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.codec_context.gop_size = 12  # keyframes every 12 frames: seeks land between them
+    stream.bit_rate = 3_000_000
+
+    def mux(packets):
+        for packet in packets:
+            packet.duration = lasting[packet.pts]  # else the muxer guesses the last frame's
+            container.mux(packet)
+
+    for i, start in enumerate(starts):
+        noisy = index_frame(i, width, height) + rng.integers(-40, 41, (height, width, 1))
+        frame = av.VideoFrame.from_ndarray(np.clip(noisy, 0, 255).astype(np.uint8), "rgb24")
+        frame.pts, frame.time_base = int(start), Fraction(1, 1000)
+        mux(stream.encode(frame))
+    mux(stream.encode())
+    container.close()
+    return starts / 1000, sum(durations_ms) / 1000
+
+
+# Frame durations in ms for `count` frames (even).
+_RATES = {
+    "alternating": lambda count, rng: [40, 80] * (count // 2),  # the clip in the issue
+    "irregular": lambda count, rng: rng.choice([20, 40, 80], count).tolist(),  # screen capture
+    # Steady at the average rate well past the probe, then alternating: only the checks after
+    # each seek can tell.
+    "late": lambda count, rng: [60] * 100 + [40, 80] * (count // 2 - 50),
+}
+
+
+@pytest.fixture(params=list(_RATES))
+def vfr_video(request, tmp_path, rng):
+    """A variable-frame-rate index video: (path, each frame's time in s, duration in s)."""
+    count = 2 * int(rng.integers(260, 320))
+    durations = _RATES[request.param](count, rng)
+    path = tmp_path / "vfr.mp4"
+    return path, *_write_timed_index_video(path, durations, rng)
+
+
+def test_uniform_mode_takes_the_nth_decoded_frames_of_a_vfr_video(vfr_video):
+    path, times, _ = vfr_video
+    for num_frames in (3, 5, 8, 16):
+        frames = load_frames(path, num_frames, image_size=384)
+        expected = sample_indices(len(times), NATIVE_FPS, num_frames).tolist()
+        assert _indices(frames) == expected, f"num_frames={num_frames}"
+
+
+@pytest.mark.parametrize("fps", [0.5, 2.0, 7.0, 30.0])
+def test_fps_mode_samples_a_vfr_video_by_presentation_time(vfr_video, rng, fps):
+    path, times, duration = vfr_video
+    # The frame on screen at each sample time: the last one to start at or before it.
+    samples = np.arange(math.ceil(duration * fps)) / fps
+    shown = np.searchsorted(times, samples[samples < duration] + 1e-9, side="right") - 1
+    every = np.unique(shown)
+    num_frames = int(rng.integers(1, len(every) + 5))
+    # More than num_frames: thinned evenly, as sample_indices thins.
+    expected = every[sample_indices(len(every), 1.0, min(num_frames, len(every)))]
+    assert _indices(load_frames(path, num_frames, image_size=64, fps=fps)) == expected.tolist()
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -253,6 +340,84 @@ def test_media_error_survives_pickling():
     )
     with pytest.raises(ValueError, match="reason"):
         MediaError("/data/a.mp4", "broken", "no such reason")
+
+
+def _damage(path, rng):
+    """Overwrite 64 KiB in the middle of a file with random bytes: decoding stops there."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle - 2**15 : middle + 2**15] = rng.bytes(2**16)
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("rate", ["constant", "alternating"])  # on the grid, and off it
+def test_a_file_damaged_midway_raises_too_few_frames_in_both_modes(tmp_path, rng, rate):
+    count = 2 * int(rng.integers(260, 320))
+    durations = [40] * count if rate == "constant" else _RATES[rate](count, rng)
+    path = tmp_path / "damaged.mp4"
+    _write_timed_index_video(path, durations, rng)
+    _damage(path, rng)
+    # Every frame (uniform) or every sample time (fps), so some are past the damage.
+    for num_frames, fps in [(count, None), (10**6, 2.0)]:
+        with pytest.raises(MediaError) as info:
+            load_frames(path, num_frames, image_size=32, fps=fps)
+        assert info.value.reason == "too_few_frames"
+
+
+def test_bad_media_prints_nothing_of_ffmpeg_or_opencv(tmp_path, rng):
+    """Decoding bad files in a fresh process (as a spawned grain worker starts) leaves stdout and
+    stderr empty: the MediaError is the only report."""
+    bad = [str(tmp_path / path) for path in write_bad_media(tmp_path).values()]
+    damaged = tmp_path / "damaged.mp4"
+    _write_timed_index_video(damaged, [40, 80] * 150, rng)
+    _damage(damaged, rng)
+    script = (
+        "import sys\n"
+        "from longvila_jax.data.video import MediaError, load_frames\n"
+        "for path in sys.argv[1:]:\n"
+        "    for fps in (None, 2.0):\n"
+        "        try:\n"
+        "            load_frames(path, 8, image_size=32, fps=fps)\n"
+        "        except MediaError:\n"
+        "            pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OPENCV_")}
+    result = subprocess.run([sys.executable, "-c", script, str(damaged), *bad], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+
+
+def test_the_pipeline_decodes_a_bad_file_once_and_skips_it_every_epoch(tmp_path, monkeypatch):
+    # Here rather than in test_pipeline.py: `_Load` is the pipeline's one call into this module.
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "<image>": 1}, unk_token="[UNK]"))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    spec = SampleSpec(family="qwen2", media_token_id=1, tokens_per_frame=2, num_frames=4,
+                      image_size=32)
+    load = _Load([Source("bad", str(tmp_path / "bad.jsonl"), str(tmp_path))], spec,
+                 str(tmp_path / "tokenizer.json"))
+    bad = write_bad_media(tmp_path)
+    records = [
+        {"video": path, "conversations": [{"from": "human", "value": "<video>\nWhat?"},
+                                          {"from": "gpt", "value": "x"}]}
+        for path in bad.values()
+    ]
+    opened = []
+    real = cv2.VideoCapture
+    monkeypatch.setattr(video.cv2, "VideoCapture", lambda *args: opened.append(args) or real(*args))
+
+    def markers():
+        ids = np.zeros((1, 5), np.int64)  # source 0
+        return [{k: v for k, v in load.map((ids, record)).items() if k != "sample_ids"}
+                for record in records]
+
+    first = markers()
+    assert [marker["message"].split(": ")[1] for marker in first] == list(bad)
+    assert opened
+    opened.clear()
+    for _ in range(2):  # later epochs: the same skip markers (so counted again), nothing opened
+        assert markers() == first
+    assert opened == []
 
 
 # --- sample_indices -----------------------------------------------------------------------------

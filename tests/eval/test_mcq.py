@@ -206,10 +206,9 @@ def test_each_video_is_asked_once_with_all_its_prompts(tmp_path):
     assert [s["question"] for s in result["per_sample"]] == [f"Question {i}?" for i in range(6)]
 
 
-def test_random_question_sets(tmp_path):
+def test_random_question_sets(tmp_path, rng):
     """Random videos, option counts, categories and reply forms; the expected scores are
     counted from the script."""
-    rng = np.random.default_rng()
     forms = ["{L}", "({L})", "{L}. {T}", "The best answer is {L}.", "answer: {l}", "{T}"]
     entries = []  # (record, reply, reported category, "right" | "wrong" | "none")
     for v in range(int(rng.integers(1, 6))):

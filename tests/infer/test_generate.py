@@ -34,15 +34,15 @@ def _model(seed: int, dtype: str = "float32"):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, module_rng):
     root = tmp_path_factory.mktemp("generate")
-    rng = np.random.default_rng(int(np.random.SeedSequence().entropy % 2**32))
-    seed = int(rng.integers(1 << 30))
+    seed = int(module_rng.integers(1 << 30))
     videos = []
     for i in range(2):
         path = root / f"video{i}.mp4"
-        write_needle_video(path, 12, needle_index=int(rng.integers(12)), needle_seed=seed + i,
-                           haystack_seed=seed - i, width=SIZE, height=SIZE, fps=4.0)
+        write_needle_video(path, 12, needle_index=int(module_rng.integers(12)),
+                           needle_seed=seed + i, haystack_seed=seed - i, width=SIZE,
+                           height=SIZE, fps=4.0)
         videos.append(path)
     tokenizer = build_tokenizer(root / "tok", ["What colour is the shape shown in the video? "
                                                "red green blue circle square digit 7"] * 3)

@@ -6,13 +6,14 @@ token's embedding, and `media_tokens_per_frame` must count projected tokens + ne
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
 from longvila_jax.config import base_config
-from longvila_jax.models.longvila import build_model, expand_media_tokens
+from longvila_jax.models.longvila import build_model, expand_media_tokens, splice_media
 from longvila_jax.models.projector import MERGES
 
 
@@ -123,3 +124,40 @@ def test_without_newline_token_frames_are_projected_tokens_only(rng, random_mode
     np.testing.assert_allclose(np.asarray(_encode(model, images)),
                                np.asarray(_features(model, images)), rtol=1e-6, atol=1e-6)
 
+
+
+def test_splice_media_is_exact_and_poisons_rows_past_the_table(rng):
+    """In-range rows are copied bit for bit; a row past the table (more media positions
+    than frames) is NaN under jit, where clipping used to splice the last row silently."""
+    b, s, hidden, n = 2, int(rng.integers(4, 12)), 8, int(rng.integers(1, 6))
+    x = rng.normal(size=(b, s, hidden)).astype(np.float32)
+    media = rng.normal(size=(n, hidden)).astype(np.float32)
+    rows = np.where(rng.random((b, s)) < 0.5, rng.integers(0, n, (b, s)), -1)
+    want = np.where((rows >= 0)[..., None], media[np.maximum(rows, 0)], x)
+    splice = jax.jit(splice_media)
+    np.testing.assert_array_equal(splice(x, media, rows), want)
+    past = rows.copy()
+    past[-1, -1] = n + int(rng.integers(0, 3))
+    got = np.asarray(splice(x, media, past))
+    assert np.isnan(got[-1, -1]).all()
+    np.testing.assert_array_equal(got[:-1], want[:-1])
+    np.testing.assert_array_equal(got[-1, :-1], want[-1, :-1])
+
+
+def test_surplus_media_position_is_nan_under_jit_and_an_error_eagerly(rng, random_model):
+    """One placeholder more than the frames fill (a generated `<image>`, say): under jit its
+    embedding is NaN and every other position is as without it; eagerly, an error."""
+    cfg = vlm_config(rng)
+    model = random_model(lambda: build_model(cfg))
+    ids, frames = media_batch(rng, cfg, model.media_tokens_per_frame)
+    size = cfg.model.vision.image_size
+    images = jnp.asarray(rng.normal(size=(frames, size, size, 3)), jnp.float32)
+    surplus = ids.copy()
+    surplus[-1, -1] = cfg.model.media.media_token_id  # text in `media_batch`: after all media
+    valid = np.asarray(_embed(model, jnp.asarray(ids), images))
+    got = np.array(_embed(model, jnp.asarray(surplus), images))
+    assert np.isnan(got[-1, -1]).all()
+    got[-1, -1] = valid[-1, -1]
+    np.testing.assert_array_equal(got, valid)
+    with pytest.raises(ValueError, match="media positions"):
+        model.embed(jnp.asarray(surplus), images)

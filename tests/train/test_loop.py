@@ -7,37 +7,19 @@ final checkpoint, and bad config values failing before any compute with the key 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from runs import ROOT, cli_train, scalars, stage, write_config_file
 
-from longvila_jax.data.demo_corpus import write_demo_data
-from longvila_jax.demo import demo_config
 from longvila_jax.interop.hf_export import export_hf
 from longvila_jax.train.checkpoint import load_config, load_params
 from longvila_jax.train.loop import train
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_demo_data(tmp_path_factory.mktemp("corpus"), scale=0.1)
-
-
-def stage(corpus, name, steps, parallel=(1, 2, 4), **train):
-    config = demo_config(corpus, parallel=parallel)[name]
-    config.optim.total_steps = steps
-    config.optim.warmup_steps = 0
-    config.train.update(checkpoint_every=2, **train)
-    return config
 
 
 def changed(before: dict, after: dict) -> set[str]:
@@ -82,28 +64,6 @@ def test_context_stage_trains_lora_embeddings_norms_and_merges(corpus, tmp_path)
     assert (out / "llm" / "config.json").is_file()
 
 
-def cli_train(config_file: Path, workdir: Path, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "longvila_jax.cli", "train", "--quiet",
-                             f"--config={config_file}", f"--workdir={workdir}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def write_config_file(tmp_path, corpus, name, steps) -> Path:
-    """A config file for the CLI holding a demo stage (sources are not flag-overridable)."""
-    (tmp_path / "corpus.json").write_text(json.dumps(corpus))
-    path = tmp_path / "stage_config.py"
-    path.write_text(
-        "import json\n"
-        "from longvila_jax.demo import demo_config\n"
-        "def get_config():\n"
-        f"    corpus = json.loads(open({str(tmp_path / 'corpus.json')!r}).read())\n"
-        f"    config = demo_config(corpus, parallel=(1, 2, 4))[{name!r}]\n"
-        f"    config.optim.update(total_steps={steps}, warmup_steps=0)\n"
-        "    config.train.update(checkpoint_every=2, batch_size=2)\n"
-        "    return config\n")
-    return path
-
-
 @pytest.mark.slow
 def test_kill_9_then_resume_gives_bit_identical_parameters(corpus, tmp_path):
     config_file = write_config_file(tmp_path, corpus, "sft", 8)
@@ -117,6 +77,11 @@ def test_kill_9_then_resume_gives_bit_identical_parameters(corpus, tmp_path):
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "final").exists()
+    # TensorBoard was flushed when the checkpoint was saved: nothing it holds is lost.
+    assert set(scalars(tmp_path / "killed")) >= {1, 2, 3, 4}
+    # What a kill while `final/` was written leaves: the resumed run removes it.
+    stale = tmp_path / "killed" / ".final.tmp-0123abcd"
+    (stale / "params").mkdir(parents=True)
     resumed = cli_train(config_file, tmp_path / "killed")
     for proc in (whole, resumed):
         _, err = proc.communicate(timeout=900)
@@ -126,6 +91,11 @@ def test_kill_9_then_resume_gives_bit_identical_parameters(corpus, tmp_path):
     assert want.keys() == got.keys()
     for key in want:  # bit for bit
         assert np.array_equal(want[key], got[key]), "/".join(key)
+    assert not stale.exists()
+    # Every step logged once, as the uninterrupted run logged it (a kill's unsaved steps
+    # are purged at the resume).
+    assert scalars(tmp_path / "killed") == scalars(tmp_path / "whole")
+    assert sorted(scalars(tmp_path / "whole")) == list(range(1, 9))
 
 
 @pytest.mark.slow
@@ -138,9 +108,10 @@ def test_resume_on_another_mesh_layout_continues_the_run(corpus, tmp_path):
     for layout in ((1, 2, 4), (2, 1, 4), (1, 8, 1)):
         config = stage(corpus, "sft", 2, batch_size=2, parallel=layout)
         run = setup(config)
-        data = make_data(config, run.model.media_tokens_per_frame)
         with RunCheckpoints(tmp_path / "run" / "checkpoints", keep=3, every=2) as ckpts:
-            assert _restore(run, ckpts, data) == 2
+            assert _restore(run, ckpts) == 2
+            data = make_data(config, run.model.media_tokens_per_frame,
+                             saved=ckpts.data_states(2))
         out = run.step_fn(run.model, run.optimizer, to_model_batch(run, next(data)))
         if layout == (1, 2, 4):
             want = float(out["loss"])

@@ -8,10 +8,8 @@ coordinator fails in seconds naming its address, and a process that dies stops t
 
 from __future__ import annotations
 
-import glob
+import json
 import os
-import socket
-import struct
 import subprocess
 import sys
 import textwrap
@@ -21,47 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
-
-from longvila_jax.data.demo_corpus import write_demo_data
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(Path(__file__).parent))
-from test_loop import cli_train, stage, write_config_file  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return write_demo_data(tmp_path_factory.mktemp("corpus"), scale=0.1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def losses(workdir: Path) -> dict[int, float]:
-    """`loss` per step from the run's TensorBoard event files (TFRecord framing)."""
-    found = {}
-    for path in sorted(glob.glob(str(workdir / "tensorboard" / "events*"))):
-        data, i = Path(path).read_bytes(), 0
-        while i < len(data):
-            (length,) = struct.unpack("Q", data[i:i + 8])
-            event = event_pb2.Event.FromString(data[i + 12:i + 12 + length])
-            i += 12 + length + 4
-            for value in event.summary.value:
-                if value.tag == "loss":
-                    found[event.step] = value.simple_value
-    return found
-
-
-def local_launch(n: int, *args, log_dir: Path, timeout: int = 1200):
-    # XLA_FLAGS cleared: this test process's own 8-device flag must not reach the children.
-    env = {**os.environ, "XLA_FLAGS": "", "DEVICES_PER_PROCESS": "4", "LOG_DIR": str(log_dir),
-           "LONGVILA": f"{sys.executable} -m longvila_jax.cli"}
-    return subprocess.run([str(ROOT / "launch" / "local.sh"), str(n), *map(str, args)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+from runs import ROOT, cli_train, free_port, local_launch, scalars, stage, write_config_file
 
 
 @pytest.mark.slow
@@ -81,7 +39,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(corpu
     assert one.returncode == 0, err[-3000:]
     assert "process 0 of 2" in logs and "process 1 of 2" in logs
 
-    want, got = losses(tmp_path / "one"), losses(tmp_path / "two")
+    want, got = scalars(tmp_path / "one"), scalars(tmp_path / "two")
     assert sorted(want) == sorted(got) == [1, 2, 3]
     for step in want:
         assert abs(got[step] - want[step]) <= 1e-5 * abs(want[step]), (step, got, want)
@@ -178,3 +136,71 @@ def test_slurm_one_task_per_node_keeps_every_gpu(monkeypatch, env, want):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert _slurm_local_devices() == want
+
+
+def _start(processes: int, *args) -> list[subprocess.Popen]:
+    """`longvila-jax ARGS` as `processes` processes x 8/`processes` CPU devices, joined
+    through a local coordinator, in the background (killable one by one, unlike
+    launch/local.sh, which stops its processes with SIGTERM)."""
+    port, procs = free_port(), []
+    for i in range(processes):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu",
+               "XLA_FLAGS": f"--xla_force_host_platform_device_count={8 // processes}"}
+        flags = [f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}",
+                 f"--process_id={i}"] if processes > 1 else []
+        procs.append(subprocess.Popen([sys.executable, "-m", "longvila_jax.cli", *args, *flags],
+                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def _samples(workdir) -> list[tuple[str, int]]:
+    """(source, stream position) of every sample the run's steps consumed, from its sample
+    log, each data shard's rows once (processes that split one sequence log the same)."""
+    steps = {}
+    for path in (workdir / "samples").glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            entry = json.loads(line)
+            steps[entry["step"], tuple(entry["shard"])] = entry["rows"]
+    return [(name, position) for rows in steps.values() for row in rows
+            for name, position, *_ in row]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_a_run_killed_on_one_process_count_resumes_on_another(corpus, tmp_path, before, after):
+    """Data parallel over the processes (data=2: each of 2 processes reads its own rows, one
+    process reads both): killed after checkpoint 4, resumed on the other process count.
+    Every sample of the first epoch is consumed exactly once over both runs, no sample
+    twice, and the loss goes on from where it was."""
+    config_file = write_config_file(tmp_path, corpus, "sft", 10, parallel=(2, 1, 4))
+    workdir = tmp_path / "run"
+    args = ["train", "--quiet", f"--config={config_file}", f"--workdir={workdir}",
+            "--config.train.log_samples=True"]
+    first = _start(before, *args)
+    deadline = time.time() + 900
+    while not (workdir / "checkpoints" / "4").is_dir() and time.time() < deadline \
+            and all(p.poll() is None for p in first):
+        time.sleep(0.05)
+    for proc in first:
+        proc.kill()
+    errors = [p.communicate()[1][-3000:] for p in first]
+    assert (workdir / "checkpoints" / "4").is_dir(), errors
+    if after == 1:
+        resumed = cli_train(config_file, workdir, *args[4:])
+        err = resumed.communicate(timeout=1200)[1]
+        assert resumed.returncode == 0, err[-3000:]
+    else:
+        result = local_launch(after, *args, log_dir=tmp_path)
+        logs = "".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("process_*.log")))
+        assert result.returncode == 0, result.stderr[-2000:] + logs
+
+    seen = _samples(workdir)
+    assert len(seen) == len(set(seen)), "a sample was consumed twice"
+    for source in corpus["stages"]["sft"]:
+        records = len(Path(source["jsonl"]).read_text().splitlines())
+        mine = {position for name, position in seen if name == source["name"]}
+        assert mine >= set(range(records)), f"{source['name']}: epoch 0 not whole"
+    losses = scalars(workdir)
+    assert sorted(losses) == list(range(1, 11))
+    assert max(losses[s] for s in range(5, 11)) < losses[1], losses

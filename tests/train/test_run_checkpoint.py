@@ -125,8 +125,8 @@ def test_data_iterator_resumes_where_saved(tmp_path, rng):
         expected = [next(iterator) for _ in range(3)]  # the save must not see these
         ckpt.wait()
         fresh = iter(dataset())
-        ckpt.restore(None, abstract(state, lambda k, s: SingleDeviceSharding(jax.devices()[0])),
-                     fresh)
+        (saved,) = ckpt.data_states(None)  # one process, one file
+        fresh.set_state(saved)
     got = [next(fresh) for _ in range(3)]
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
@@ -196,6 +196,5 @@ def test_bad_input_errors(tmp_path, rng):
         unsharded = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
         with pytest.raises(ValueError, match=r"'a/w'.*sharding"):
             ckpt.restore(1, unsharded)
-        iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
-        with pytest.raises(ValueError, match="without a data iterator"):
-            ckpt.restore(1, abstract(state, lambda k, s: one), iterator)
+        with pytest.raises(ValueError, match="no data position"):
+            ckpt.data_states(1)
