@@ -278,8 +278,8 @@ class _NonFinite(Exception):
 def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> None:
     """Steps from `start` to `optim.total_steps`. A step's metrics are read after the next
     step is dispatched, so the host decodes the next batch while the device computes
-    instead of waiting for each step to finish; before a checkpoint the step being saved
-    is read too, so no save holds the result of a step not yet checked."""
+    instead of waiting for each step to finish; before a checkpoint (the last step always
+    saves) the step being saved is read too, so no save holds a step not yet checked."""
     total = run.config.optim.total_steps
     pending = None
     for step in range(start, total):
@@ -293,8 +293,6 @@ def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> 
             pending = None
             checkpoints.save(step + 1, _state(run), data, force=True)
             reporter.flush()
-    if pending is not None:
-        reporter.report(*pending, data)
 
 
 class _Reporter:
