@@ -37,8 +37,8 @@ import time
 import jax
 import numpy as np
 
+from longvila_jax.checkpoint import build_model
 from longvila_jax.infer.engine import InferenceEngine
-from longvila_jax.models.longvila import build_model
 from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.train.stages import model_config
 

@@ -47,6 +47,7 @@ from longvila_jax.parallel import (
     sequence_parallel_attention,
     zigzag_permutation,
 )
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import ulysses_degree
 
 
@@ -109,7 +110,7 @@ def ring_kernel_floor(n, local, shape, key):
 def ring_step(n, total):
     """(jitted ring fwd+bwd on an (n, 1) mesh, its arguments) at `total` tokens."""
     mesh = make_mesh(1, n, 1)
-    seq, lse = P(None, ("node", "local")), P(None, None, ("node", "local"))
+    seq, lse = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
     sharded = jax.shard_map(
         lambda q, k, v, p, s: ring_attention(q, k, v, p, p, s, s, causal=True),
         mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse))
@@ -182,7 +183,7 @@ def main():
         pos = jnp.asarray(perm, jnp.int32)[None]
         seg = jnp.zeros_like(pos)
         mesh = make_mesh(1, node, local_deg)
-        seq, lse = P(None, ("node", "local")), P(None, None, ("node", "local"))
+        seq, lse = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
         sharded = jax.shard_map(lambda q, k, v, p, s, attend=attend: attend(q, k, v, p, p, s, s),
                                 mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse))
         step = fwd_bwd(sharded)

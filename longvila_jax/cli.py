@@ -248,8 +248,7 @@ def _dispatch(command: str, argv: list[str], primary: bool = True):
     elif command == "init":
         import numpy as np
 
-        from longvila_jax.models.longvila import build_model
-        from longvila_jax.train.checkpoint import model_params, save_checkpoint
+        from longvila_jax.checkpoint import build_model, model_params, save_checkpoint
 
         (dst,) = _args(argv, ["DST"])
         config = _need_config()

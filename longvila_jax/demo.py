@@ -34,8 +34,8 @@ def demo_config(data: dict, *, parallel: tuple[int, int, int] = (1, 1, 1)):
 
 def run_demo(workdir, *, progress: bool = True, eval_frames: tuple[int, ...] | None = None):
     """Corpus, five stages, needle evaluation; returns (final checkpoint, eval result)."""
+    from longvila_jax.checkpoint import load_model
     from longvila_jax.eval.needle import evaluate, make_needles
-    from longvila_jax.train.checkpoint import load_model
 
     workdir = Path(workdir).absolute()
     corpus = workdir / "data"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from longvila_jax.train.checkpoint import load_config, load_params
+from longvila_jax.checkpoint import load_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"

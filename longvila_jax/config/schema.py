@@ -2,15 +2,20 @@
 
 Every key a model config may hold is created here with its type; config files in
 `configs/` only override values. `validate` raises `ConfigError` naming the key, so a
-wrong value fails before any array is allocated.
+wrong value fails before any array is allocated. The config layer sits above the kernels
+and the parallel schemes (it checks values against their choices: backends, schemes) and
+below everything that reads a config; nothing below it imports it.
 """
 
 from __future__ import annotations
+
+import re
 
 import ml_collections
 from ml_collections import config_dict
 
 from longvila_jax.kernels.attention import BACKENDS
+from longvila_jax.parallel.schemes import SCHEMES, resolve_scheme
 
 LLM_FAMILIES = ("qwen2", "llama")
 PROJECTORS = ("mlp2x_gelu", "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_downsample_3x3_fix")
@@ -240,8 +245,6 @@ def _validate_lora(lora):
 
 
 def _validate_train(train):
-    import re
-
     _positive_int(train, "train", ["batch_size", "seq_len", "num_frames", "checkpoint_every",
                                    "keep", "log_every", "nonfinite_limit"])
     _check(train.nonfinite in NONFINITE, "train.nonfinite", train.nonfinite,
@@ -288,10 +291,7 @@ def _validate_optim(optim):
 
 
 def _validate_parallel(parallel):
-    # Imported here: the parallel package imports the kernels, which import this module.
     # Any Ulysses degree works for any heads (`parallel.ulysses.head_layout` pads them).
-    from longvila_jax.parallel.schemes import SCHEMES, resolve_scheme
-
     _positive_int(parallel, "parallel", ["data", "node", "local"])
     _check(parallel.attention in SCHEMES, "parallel.attention", parallel.attention,
            f"one of {SCHEMES}")

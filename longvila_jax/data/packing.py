@@ -35,7 +35,7 @@ import functools
 import grain
 import numpy as np
 
-from longvila_jax.models.longvila import IGNORE_INDEX
+from longvila_jax.data.media import IGNORE_INDEX
 
 
 @dataclasses.dataclass

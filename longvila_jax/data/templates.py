@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import tokenizers
 
-from longvila_jax.models.longvila import IGNORE_INDEX
+from longvila_jax.data.media import IGNORE_INDEX
 
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")

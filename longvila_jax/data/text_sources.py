@@ -20,8 +20,8 @@ from collections.abc import Iterator
 import numpy as np
 import tokenizers
 
+from longvila_jax.data.media import IGNORE_INDEX, expand_media_tokens
 from longvila_jax.data.templates import encode_chat
-from longvila_jax.models.longvila import IGNORE_INDEX, expand_media_tokens
 
 MEDIA_PLACEHOLDER = "<image>"
 _PLACEHOLDERS = ("<image>", "<video>")

@@ -35,13 +35,14 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from longvila_jax.atomic import atomic_file, remove_temporaries
+from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.synthetic import needle_frame
 from longvila_jax.data.text_sources import jsonl_records, tokenize_conversation
 from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.data.video import frame_to_model_input, load_frames
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.infer.generate import end_of_turn_ids
-from longvila_jax.models.longvila import IGNORE_INDEX, LongVILA
+from longvila_jax.models.longvila import LongVILA
 
 DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 

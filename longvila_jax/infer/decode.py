@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.infer.prefill import CACHE_SPECS, SP_AXES
+from longvila_jax.infer.prefill import CACHE_SPECS
 from longvila_jax.kernels import flash_attention
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import merge, merge_over
 
 
@@ -74,7 +75,7 @@ def make_decode(graphdef, mesh, steps: int, with_logits: bool = False,
                                            kv_positions=cache.positions,
                                            q_segment_ids=own_segment,
                                            kv_segment_ids=padding, causal=True)
-                out, lse = merge_over(out, lse, SP_AXES)
+                out, lse = merge_over(out, lse, SEQUENCE_AXES)
                 past_k = jax.lax.dynamic_update_slice_in_dim(past_k, k, t, axis=1)
                 past_v = jax.lax.dynamic_update_slice_in_dim(past_v, v, t, axis=1)
                 new_out, new_lse = flash_attention(q, past_k, past_v, q_positions=p,

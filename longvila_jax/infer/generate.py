@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
+from longvila_jax.data.media import expand_media_tokens
 from longvila_jax.data.templates import encode_chat
 from longvila_jax.data.text_sources import conversation_to_messages
 from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.infer.embeddings import VideoEmbeddingCache
 from longvila_jax.infer.engine import InferenceEngine
-from longvila_jax.models.longvila import LongVILA, expand_media_tokens
+from longvila_jax.models.longvila import LongVILA
 
 # What ends an answer, per chat-template family: its end-of-turn marker, and end-of-text.
 _END_TOKENS = {"qwen2": ("<|im_end|>", "<|endoftext|>"),
@@ -67,7 +68,7 @@ class Generator:
         """Load a checkpoint; the tokenizer is `tokenizer`, else the checkpoint's own
         (`tokenizer/`, which training and import-hf write), else the one its config names
         (`data.tokenizer`)."""
-        from longvila_jax.train.checkpoint import load_config, load_model
+        from longvila_jax.checkpoint import load_config, load_model
 
         config = load_config(checkpoint)
         if tokenizer is None:

@@ -23,11 +23,11 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.models.longvila import splice_media
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import sequence_parallel_attention
 
-SP_AXES = ("node", "local")
-TOKENS = P(None, SP_AXES)  # [batch, seq] sharded over the sequence group
-KV = P(None, None, SP_AXES)  # [layers, batch, seq, kv_heads, head_dim]
+TOKENS = P(None, SEQUENCE_AXES)  # [batch, seq] sharded over the sequence group
+KV = P(None, None, SEQUENCE_AXES)  # [layers, batch, seq, kv_heads, head_dim]
 
 
 @jax.tree_util.register_dataclass
@@ -77,7 +77,7 @@ def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
         # The window's hidden states, wherever they live: one-hot rows, summed over shards.
         pick = (positions[:, :, None] == window[:, None, :]).astype(h.dtype)
         picked = jnp.einsum("bsw,bsd->bwd", pick, h, preferred_element_type=jnp.float32)
-        picked = jax.lax.psum(picked, SP_AXES).astype(h.dtype)
+        picked = jax.lax.psum(picked, SEQUENCE_AXES).astype(h.dtype)
         if not with_cache:
             return model.llm.logits(picked), None, None
         return model.llm.logits(picked), k, v

@@ -17,9 +17,9 @@ import numpy as np
 from tqdm import tqdm
 
 from longvila_jax.atomic import atomic_folder, ensure_new_path
+from longvila_jax.checkpoint import load_config, load_params
 from longvila_jax.interop import hf_layouts as L
 from longvila_jax.interop.safetensors_io import CheckpointError, write_sharded
-from longvila_jax.train.checkpoint import load_config, load_params
 
 FORMATS = ("longvila", "llava")
 SHARD_BYTES = 5 * 10**9

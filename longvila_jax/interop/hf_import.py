@@ -21,13 +21,13 @@ from flax import nnx
 from tqdm import tqdm
 
 from longvila_jax.atomic import ensure_new_path
+from longvila_jax.checkpoint import model_params, save_checkpoint
 from longvila_jax.config import ConfigError, base_config, validate
 from longvila_jax.config.schema import DTYPES
 from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.interop import hf_layouts as L
 from longvila_jax.interop.safetensors_io import CheckpointError, SafetensorsFolder
 from longvila_jax.models.projector import Projector
-from longvila_jax.train.checkpoint import model_params, save_checkpoint
 
 
 def _read_json(path: Path) -> dict:

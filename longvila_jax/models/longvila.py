@@ -10,17 +10,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from longvila_jax.config import validate
-from longvila_jax.kernels.manual_axes import varying_like
 from longvila_jax.models.llm import CausalLM
-from longvila_jax.models.lora import apply_lora
 from longvila_jax.models.projector import Projector
 from longvila_jax.models.siglip import SiglipVisionTower
-
-IGNORE_INDEX = -100
 
 
 class LongVILA(nnx.Module):
@@ -84,74 +78,3 @@ def splice_media(x, media, rows):
     """
     gathered = jnp.take(media, rows, axis=0, mode="fill", fill_value=jnp.nan)
     return jnp.where((rows >= 0)[..., None], gathered.astype(x.dtype), x)
-
-
-def token_nll(logits, targets):
-    """(summed cross-entropy, count) of `logits[..., t, :]` against `targets[..., t]`,
-    skipping IGNORE_INDEX; sums rather than a mean so that shards can add them up."""
-    logits = logits.astype(jnp.float32)
-    valid = targets != IGNORE_INDEX
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
-    return jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()
-
-
-def chunked_token_nll(h, weight, targets, chunk: int):
-    """`token_nll(h @ weight, targets)` without holding all logits: positions in chunks of
-    `chunk`, each chunk's float32 logits recomputed in the backward. At long context the
-    logits are the largest activation (32K tokens x 152K vocab x 4 B = 20 GB)."""
-    b, s, d = h.shape
-    if s <= chunk:
-        return token_nll(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
-    pad = -s % chunk
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    pieces = (h.reshape(b, -1, chunk, d).swapaxes(0, 1),
-              targets.reshape(b, -1, chunk).swapaxes(0, 1))
-
-    @jax.checkpoint
-    def one(carry, piece):
-        nll, count = token_nll(jnp.dot(piece[0], weight, preferred_element_type=jnp.float32),
-                               piece[1])
-        return (carry[0] + nll, carry[1] + count), None
-
-    # Inside shard_map the sums vary over the axes the inputs vary over; so must the start.
-    zero = (varying_like(jnp.zeros((), jnp.float32), h, targets),
-            varying_like(jnp.zeros((), jnp.int32), h, targets))
-    return jax.lax.scan(one, zero, pieces)[0]
-
-
-def next_token_loss(logits, labels):
-    """Mean cross-entropy of `logits[:, t]` against `labels[:, t+1]`, skipping IGNORE_INDEX.
-
-    Labels are unshifted (as in Hugging Face), so VILA-style label tensors port unchanged.
-    """
-    total, count = token_nll(logits[:, :-1], labels[:, 1:])
-    return total / jnp.maximum(count, 1)
-
-
-def expand_media_tokens(input_ids, media_token_id: int, tokens_per_frame: int,
-                        frames_per_media) -> np.ndarray:
-    """Host-side: repeat each media placeholder to the positions its frames take.
-
-    `frames_per_media[k]` is the frame count of the k-th placeholder (1 for an image).
-    Raises if the placeholder count and `frames_per_media` disagree.
-    """
-    ids = [int(t) for t in input_ids]
-    spots = [i for i, t in enumerate(ids) if t == media_token_id]
-    if len(spots) != len(frames_per_media):
-        raise ValueError(f"expand_media_tokens: {len(spots)} media placeholders in the text "
-                         f"but {len(frames_per_media)} media items given")
-    out, last = [], 0
-    for spot, frames in zip(spots, frames_per_media, strict=True):
-        out += ids[last:spot] + [media_token_id] * (frames * tokens_per_frame)
-        last = spot + 1
-    return np.asarray(out + ids[last:], np.int32)
-
-
-def build_model(config, seed: int | None = None) -> LongVILA:
-    """Validate `config` and build a randomly initialised model (with LoRA adapters when
-    `model.lora.rank` > 0)."""
-    validate(config)
-    rngs = nnx.Rngs(config.seed if seed is None else seed)
-    return apply_lora(LongVILA(config.model, rngs=rngs), config.model.get("lora"), rngs)

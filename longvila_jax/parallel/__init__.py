@@ -1,7 +1,7 @@
 """Sequence parallelism: the device mesh and the attention schemes that run over it."""
 
 from longvila_jax.parallel.attention2d import attention_2d
-from longvila_jax.parallel.mesh import AXES, make_mesh, mesh_from_config
+from longvila_jax.parallel.mesh import AXES, make_mesh
 from longvila_jax.parallel.ring import merge, merge_over, ring_attention, zigzag_permutation
 from longvila_jax.parallel.schemes import (
     SCHEMES,
@@ -12,6 +12,6 @@ from longvila_jax.parallel.schemes import (
 from longvila_jax.parallel.ulysses import HeadLayout, head_layout, ulysses, ulysses_attention
 
 __all__ = ["AXES", "SCHEMES", "HeadLayout", "attention_2d", "head_layout", "layout_permutation",
-           "make_mesh", "merge", "merge_over", "mesh_from_config", "resolve_scheme",
+           "make_mesh", "merge", "merge_over", "resolve_scheme",
            "ring_attention", "sequence_parallel_attention", "ulysses", "ulysses_attention",
            "zigzag_permutation"]

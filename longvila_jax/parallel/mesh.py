@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 AXES = ("data", "node", "local")
+# The sequence-parallel group: a sequence is sharded over both, node-major.
+SEQUENCE_AXES = ("node", "local")
 
 
 def make_mesh(data: int, node: int, local: int, devices=None) -> Mesh:
@@ -41,19 +43,3 @@ def make_mesh(data: int, node: int, local: int, devices=None) -> Mesh:
                                  f"devices of process {process}, so a local group would "
                                  f"span processes")
     return Mesh(np.array(devices, dtype=object).reshape(data, node, local), AXES)
-
-
-def mesh_from_config(config, devices=None) -> Mesh:
-    """`make_mesh` from a config's `parallel` section; a size mismatch is a ConfigError."""
-    from longvila_jax.config.schema import ConfigError  # the config package imports this one
-
-    p = config.parallel
-    count = len(jax.devices() if devices is None else devices)
-    if p.data * p.node * p.local != count:
-        raise ConfigError(f"parallel: data*node*local = {p.data}*{p.node}*{p.local} = "
-                          f"{p.data * p.node * p.local} but there are {count} devices")
-    try:
-        return make_mesh(p.data, p.node, p.local, devices)
-    except ValueError as e:
-        raise ConfigError(f"parallel.local: {e}") from None
-

@@ -26,22 +26,16 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from longvila_jax.models.longvila import IGNORE_INDEX, chunked_token_nll, splice_media
+from longvila_jax.data.media import IGNORE_INDEX, media_rows
+from longvila_jax.models.longvila import splice_media
+from longvila_jax.models.loss import chunked_token_nll
 from longvila_jax.parallel import fsdp
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import layout_permutation, sequence_parallel_attention
 
-SP_AXES = ("node", "local")
 # What `prepare_batch` returns and `loss_fn` reads; `frames` [data, frames, H, W, 3] is
 # sharded like the tokens: data rows, then frames over the sequence group.
 BATCH_KEYS = ("input_ids", "targets", "positions", "segment_ids", "media_rows", "frames")
-
-
-def media_rows(input_ids: np.ndarray, media_token_id: int) -> np.ndarray:
-    """`[b, s]` int32: for the j-th media position (batch-major order) j, else -1 -- the row
-    of the flattened frame embeddings `[frames * tokens_per_frame, hidden]` it takes."""
-    is_media = input_ids == media_token_id
-    return np.where(is_media, np.cumsum(is_media.reshape(-1)).reshape(is_media.shape) - 1,
-                    -1).astype(np.int32)
 
 
 def shift_targets(labels: np.ndarray) -> np.ndarray:
@@ -109,8 +103,8 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
     without `frames` (text only) skips stage one. Logits are formed `loss_chunk` tokens at
     a time (`chunked_token_nll`).
     """
-    tokens = P("data", SP_AXES)
-    axes = ("data", *SP_AXES)
+    tokens = P("data", SEQUENCE_AXES)
+    axes = ("data", *SEQUENCE_AXES)
 
     def attend(q, k, v, positions, segment_ids):
         return sequence_parallel_attention(q, k, v, positions, positions, segment_ids,
@@ -130,7 +124,7 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
         if "frames" in batch:
             # Stage one: this device's frames through the tower, then every device gets all.
             emb = model.encode_frames(batch["frames"][0], per_layer("vision_tower"))
-            table = jax.lax.all_gather(emb, SP_AXES, axis=0, tiled=True)
+            table = jax.lax.all_gather(emb, SEQUENCE_AXES, axis=0, tiled=True)
             # Stage two: fill this token shard's media positions.
             x = splice_media(x, table.reshape(-1, table.shape[-1]), batch["media_rows"])
         h = model.llm.hidden_states(x, batch["positions"], batch["segment_ids"], attend,

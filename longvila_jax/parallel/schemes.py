@@ -17,11 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from longvila_jax.parallel.attention2d import attention_2d
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import ring_attention, zigzag_permutation
 from longvila_jax.parallel.ulysses import ulysses_attention
 
 SCHEMES = ("auto", "none", "ring", "ulysses", "2d")
-SEQUENCE_AXES = ("node", "local")
 
 
 def resolve_scheme(scheme: str, node: int, local: int) -> str:

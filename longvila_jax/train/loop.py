@@ -28,15 +28,15 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.atomic import atomic_file, remove_temporaries
-from longvila_jax.config import ConfigError, validate
+from longvila_jax.checkpoint import build_model, load_model, model_params, save_checkpoint
+from longvila_jax.config import ConfigError, mesh_from_config, validate
 from longvila_jax.data import pipeline
 from longvila_jax.data.text_sources import TextJsonlSource
 from longvila_jax.data.tokenizer import load_tokenizer, token_id
-from longvila_jax.models.longvila import build_model
-from longvila_jax.parallel import fsdp, mesh_from_config, resolve_scheme
-from longvila_jax.parallel.mmsp import SP_AXES, loss_fn, prepare_batch
+from longvila_jax.parallel import fsdp, resolve_scheme
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
+from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
 from longvila_jax.train import flops
-from longvila_jax.train.checkpoint import load_model, model_params, save_checkpoint
 from longvila_jax.train.optimizer import schedule
 from longvila_jax.train.run_checkpoint import RunCheckpoints
 from longvila_jax.train.step import make_optimizer_state, make_train_step, trainable_filter
@@ -147,7 +147,7 @@ def to_model_batch(run: Run, packed: dict) -> dict:
                           * run.config.train.max_frames)
     # Global arrays from this process's rows, those of the data groups its devices hold
     # (`process_data_groups`); every other dimension is whole on every process.
-    sharding = NamedSharding(run.mesh, P("data", SP_AXES))
+    sharding = NamedSharding(run.mesh, P("data", SEQUENCE_AXES))
     share = p.data // run.data_groups[1]
     return {k: jax.make_array_from_process_local_data(
         sharding, v, (v.shape[0] * share, *v.shape[1:])) for k, v in batch.items()}

@@ -8,8 +8,9 @@ import jax
 import pytest
 from flax import nnx
 
+from longvila_jax.checkpoint import build_model
 from longvila_jax.config import ConfigError, load_file, validate
-from longvila_jax.models.longvila import LongVILA, build_model
+from longvila_jax.models.longvila import LongVILA
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

@@ -11,6 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from longvila_jax.data.demo_corpus import FPS, SPECIAL_TOKENS, STAGES, write_demo_data
+from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.pipeline import Source
 from longvila_jax.data.synthetic import _COLOURS, _SHAPES, needle_fact, needle_frame
 from longvila_jax.data.templates import render_chat
@@ -21,7 +22,6 @@ from longvila_jax.data.text_sources import (
     tokenize_conversation,
 )
 from longvila_jax.data.video import load_frames, video_info
-from longvila_jax.models.longvila import IGNORE_INDEX
 
 SIZE = 56
 SHORT, LONG = 4, 12

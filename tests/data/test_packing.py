@@ -6,8 +6,8 @@ import grain
 import numpy as np
 import pytest
 
+from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.packing import PackStats, pack, pad_to_multiple, prepare
-from longvila_jax.models.longvila import IGNORE_INDEX
 
 VOCAB = 1000
 TAG = 10_000  # input_ids[0] = TAG + sample index: finds a sample in a row without segment ids

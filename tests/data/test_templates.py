@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.templates import encode_chat, render_chat
 from longvila_jax.data.tokenizer import load_tokenizer, token_id
-from longvila_jax.models.longvila import IGNORE_INDEX
 
 SPECIALS = [
     "<|im_start|>",

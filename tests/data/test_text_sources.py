@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
+from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.text_sources import (
     TextJsonlSource,
     TokenArraySource,
@@ -23,7 +24,6 @@ from longvila_jax.data.text_sources import (
     text_chunks,
     tokenize_conversation,
 )
-from longvila_jax.models.longvila import IGNORE_INDEX
 
 MARKERS = [
     "<|im_start|>",

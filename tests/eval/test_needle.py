@@ -16,6 +16,8 @@ import pytest
 from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from longvila_jax.checkpoint import build_model
+from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.synthetic import make_needle_dataset, needle_frame, write_haystack_video
 from longvila_jax.data.video import MediaError, frame_to_model_input, load_frames
 from longvila_jax.eval.needle import (
@@ -28,7 +30,6 @@ from longvila_jax.eval.needle import (
     teacher_forced_correct,
     teacher_forced_prediction,
 )
-from longvila_jax.models.longvila import IGNORE_INDEX, build_model
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_MARKERS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",

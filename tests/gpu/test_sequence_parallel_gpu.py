@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.kernels import flash_attention
 from longvila_jax.parallel import layout_permutation, make_mesh, sequence_parallel_attention
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 
@@ -64,7 +65,7 @@ def test_schemes_match_xla_on_one_device(rng, packed):
     for scheme, node, local in schemes(n):
         perm = layout_permutation(seq, scheme, node, local)
         pos = jnp.asarray(np.broadcast_to(perm.astype(np.int32), (b, seq)))
-        spec = P(None, ("node", "local"))
+        spec = P(None, SEQUENCE_AXES)
         sharded = jax.shard_map(
             lambda q, k, v, p, s, scheme=scheme: sequence_parallel_attention(
                 q, k, v, p, p, s, s, scheme=scheme, causal=True)[0],

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from longvila_jax.checkpoint import build_model
 from longvila_jax.data.demo_corpus import build_tokenizer
 from longvila_jax.data.synthetic import write_needle_video
 from longvila_jax.data.video import load_frames
 from longvila_jax.infer.embeddings import VideoEmbeddingCache
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.infer.generate import Generator
-from longvila_jax.models.longvila import build_model
 from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.train.stages import model_config
 

@@ -20,14 +20,19 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from longvila_jax import checkpoint
+from longvila_jax.checkpoint import (
+    build_model,
+    load_config,
+    load_params,
+    model_params,
+    save_checkpoint,
+)
 from longvila_jax.interop import hf_export
 from longvila_jax.interop.hf_export import export_hf
 from longvila_jax.interop.hf_import import import_hf
 from longvila_jax.interop.safetensors_io import INDEX_NAME, CheckpointError
-from longvila_jax.models.longvila import build_model
 from longvila_jax.models.projector import Projector
-from longvila_jax.train import checkpoint
-from longvila_jax.train.checkpoint import load_config, load_params, model_params, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARD_BYTES = 20_000  # every component of the tiny model spans several shards

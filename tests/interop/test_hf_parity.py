@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from longvila_jax.checkpoint import load_config, load_model, load_params
 from longvila_jax.interop.hf_export import export_hf
 from longvila_jax.interop.hf_import import import_hf
-from longvila_jax.train.checkpoint import load_config, load_model, load_params
 
 pytestmark = [pytest.mark.reference, pytest.mark.slow]
 TOL = 1e-4

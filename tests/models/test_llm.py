@@ -16,13 +16,10 @@ import pytest
 from flax import nnx
 from jax._src.ad_checkpoint import saved_residuals
 
+from longvila_jax.checkpoint import build_model
 from longvila_jax.config import base_config
-from longvila_jax.models.longvila import (
-    IGNORE_INDEX,
-    build_model,
-    expand_media_tokens,
-    next_token_loss,
-)
+from longvila_jax.data.media import IGNORE_INDEX, expand_media_tokens
+from longvila_jax.models.loss import next_token_loss
 from longvila_jax.models.rope import inverse_frequencies
 
 TOL = 1e-4

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from longvila_jax.checkpoint import build_model
 from longvila_jax.config import base_config
-from longvila_jax.models.longvila import build_model, expand_media_tokens, splice_media
+from longvila_jax.data.media import expand_media_tokens
+from longvila_jax.models.longvila import splice_media
 from longvila_jax.models.projector import MERGES
 
 

@@ -15,9 +15,10 @@ import pytest
 from flax import nnx
 from test_llm import TOL, forward, llm_params, random_batch, random_llm_config, reference_logits
 
+from longvila_jax.checkpoint import build_model, load_model, model_params, save_checkpoint
 from longvila_jax.config.schema import LORA_TARGETS
+from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.models.layers import Linear
-from longvila_jax.models.longvila import IGNORE_INDEX, build_model, next_token_loss
 from longvila_jax.models.lora import (
     LORA_FILTER,
     LoRALinear,
@@ -26,7 +27,7 @@ from longvila_jax.models.lora import (
     merge_lora,
     merge_lora_params,
 )
-from longvila_jax.train.checkpoint import load_model, model_params, save_checkpoint
+from longvila_jax.models.loss import next_token_loss
 
 
 def lora_config(rng, targets=LORA_TARGETS, **llm_kwargs):

@@ -19,6 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.kernels import flash_attention
 from longvila_jax.parallel import attention_2d, make_mesh, zigzag_permutation
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 
 RTOL = 1e-5
 PAD_SEGMENT = -1  # no real token carries it
@@ -32,7 +33,7 @@ def rel_err(a, b):
 @functools.cache
 def sharded_grads(node, local, causal):
     mesh = make_mesh(1, node, local)
-    seq, lse_spec = P(None, ("node", "local")), P(None, None, ("node", "local"))
+    seq, lse_spec = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
 
     def attend(q, k, v, pos, seg):
         return attention_2d(q, k, v, pos, pos, seg, seg, causal=causal)

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from longvila_jax.config import base_config
-from longvila_jax.models.longvila import IGNORE_INDEX, build_model, next_token_loss
-from longvila_jax.parallel import fsdp, mesh_from_config, resolve_scheme
+from longvila_jax.checkpoint import build_model
+from longvila_jax.config import base_config, mesh_from_config
+from longvila_jax.data.media import IGNORE_INDEX
+from longvila_jax.models.loss import next_token_loss
+from longvila_jax.parallel import fsdp, resolve_scheme
 from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
 
 

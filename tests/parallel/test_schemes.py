@@ -16,14 +16,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.config import mesh_from_config
 from longvila_jax.config.schema import ConfigError, base_config, validate
 from longvila_jax.kernels import flash_attention
-from longvila_jax.parallel import (
-    layout_permutation,
-    mesh_from_config,
-    resolve_scheme,
-    sequence_parallel_attention,
-)
+from longvila_jax.parallel import layout_permutation, resolve_scheme, sequence_parallel_attention
+from longvila_jax.parallel.mesh import SEQUENCE_AXES
 
 RTOL = 1e-5
 
@@ -38,7 +35,7 @@ def sharded_grads(node, local, scheme):
     config = base_config()
     config.parallel.node, config.parallel.local = node, local
     mesh = mesh_from_config(config)
-    seq, lse_spec = P(None, ("node", "local")), P(None, None, ("node", "local"))
+    seq, lse_spec = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
 
     def attend(q, k, v, pos, seg):
         return sequence_parallel_attention(q, k, v, pos, pos, seg, seg, scheme=scheme,

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from runs import ROOT, cli_train, scalars, stage, write_config_file
 
+from longvila_jax.checkpoint import load_config, load_params
 from longvila_jax.interop.hf_export import export_hf
-from longvila_jax.train.checkpoint import load_config, load_params
 from longvila_jax.train.loop import train
 
 
@@ -27,7 +27,7 @@ def changed(before: dict, after: dict) -> set[str]:
 
 
 def test_align_trains_only_the_projector(corpus, tmp_path):
-    from longvila_jax.train.checkpoint import model_params
+    from longvila_jax.checkpoint import model_params
     from longvila_jax.train.loop import setup
 
     config = stage(corpus, "align", 2, batch_size=2)

@@ -24,7 +24,7 @@ from runs import ROOT, cli_train, free_port, local_launch, scalars, stage, write
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(corpus, tmp_path):
-    from longvila_jax.train.checkpoint import load_params
+    from longvila_jax.checkpoint import load_params
     from longvila_jax.train.loop import _state, setup
     from longvila_jax.train.run_checkpoint import RunCheckpoints
 

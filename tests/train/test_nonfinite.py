@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 from runs import cli_train, scalars, stage, write_config_file
 
+from longvila_jax.checkpoint import load_params
 from longvila_jax.train import loop
-from longvila_jax.train.checkpoint import load_params
 
 
 def _finite_checkpoints(workdir) -> list[int]:

@@ -1,5 +1,8 @@
-"""Model checkpoints: `config.json` + orbax `params/` + optional `tokenizer/`, written atomically.
+"""Models from configs and checkpoints: `build_model`, `load_model`, and model checkpoints
+(`config.json` + orbax `params/` + optional `tokenizer/`, written atomically).
 
+The glue between the config layer and the model layer, above both, so that the model
+files never import configs; training, inference and import/export all load models here.
 Everything is written into a hidden temporary folder beside the destination and renamed
 at the end, so an interrupted or failed write never leaves a half checkpoint behind.
 """
@@ -18,6 +21,8 @@ from flax import nnx
 
 from longvila_jax.atomic import atomic_folder
 from longvila_jax.config import base_config, validate
+from longvila_jax.models.longvila import LongVILA
+from longvila_jax.models.lora import LORA_FILTER, apply_lora, is_lora_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
@@ -94,9 +99,6 @@ def load_model(ckpt, config=None):
 
     With `model.lora.rank` > 0, adapters missing from the checkpoint (a base checkpoint)
     start fresh from `config.seed` (`lora_b` = 0, so the model equals the base)."""
-    from longvila_jax.models.longvila import LongVILA
-    from longvila_jax.models.lora import LORA_FILTER, apply_lora, is_lora_path
-
     config = load_config(ckpt) if config is None else validate(config)
     params = load_params(ckpt)
     model = nnx.eval_shape(lambda: LongVILA(config.model, rngs=nnx.Rngs(0)))
@@ -118,3 +120,11 @@ def load_model(ckpt, config=None):
         adapters[key].set_value(jax.numpy.asarray(params[key], dtype))
     nnx.update(model, state)
     return model
+
+
+def build_model(config, seed: int | None = None) -> LongVILA:
+    """Validate `config` and build a randomly initialised model (with LoRA adapters when
+    `model.lora.rank` > 0)."""
+    validate(config)
+    rngs = nnx.Rngs(config.seed if seed is None else seed)
+    return apply_lora(LongVILA(config.model, rngs=rngs), config.model.get("lora"), rngs)

@@ -1,0 +1,53 @@
+"""Token losses as sums and counts, so that sequence shards and chunks can add them up."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from longvila_jax.data.media import IGNORE_INDEX
+from longvila_jax.kernels.manual_axes import varying_like
+
+
+def token_nll(logits, targets):
+    """(summed cross-entropy, count) of `logits[..., t, :]` against `targets[..., t]`,
+    skipping IGNORE_INDEX; sums rather than a mean so that shards can add them up."""
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE_INDEX
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    return jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()
+
+
+def chunked_token_nll(h, weight, targets, chunk: int):
+    """`token_nll(h @ weight, targets)` without holding all logits: positions in chunks of
+    `chunk`, each chunk's float32 logits recomputed in the backward. At long context the
+    logits are the largest activation (32K tokens x 152K vocab x 4 B = 20 GB)."""
+    b, s, d = h.shape
+    if s <= chunk:
+        return token_nll(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
+    pad = -s % chunk
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    pieces = (h.reshape(b, -1, chunk, d).swapaxes(0, 1),
+              targets.reshape(b, -1, chunk).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def one(carry, piece):
+        nll, count = token_nll(jnp.dot(piece[0], weight, preferred_element_type=jnp.float32),
+                               piece[1])
+        return (carry[0] + nll, carry[1] + count), None
+
+    # Inside shard_map the sums vary over the axes the inputs vary over; so must the start.
+    zero = (varying_like(jnp.zeros((), jnp.float32), h, targets),
+            varying_like(jnp.zeros((), jnp.int32), h, targets))
+    return jax.lax.scan(one, zero, pieces)[0]
+
+
+def next_token_loss(logits, labels):
+    """Mean cross-entropy of `logits[:, t]` against `labels[:, t+1]`, skipping IGNORE_INDEX.
+
+    Labels are unshifted (as in Hugging Face), so VILA-style label tensors port unchanged.
+    """
+    total, count = token_nll(logits[:, :-1], labels[:, 1:])
+    return total / jnp.maximum(count, 1)
