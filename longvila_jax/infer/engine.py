@@ -28,24 +28,11 @@ from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill
 from longvila_jax.memory import planned_bytes
 from longvila_jax.models.longvila import LongVILA
 from longvila_jax.parallel.mesh import AXES, make_mesh
-from longvila_jax.parallel.schemes import layout_permutation, resolve_scheme, ulysses_degree
-from longvila_jax.parallel.ulysses import head_layout
+from longvila_jax.parallel.schemes import layout_permutation, resolve_scheme
 
 # Prompts are right-padded to a multiple of this times twice the group size (the zigzag
 # layout's unit), so prompts of similar length share one compiled prefill.
 SEQ_BUCKET = 64
-
-
-def inference_scheme(scheme: str, node: int, local: int, num_heads: int,
-                     num_kv_heads: int) -> str:
-    """`resolve_scheme`, except that 'auto' falls back to ring attention when the heads do
-    not split over the Ulysses degree (a small model on many devices): padding them would
-    waste compute that the ring does not. An explicit scheme is kept, padded if need be."""
-    resolved = resolve_scheme(scheme, node, local)
-    degree = ulysses_degree(resolved, node, local)
-    if scheme == "auto" and head_layout(num_heads, num_kv_heads, degree).padded:
-        return "ring"
-    return resolved
 
 
 class InferenceEngine:
@@ -59,8 +46,8 @@ class InferenceEngine:
                              f"{self.mesh.shape['data']} (prompts share one sequence group)")
         self.node, self.local = self.mesh.shape["node"], self.mesh.shape["local"]
         llm = model.llm.layers
-        self.scheme = inference_scheme(scheme, self.node, self.local, llm.num_heads,
-                                       llm.num_kv_heads)
+        self.scheme = resolve_scheme(scheme, self.node, self.local,
+                                     (llm.num_heads, llm.num_kv_heads))
         self.media_token_id = model.media_token_id
         self.tokens_per_frame = model.media_tokens_per_frame if model.projector else 0
         self.hidden = model.llm.embed_tokens.shape[1]

@@ -19,25 +19,46 @@ import numpy as np
 from longvila_jax.parallel.attention2d import attention_2d
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import ring_attention, zigzag_permutation
-from longvila_jax.parallel.ulysses import ulysses_attention
+from longvila_jax.parallel.ulysses import head_layout, ulysses_attention
 
 SCHEMES = ("auto", "none", "ring", "ulysses", "2d")
 
 
-def resolve_scheme(scheme: str, node: int, local: int) -> str:
-    """The concrete scheme for `scheme` on a (node, local) group; degrees of 1 collapse."""
+def resolve_scheme(scheme: str, node: int, local: int, heads: tuple[int, int] | None = None
+                   ) -> str:
+    """The concrete scheme for `scheme` on a (node, local) group; degrees of 1 collapse.
+
+    With the model's `heads` (query, KV), 'auto' takes the ring over the whole group when its
+    usual choice would pad the heads to split them over the all-to-all (a small model on
+    many devices): padded heads are wasted compute that the ring does not spend. An explicit
+    scheme is kept, padded if need be (`ulysses.head_layout`).
+    """
     if scheme not in SCHEMES:
         raise ValueError(f"parallel.attention: {scheme!r} is not one of {SCHEMES}")
     if node * local == 1:
         return "none"
     if scheme == "auto":
-        return "2d" if node > 1 and local > 1 else "ring" if node > 1 else "ulysses"
+        chosen = "2d" if node > 1 and local > 1 else "ring" if node > 1 else "ulysses"
+        degree = ulysses_degree(chosen, node, local)
+        if heads is not None and head_layout(*heads, degree).padded:
+            return "ring"
+        return chosen
     if scheme == "none":
         raise ValueError(f"parallel.attention: 'none' with node={node}, local={local}; "
                          "a sequence group of more than one device needs a scheme")
     if scheme == "2d" and (node == 1 or local == 1):
         return "ring" if local == 1 else "ulysses"
     return scheme
+
+
+def host_degrees(devices: int, heads: tuple[int, int]) -> tuple[int, int]:
+    """(node, local) for a sequence group of `devices` GPUs of one host: the widest
+    all-to-all degree that splits the model's (query, KV) `heads` without padding, the rest
+    a ring (Qwen2-7B's 28/4 heads on 8 GPUs: Ulysses over 4, a ring of 2; Llama-3-8B's
+    32/8: Ulysses over 8)."""
+    local = next(degree for degree in range(devices, 0, -1)
+                 if devices % degree == 0 and not head_layout(*heads, degree).padded)
+    return devices // local, local
 
 
 def ring_size(scheme: str, node: int, local: int) -> int:

@@ -177,7 +177,8 @@ def setup(config) -> Run:
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is not a multiple of "
                           f"parallel.data={p.data}")
     mesh = mesh_from_config(config)
-    scheme = resolve_scheme(p.attention, p.node, p.local)
+    llm = config.model.llm
+    scheme = resolve_scheme(p.attention, p.node, p.local, (llm.num_heads, llm.num_kv_heads))
     data_groups = process_data_groups(mesh)
     model = load_model(init, config) if init else build_model(config)
     trainable = trainable_filter(config.train.trainable)

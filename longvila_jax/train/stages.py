@@ -26,6 +26,7 @@ from pathlib import Path
 import ml_collections
 
 from longvila_jax.config import load_file
+from longvila_jax.parallel.schemes import host_degrees
 
 STAGES = ("align", "pretrain", "sft", "context", "long_sft")
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -121,22 +122,13 @@ def stage_config(stage: str, model: str = "qwen2_7b") -> ml_collections.ConfigDi
         config.model.lora.update(rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj")
     if stage == "long_sft" and model not in MINIATURES:
         config.model.remat = "full"
-        local = _ulysses_degree(config.model.llm, HOST_GPUS)
-        config.parallel.update(node=HOST_GPUS // local, local=local, attention="auto")
+        llm = config.model.llm
+        node, local = host_degrees(HOST_GPUS, (llm.num_heads, llm.num_kv_heads))
+        config.parallel.update(node=node, local=local, attention="auto")
     return config
 
 
 HOST_GPUS = 8  # long SFT's default mesh: one 8-GPU host
-
-
-def _ulysses_degree(llm, gpus: int) -> int:
-    """The largest all-to-all degree dividing `gpus` that splits the model's heads without
-    padding; the rest of the host becomes the ring (Qwen2-7B's 28 heads: Ulysses over 4
-    and a ring of 2 (2D); Llama-3-8B's 32: Ulysses over 8)."""
-    from longvila_jax.parallel.ulysses import head_layout
-
-    return next(degree for degree in range(gpus, 0, -1) if gpus % degree == 0
-                and not head_layout(llm.num_heads, llm.num_kv_heads, degree).padded)
 
 
 def pipeline_config(model: str = "qwen2_7b") -> ml_collections.ConfigDict:

@@ -21,6 +21,7 @@ from longvila_jax.config.schema import ConfigError, base_config, validate
 from longvila_jax.kernels import flash_attention
 from longvila_jax.parallel import layout_permutation, resolve_scheme, sequence_parallel_attention
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
+from longvila_jax.parallel.schemes import host_degrees
 
 RTOL = 1e-5
 
@@ -102,6 +103,24 @@ def check_scheme(rng, node, local, scheme, *, heads, kv_heads):
     ("ring", 2, 4, "ring"), ("ulysses", 2, 4, "ulysses"), ("none", 1, 1, "none")])
 def test_resolve_scheme(scheme, node, local, want):
     assert resolve_scheme(scheme, node, local) == want
+
+
+@pytest.mark.parametrize("scheme,node,local,heads,want", [
+    ("auto", 1, 8, (32, 8), "ulysses"),  # Llama-3-8B: 32 heads split over 8
+    ("auto", 1, 8, (28, 4), "ring"),  # Qwen2-7B: 28 would be padded to 32
+    ("auto", 2, 4, (28, 4), "2d"),  # ... but split over 4
+    ("auto", 2, 4, (4, 2), "2d"),  # the tiny model: 4 heads over 4 (KV heads repeated)
+    ("auto", 1, 8, (4, 2), "ring"),
+    ("ulysses", 1, 8, (28, 4), "ulysses"),  # asked for: padded
+])
+def test_auto_takes_the_ring_rather_than_pad_heads(scheme, node, local, heads, want):
+    assert resolve_scheme(scheme, node, local, heads) == want
+
+
+@pytest.mark.parametrize("heads,want", [((28, 4), (2, 4)), ((32, 8), (1, 8)), ((4, 2), (2, 4)),
+                                        ((3, 3), (8, 1))])
+def test_host_degrees_take_the_widest_all_to_all_without_padding(heads, want):
+    assert host_degrees(8, heads) == want
 
 
 def test_layouts_are_permutations_zigzag_only_with_a_ring():
