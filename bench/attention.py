@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.py`)
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, flash_attention
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
 
-def functions(backend, masks):
+def functions(backend, mask):
     def attend(q, k, v):
-        return flash_attention(q, k, v, **masks, causal=True, backend=backend)[0]
+        return flash_attention(q, k, v, mask, AttentionSpec(backend=backend))[0]
 
     fwd = jax.jit(attend)
     fwd_bwd = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
@@ -119,7 +119,7 @@ def main():
         q, k, v, do = inputs(seq, key)
         reps = max(2, int(2e12 // causal_fwd_flops(seq)))
         for backend in backends:
-            fwd, fwd_bwd = functions(backend, {})
+            fwd, fwd_bwd = functions(backend, None)
             t_f = timed(fwd, q, k, v, reps=reps)
             t_fb = timed(fwd_bwd, q, k, v, do, reps=max(1, reps // 3))
             flops = causal_fwd_flops(seq)
@@ -133,14 +133,14 @@ def main():
     q, k, v, do = inputs(seq, key)
     seg = jnp.asarray(np.arange(seq, dtype=np.int32) // (seq // docs))[None]
     pos = jnp.asarray(np.arange(seq, dtype=np.int32))[None]
-    packed = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+    packed = Mask.self_attention(pos, seg)
     print(f"\npacked: {docs} documents in {seq} tokens")
-    for backend, masks, label in [("triton", packed, "triton, packed (segment ids)"),
-                                  ("cudnn", {}, "cudnn, dense causal"),
-                                  ("triton", {}, "triton, dense causal")]:
+    for backend, mask, label in [("triton", packed, "triton, packed (segment ids)"),
+                                 ("cudnn", None, "cudnn, dense causal"),
+                                 ("triton", None, "triton, dense causal")]:
         if backend not in backends:
             continue
-        fwd, fwd_bwd = functions(backend, masks)
+        fwd, fwd_bwd = functions(backend, mask)
         t_f, t_fb = timed(fwd, q, k, v, reps=10), timed(fwd_bwd, q, k, v, do, reps=4)
         rows.append(dict(case="packed", label=label, fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3))
         print(f"{label:>30}: fwd {t_f * 1e3:8.3f} ms   fwd+bwd {t_fb * 1e3:8.3f} ms", flush=True)

@@ -38,9 +38,9 @@ import jax
 import numpy as np
 
 from longvila_jax.checkpoint import build_model
+from longvila_jax.configs import model_config
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.parallel.mesh import make_mesh
-from longvila_jax.train.stages import model_config
 
 GIB = 1 << 30
 

@@ -36,7 +36,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from timing import timed  # bench/timing.py (scripts run as `python bench/NAME.py`)
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, Tokens, flash_attention
 from longvila_jax.memory import planned_bytes
 from longvila_jax.parallel import (
     head_layout,
@@ -51,24 +51,24 @@ from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import ulysses_degree
 
 
-def allgather_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, axis_name):
+def allgather_attention(q, k, v, mask, spec, *, axis_name):
     """Context parallelism by gathering every K/V block: simple, O(sequence) memory."""
     def gather(x):
         return jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
 
-    return flash_attention(q, gather(k), gather(v), q_positions=q_pos,
-                           kv_positions=gather(kv_pos), q_segment_ids=q_seg,
-                           kv_segment_ids=gather(kv_seg), causal=causal)
+    return flash_attention(q, gather(k), gather(v),
+                           Mask(mask.q, mask.kv.all_gather(axis_name)), spec)
 
 
 def scheme(name, n):
     """(mesh (node, local), local attention function) for a scheme on n GPUs."""
     if name == "allgather":
-        return (n, 1), lambda *a: allgather_attention(*a, causal=True, axis_name="node")
+        return (n, 1), lambda q, k, v, mask: allgather_attention(q, k, v, mask, AttentionSpec(),
+                                                                 axis_name="node")
     node = {"ring": n, "ulysses": 1, "2d": 2 if n % 2 == 0 and n > 2 else 1}[name]
     resolved = resolve_scheme(name, node, n // node)
-    return (node, n // node), lambda *a: sequence_parallel_attention(*a, scheme=resolved,
-                                                                     causal=True)
+    return (node, n // node), lambda q, k, v, mask: sequence_parallel_attention(
+        q, k, v, mask, AttentionSpec(), scheme=resolved)
 
 
 def inputs(seq, heads, kv_heads, head_dim, key):
@@ -98,9 +98,9 @@ def ring_kernel_floor(n, local, shape, key):
     seg = jnp.zeros_like(pos)
 
     def piece(causal, offset):
-        return fwd_bwd(lambda q, k, v, causal=causal, offset=offset: flash_attention(
-            q, k, v, q_positions=pos + offset, kv_positions=pos, q_segment_ids=seg,
-            kv_segment_ids=seg, causal=causal))
+        mask = Mask(Tokens(pos + offset, seg), Tokens(pos, seg))
+        return fwd_bwd(lambda q, k, v, causal=causal, mask=mask: flash_attention(
+            q, k, v, mask, AttentionSpec(causal)))
 
     diagonal = timed(piece(True, 0), q, k, v, do)
     full = timed(piece(True, half), q, k, v, do)  # every key precedes every query
@@ -112,7 +112,8 @@ def ring_step(n, total):
     mesh = make_mesh(1, n, 1)
     seq, lse = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
     sharded = jax.shard_map(
-        lambda q, k, v, p, s: ring_attention(q, k, v, p, p, s, s, causal=True),
+        lambda q, k, v, p, s: ring_attention(q, k, v, Mask.self_attention(p, s),
+                                             AttentionSpec()),
         mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse))
     return fwd_bwd(sharded), NamedSharding(mesh, seq)
 
@@ -167,7 +168,7 @@ def main():
     gpu = jax.default_backend() == "gpu"  # elsewhere (a CPU smoke run) both are XLA's
     for kernel in ("cudnn", "triton"):
         t = timed(fwd_bwd(lambda q, k, v, kernel=kernel: flash_attention(
-            q, k, v, causal=True, backend=kernel if gpu else "xla")), q, k, v, do)
+            q, k, v, None, AttentionSpec(backend=kernel if gpu else "xla"))), q, k, v, do)
         base[kernel] = 3.5 * 4 * local**2 * args.heads * args.head_dim / 2 / t / 1e12
         name = f"one GPU, local ({kernel})"
         rows.append(dict(scheme=name, mesh="1", ms=t * 1e3, tflops=base[kernel]))
@@ -184,7 +185,8 @@ def main():
         seg = jnp.zeros_like(pos)
         mesh = make_mesh(1, node, local_deg)
         seq, lse = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
-        sharded = jax.shard_map(lambda q, k, v, p, s, attend=attend: attend(q, k, v, p, p, s, s),
+        sharded = jax.shard_map(lambda q, k, v, p, s, attend=attend: attend(
+            q, k, v, Mask.self_attention(p, s)),
                                 mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse))
         step = fwd_bwd(sharded)
         operands = [x[:, perm] for x in (q, k, v, do)]

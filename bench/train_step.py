@@ -31,10 +31,10 @@ import time
 import jax
 import numpy as np
 
+from longvila_jax.configs import model_config
 from longvila_jax.memory import planned_bytes
 from longvila_jax.train import flops
 from longvila_jax.train.loop import setup, to_model_batch
-from longvila_jax.train.stages import model_config
 
 GIB = 1 << 30
 LONGEST_STEP = 16384  # --longest's bisection granularity (tokens)

@@ -3,10 +3,10 @@
   longvila-jax import-hf SRC DST [--vision=DIR --projector=TYPE --media_token_id=N
                                   --newline_token_id=N]
   longvila-jax export-hf CKPT OUT [--format=longvila|llava --max_shard_gb=5]
-  longvila-jax init --config=configs/tiny.py DST     (a randomly initialised checkpoint)
-  longvila-jax show-config --config=configs/qwen2_7b.py:1m
-  longvila-jax train --config=configs/stages/3_sft.py:qwen2_7b --workdir=DIR [--config.k=v]
-  longvila-jax pipeline --config=configs/stages/pipeline.py:qwen2_7b --workdir=DIR
+  longvila-jax init --config=tiny DST     (a randomly initialised checkpoint)
+  longvila-jax show-config --config=qwen2_7b:1m
+  longvila-jax train --config=stages/sft:qwen2_7b --workdir=DIR [--config.k=v]
+  longvila-jax pipeline --config=stages/pipeline:qwen2_7b --workdir=DIR
   longvila-jax demo [--workdir=demo]   (synthetic data, demo model, all five stages, V-NIAH)
   longvila-jax generate --checkpoint=DIR --video=FILE --prompt="..." [--num-frames=N
                         --max-new-tokens=N --temperature=T --top-p=P --stop=S --mesh=N,L]
@@ -15,6 +15,10 @@
   longvila-jax eval-mcq --checkpoint=DIR --questions=JSONL --out=DIR [--subtitles
                         --num-frames=N --limit=N]
 
+`--config=NAME[:ARG]` names a packaged config (longvila_jax/configs/): the models tiny, demo,
+qwen2_1_5b, qwen2_7b (`:1m`), llama3_8b, and the stages stages/align, stages/pretrain,
+stages/sft, stages/context, stages/long_sft, stages/pipeline, which take the model
+(`stages/sft:tiny`; qwen2_7b if none); `--config=FILE.py[:ARG]` is a config file of your own.
 Flags may be spelt with '-' or '_' (`--num-frames`, `--num_frames`). Inference runs on every
 device, the sequence sharded over `--mesh=NODE,LOCAL` (default 1,<all devices>).
 Multi-host: `--coordinator=HOST:PORT --num_processes=N --process_id=I` on every command, or
@@ -37,13 +41,15 @@ from ml_collections import config_flags
 
 
 class _ConfigFile(flags.ArgumentParser):
-    """`--config=FILE[:ARG]` by `config.load_file`, its errors one line (config_flags' parser
-    defers a missing file's error to first use and wraps `get_config`'s in a traceback).
-    It also checks that the `--config.KEY=VALUE` overrides name keys of the config: config_flags
-    applies them right after this, and fails on an unknown one with a bare AttributeError."""
+    """`--config=NAME[:ARG]` or `--config=FILE.py[:ARG]` by `configs.load_file`, its errors one
+    line (config_flags' parser defers a missing file's error to first use and wraps
+    `get_config`'s in a traceback). It also checks that the `--config.KEY=VALUE` overrides
+    name keys of the config: config_flags applies them right after this, and fails on an
+    unknown one with a bare AttributeError."""
 
     def parse(self, argument):
-        from longvila_jax.config import ConfigError, check_keys, load_file
+        from longvila_jax.config import ConfigError, check_keys
+        from longvila_jax.configs import load_file
 
         try:
             config = load_file(argument)
@@ -63,8 +69,9 @@ def _override_keys() -> list[str]:
     return [m[2] for m in (re.match(r"--?(no)?config\.([^=]+)", a) for a in argv) if m]
 
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config: a packaged one by name (tiny, qwen2_7b:1m, stages/sft:MODEL, "
+    "stages/pipeline:MODEL, ...) or a file of your own, FILE.py[:ARG].", lock_config=False)
 flags.FLAGS[_CONFIG.name].parser = _ConfigFile()
 _VISION = flags.DEFINE_string("vision", None, "import-hf: SigLIP folder to assemble with SRC.")
 _PROJECTOR = flags.DEFINE_string("projector", None, "import-hf: projector type with --vision.")
@@ -129,7 +136,8 @@ def _args(argv, names):
 
 def _need_config():
     if _CONFIG.value is None:
-        raise app.UsageError("--config=configs/NAME.py is required for this command")
+        raise app.UsageError("--config=NAME[:ARG] or --config=FILE.py[:ARG] is required for "
+                             "this command")
     from longvila_jax.config import validate
 
     return validate(_CONFIG.value)
@@ -267,7 +275,7 @@ def _dispatch(command: str, argv: list[str], primary: bool = True):
 
         _args(argv, [])
         if _CONFIG.value is None:
-            raise app.UsageError("--config=configs/stages/pipeline.py[:MODEL] is required")
+            raise app.UsageError("--config=stages/pipeline[:MODEL] is required")
         final = run_stages(_CONFIG.value, _need_workdir(), progress=progress)
         print(f"final checkpoint: {final}")
     elif command == "demo":

@@ -1,7 +1,7 @@
 """`longvila-jax demo`: the whole LongVILA recipe in miniature, with nothing downloaded.
 
 Writes a synthetic corpus (captions, instructions, passkey texts, needle videos) and its
-tokenizer, trains the demo model (configs/demo.py) through the five stages on whatever
+tokenizer, trains the demo model (`stages/pipeline:demo`) through the five stages on whatever
 devices there are (a laptop CPU: minutes), then runs the video needle-in-a-haystack
 evaluation at the stage-5 frame count and at twice it. Everything lands in one work folder;
 running it again resumes or skips what is done.
@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from longvila_jax.configs.stages import STAGES, pipeline
 from longvila_jax.data.demo_corpus import write_demo_data
 from longvila_jax.data.synthetic import write_haystack_video
-from longvila_jax.train.stages import STAGES, pipeline_config, run_stages
+from longvila_jax.train.stages import run_stages
 
 EVAL_SEED = 1_000_003  # needles for evaluation: a base seed the corpus never uses
 EVAL_NEEDLES = 20  # per frame count and depth
@@ -21,7 +22,7 @@ EVAL_NEEDLES = 20  # per frame count and depth
 
 def demo_config(data: dict, *, parallel: tuple[int, int, int] = (1, 1, 1)):
     """The demo model's pipeline config reading the corpus `write_demo_data` returned."""
-    config = pipeline_config("demo")
+    config = pipeline.get_config("demo")
     for stage in STAGES:
         stage_cfg = config[stage]
         stage_cfg.data.sources = list(data["stages"][stage])

@@ -59,8 +59,13 @@ def test_longest_video_search_runs_and_stops_at_a_limit(tmp_path):
     rows = jsonl(tmp_path / "video.jsonl")
     ran = [r for r in rows if "generate_s" in r]
     assert ran and ran[0]["frames"] == 8 and rows[0]["scheme"] == "2d"
-    assert rows[-1]["stopped"] in ("memory", "time")
-    assert f"longest video run: {max(r['frames'] for r in ran)} frames" in printed
+    # Where it stops depends on this machine's speed (the time budget) or on memory; after
+    # the first stop it tries once between the longest run and it, which may run or stop.
+    stops = [r for r in rows if "stopped" in r]
+    assert stops and {r["stopped"] for r in stops} <= {"memory", "time"}
+    longest = max(r["frames"] for r in ran)
+    assert longest < stops[0]["frames"] and rows.index(stops[0]) >= len(rows) - 2
+    assert f"longest video run: {longest} frames" in printed
 
 
 @pytest.mark.parametrize("part", ["nonsense"])

@@ -19,8 +19,8 @@ import yaml
 from longvila_jax.checkpoint import load_config, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "tiny.py"
-SFT = ROOT / "configs" / "stages" / "3_sft.py"
+TINY = "tiny"
+SFT = "stages/sft"
 
 
 def cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -86,7 +86,7 @@ def test_export_import_round_trip_is_bit_exact(ckpt, hf, tmp_path):
 
 
 def test_show_config_1m_variant():
-    result = ok(cli("show-config", f"--config={ROOT / 'configs' / 'qwen2_7b.py'}:1m"))
+    result = ok(cli("show-config", "--config=qwen2_7b:1m"))
     llm = yaml.safe_load(result.stdout)["model"]["llm"]
     assert llm["rope_theta"] == 1_062_356_830
     assert llm["rope_scaling"]["type"] == "linear" and llm["rope_scaling"]["factor"] == 4.0
@@ -133,10 +133,11 @@ def test_invalid_config_value_names_the_key(tmp_path):
     ([f"--config={SFT}:tiny", "--config.train.batch_size=four"],
      ["--config.train.batch_size=four"]),
     ([f"--config={SFT}:qwen9_99b"], ["unknown model 'qwen9_99b'; known: [", "'tiny'"]),
-    ([f"--config={ROOT / 'configs' / 'nope.py'}"], [ROOT / "configs" / "nope.py"]),
-    ([f"--config={SFT.with_name('3_stf.py')}:tiny"], ["did you mean", SFT]),
+    ([f"--config={ROOT / 'nope.py'}"], [ROOT / "nope.py", "does not exist"]),
+    (["--config=stages/stf:tiny"], ["'stages/stf' is not a packaged one",
+                                    "did you mean 'stages/sft'?", "stages/pipeline"]),
     ([f"--config={SFT}:tiny", "--frobnicate"], ["frobnicate"]),
-], ids=["unknown-key", "wrong-type", "unknown-model", "missing-file", "near-file", "flag"])
+], ids=["unknown-key", "wrong-type", "unknown-model", "missing-file", "near-name", "flag"])
 def test_a_bad_flag_is_one_line_before_anything_runs(flags, names, tmp_path):
     began = time.monotonic()
     result = cli("train", f"--workdir={tmp_path / 'run'}", *flags)
@@ -157,7 +158,8 @@ def test_missing_training_data_is_one_line_before_the_model_is_built(tmp_path):
 
 def test_helpfull_lists_the_config_flag():
     result = cli("--helpfull")
-    assert "--config: Config file" in result.stdout and "Traceback" not in result.stderr
+    assert "--config: Config: a packaged one by name" in result.stdout
+    assert "Traceback" not in result.stderr
 
 
 def test_unknown_command_prints_usage():

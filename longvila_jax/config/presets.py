@@ -1,4 +1,4 @@
-"""Shapes shared by the real LongVILA configs in configs/: so400m SigLIP tower, mlp_downsample.
+"""Shapes shared by the real models in longvila_jax/configs/: so400m SigLIP tower, mlp_downsample.
 
 Token ids are those VILA's tokenizers assign (`<image>` appended after the base vocabulary,
 "\\n" = 198 in both the Qwen2 and Llama-3 vocabularies); `import-hf` re-reads them from the

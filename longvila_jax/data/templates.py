@@ -4,8 +4,11 @@ The text matches the checkpoints' own Jinja templates: Qwen2 inserts the default
 "You are a helpful assistant." when the first message is not a system message; Llama-3 has no
 default system prompt, starts with `<|begin_of_text|>` and strips each message's content.
 
-Media placeholders (`<image>`, `<vila/video>`) in user content are kept verbatim; expanding them
-into vision-token slots is a later step.
+Chat messages are `{"role", "content"}` dicts, the media's place in a user turn marked by
+`MEDIA_PLACEHOLDER` (`place_media`). `tokenize_messages` is what training and inference both
+call: the template's tokens with each placeholder expanded to its frames' positions. Training
+gets its messages from LLaVA records (`text_sources.conversation_to_messages`); inference
+writes them directly.
 
 `encode_chat` tokenizes the rendered text segment by segment (with `add_special_tokens=False`)
 so that each token is known to belong to an assistant reply or not, without searching the
@@ -15,13 +18,19 @@ or they would be split into ordinary sub-word pieces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tokenizers
 
-from longvila_jax.data.media import IGNORE_INDEX
+from longvila_jax.data.media import IGNORE_INDEX, expand_media_tokens
 
 QWEN2_DEFAULT_SYSTEM = "You are a helpful assistant."
 ROLES = ("system", "user", "assistant")
+# Where a media item goes in a message's content. The tokenizer must hold it as an added token,
+# so that it encodes to the model's one media token id; `<video>` is another spelling of it.
+MEDIA_PLACEHOLDER = "<image>"
+_PLACEHOLDERS = ("<image>", "<video>")
 
 _MARKERS = {
     "qwen2": ("<|im_start|>", "<|im_end|>"),
@@ -114,3 +123,61 @@ def encode_chat(
         ids += piece
         labels += piece if supervised else [IGNORE_INDEX] * len(piece)
     return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+
+
+def place_media(messages: list[dict], kind: str | None) -> list[dict]:
+    """`messages` with their media placeholders spelt `MEDIA_PLACEHOLDER`, for one media item of
+    `kind` ("video" or "image") or none (None).
+
+    Content that names no place for the item gets the placeholder prepended to its first user
+    turn, as VILA does; a placeholder elsewhere stays where it is. Raises `ValueError` when
+    the placeholders do not match the media. The messages given are left as they are.
+    """
+    placed = []
+    for message in messages:
+        content = message["content"]
+        for placeholder in _PLACEHOLDERS:
+            content = content.replace(placeholder, MEDIA_PLACEHOLDER)
+        placed.append({**message, "content": content})
+    count = sum(message["content"].count(MEDIA_PLACEHOLDER) for message in placed)
+    if kind is None and count:
+        raise ValueError(f"{count} media placeholder(s) but no video or image")
+    if kind is not None and count > 1:
+        raise ValueError(f"one {kind} but {count} media placeholders")
+    if kind is not None and not count:
+        users = [message for message in placed if message["role"] == "user"]
+        if not users:
+            raise ValueError(f"no user turn to hold the {kind}")
+        users[0]["content"] = f"{MEDIA_PLACEHOLDER}\n{users[0]['content']}"
+    return placed
+
+
+def tokenize_messages(
+    tokenizer: tokenizers.Tokenizer,
+    family: str,
+    messages: list[dict],
+    *,
+    media_token_id: int,
+    tokens_per_frame: int,
+    frames_per_media: Sequence[int] = (),
+    add_generation_prompt: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(input_ids, labels)`, both int32 `[seq]`, of `messages` in `family`'s template, the k-th
+    media placeholder expanded to `frames_per_media[k] * tokens_per_frame` positions.
+
+    Labels are `encode_chat`'s (assistant replies only); media positions are never supervised.
+    """
+    if frames_per_media and tokenizer.encode(MEDIA_PLACEHOLDER, add_special_tokens=False).ids != [
+        media_token_id
+    ]:
+        raise ValueError(
+            f"tokenizer does not encode {MEDIA_PLACEHOLDER!r} as the one token {media_token_id}"
+        )
+    ids, labels = encode_chat(tokenizer, family, messages,
+                              add_generation_prompt=add_generation_prompt)
+    expanded = expand_media_tokens(ids, media_token_id, tokens_per_frame, frames_per_media)
+    # Labels carry the placeholder through the same expansion, then ignore what it became.
+    carried = np.where(ids == media_token_id, media_token_id, labels)
+    carried = expand_media_tokens(carried, media_token_id, tokens_per_frame, frames_per_media)
+    labels = np.where(expanded == media_token_id, IGNORE_INDEX, carried).astype(np.int32)
+    return expanded, labels

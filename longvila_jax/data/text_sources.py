@@ -2,9 +2,8 @@
 
 Conversation records follow the LLaVA layout VILA trains on, one JSON object per line:
 `{"id", "video" | "image" | absent, "conversations": [{"from": "human" | "gpt", "value"}]}`.
-Their `<image>` and `<video>` placeholders become one marker, `MEDIA_PLACEHOLDER`, which the
-tokenizer must hold as an added token so it encodes to the single `media_token_id`; it is then
-expanded to the positions the media's frames take (`expand_media_tokens`), never supervised.
+They become chat messages with the media's place marked (`templates.place_media`), tokenised
+as inference tokenises its prompts (`templates.tokenize_messages`).
 
 Plain text for the context-extension stage is cut into chunks of exactly the stage's length:
 every chunk fills its sequence, so there is nothing to pack and no padding to mask.
@@ -20,11 +19,8 @@ from collections.abc import Iterator
 import numpy as np
 import tokenizers
 
-from longvila_jax.data.media import IGNORE_INDEX, expand_media_tokens
-from longvila_jax.data.templates import encode_chat
+from longvila_jax.data.templates import place_media, tokenize_messages
 
-MEDIA_PLACEHOLDER = "<image>"
-_PLACEHOLDERS = ("<image>", "<video>")
 _ROLES = {"human": "user", "gpt": "assistant"}
 
 
@@ -64,8 +60,8 @@ def _media(record: dict) -> tuple[str | None, str | None]:
 def conversation_to_messages(record: dict) -> tuple[list[dict], str | None, str | None]:
     """Chat messages, media kind ("video", "image" or None) and media path of a LLaVA record.
 
-    A record with media but no placeholder gets one prepended to its first human turn, as VILA
-    does; placeholders elsewhere stay where they are.
+    The media's placeholders are placed as `templates.place_media` places them: one prepended
+    to the first human turn when the record's text names no place.
     """
     name = record.get("id")
     kind, path = _media(record)
@@ -75,21 +71,13 @@ def conversation_to_messages(record: dict) -> tuple[list[dict], str | None, str 
             raise ValueError(
                 f"record {name!r}: unknown speaker {turn.get('from')!r} (expected human or gpt)"
             )
-        content = turn["value"]
-        for placeholder in _PLACEHOLDERS:
-            content = content.replace(placeholder, MEDIA_PLACEHOLDER)
-        messages.append({"role": _ROLES[turn["from"]], "content": content})
-    users = [message for message in messages if message["role"] == "user"]
-    if not users:
+        messages.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
+    if not any(message["role"] == "user" for message in messages):
         raise ValueError(f"record {name!r}: no human turn")
-    count = sum(message["content"].count(MEDIA_PLACEHOLDER) for message in messages)
-    if kind is None and count:
-        raise ValueError(f"record {name!r}: {count} media placeholder(s) but no video or image")
-    if kind is not None and count > 1:
-        raise ValueError(f"record {name!r}: one {kind} but {count} media placeholders")
-    if kind is not None and not count:
-        users[0]["content"] = f"{MEDIA_PLACEHOLDER}\n{users[0]['content']}"
-    return messages, kind, path
+    try:
+        return place_media(messages, kind), kind, path
+    except ValueError as err:
+        raise ValueError(f"record {name!r}: {err}") from None
 
 
 def tokenize_conversation(
@@ -104,23 +92,13 @@ def tokenize_conversation(
     """`input_ids` and `labels` (int32 `[seq]`) of a record, its media placeholder expanded.
 
     The placeholder takes `num_frames * tokens_per_frame` positions (`num_frames` = 1 for an
-    image), all with label -100; only assistant replies are supervised (`encode_chat`).
+    image), all with label -100; only assistant replies are supervised (`tokenize_messages`).
     """
     messages, kind, _ = conversation_to_messages(record)
-    if kind and tokenizer.encode(MEDIA_PLACEHOLDER, add_special_tokens=False).ids != [
-        media_token_id
-    ]:
-        raise ValueError(
-            f"tokenizer does not encode {MEDIA_PLACEHOLDER!r} as the one token {media_token_id}"
-        )
-    ids, labels = encode_chat(tokenizer, family, messages)
-    frames = [num_frames] if kind else []
-    expanded = expand_media_tokens(ids, media_token_id, tokens_per_frame, frames)
-    # Labels carry the placeholder through the same expansion, then ignore what it became.
-    carried = np.where(ids == media_token_id, media_token_id, labels)
-    carried = expand_media_tokens(carried, media_token_id, tokens_per_frame, frames)
-    labels = np.where(expanded == media_token_id, IGNORE_INDEX, carried).astype(np.int32)
-    return {"input_ids": expanded, "labels": labels}
+    input_ids, labels = tokenize_messages(
+        tokenizer, family, messages, media_token_id=media_token_id,
+        tokens_per_frame=tokens_per_frame, frames_per_media=[num_frames] if kind else [])
+    return {"input_ids": input_ids, "labels": labels}
 
 
 def text_chunks(token_ids: np.ndarray, length: int) -> np.ndarray:

@@ -14,10 +14,14 @@ Only the answer text is scored, not the template's end-of-turn marker, which tes
 format rather than retrieval. Teacher forcing asks for no generation loop and no stopping rule,
 so a score depends on the model alone.
 
-The model is reached through an `InferenceEngine` (frames spread over its devices, prefill
-sharded over its sequence group), or through `encode_fn`/`logits_fn` arguments that tests
-replace. With `generate`, each sample is also answered by free greedy generation (the
-prompt ends at the assistant header) and scored the same way.
+Three pieces, each usable alone: a `Grid` says what to score (frame counts x depths x
+needles in one haystack); a `NeedleScorer` runs the model over it, one frame count's inputs
+encoded at a time (`encode`) and one cell scored at a time (`teacher_forced`, and
+`generated`: free greedy generation from a prompt ending at the assistant header, scored the
+same way); `write_results` writes `needle.json` and `needle_heatmap.png`. `evaluate` composes
+them for the CLI and the demo. The model is reached through an `InferenceEngine` (frames
+spread over its devices, prefill sharded over its sequence group), or through
+`encode_fn`/`logits_fn` functions that tests replace.
 """
 
 from __future__ import annotations
@@ -25,19 +29,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
+import tokenizers
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from longvila_jax.atomic import atomic_file, remove_temporaries
 from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.synthetic import needle_frame
-from longvila_jax.data.text_sources import jsonl_records, tokenize_conversation
+from longvila_jax.data.templates import place_media, tokenize_messages
+from longvila_jax.data.text_sources import jsonl_records
 from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.data.video import frame_to_model_input, load_frames
 from longvila_jax.infer.engine import InferenceEngine
@@ -161,7 +167,7 @@ def teacher_forced_prediction(
     """The decoded greedy tokens that predict the answer, from teacher-forced `logits`.
 
     `logits` `[n, vocab]` are one sequence's logits at positions `offset..offset+n-1`; `labels`
-    `[seq]` are its labels (`tokenize_conversation`), whose supervised span starts with
+    `[seq]` are its labels (`tokenize_messages`), whose supervised span starts with
     `answer_ids`. Token t is predicted at position t - 1. The span's later tokens (the
     end-of-turn marker) are not scored.
     """
@@ -197,6 +203,46 @@ def teacher_forced_correct(
     return normalize_answer(predicted) == normalize_answer(decode(list(answer_ids)))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Grid:
+    """What V-NIAH scores: every needle at every (frame count, depth) of one haystack video.
+
+    Checked when made, so that a wrong value fails before a video is read or a model run.
+    """
+
+    haystack: str | os.PathLike
+    frame_counts: Sequence[int]
+    needles: Sequence[Needle]
+    depths: Sequence[float] = DEPTHS
+
+    def __post_init__(self):
+        if not self.frame_counts:
+            raise ValueError(f"frame_counts must not be empty, got {self.frame_counts!r}")
+        for count in self.frame_counts:
+            if int(count) != count or count < 1:
+                raise ValueError(f"frame_counts must hold integers >= 1, got {count!r}")
+        if not self.depths:
+            raise ValueError(f"depths must not be empty, got {self.depths!r}")
+        for depth in self.depths:
+            if not 0.0 <= depth <= 1.0:
+                raise ValueError(f"depths must be in [0, 1], got {depth!r}")
+        if not self.needles:
+            raise ValueError("needles must not be empty")
+        longest = max(len(n.frames) for n in self.needles)
+        if longest > min(self.frame_counts):
+            raise ValueError(f"a needle clip of {longest} frames does not fit in "
+                             f"{min(self.frame_counts)} frames")
+        # Tuples of plain numbers: a frozen grid holds nothing a caller could change under it.
+        object.__setattr__(self, "frame_counts", tuple(int(f) for f in self.frame_counts))
+        object.__setattr__(self, "needles", tuple(self.needles))
+        object.__setattr__(self, "depths", tuple(float(d) for d in self.depths))
+
+    def first_frame(self, needle: int, num_frames: int, depth: float) -> int:
+        """The first of the haystack's `num_frames` frames that needle `needle` replaces at
+        `depth`: its frames fill `first_frame` onwards."""
+        return round(depth * (num_frames - len(self.needles[needle].frames)))
+
+
 def engine_logits_fn(engine: InferenceEngine) -> LogitsFn:
     """A `LogitsFn` running the engine's (sequence-parallel) prefill; each row reads its own
     `F` frames of the table."""
@@ -219,37 +265,132 @@ class _Prompt:
     first_answer: int  # position of the answer's first token
 
 
-def _prompt(tokenizer, family: str, model: LongVILA, needle: Needle, num_frames: int) -> _Prompt:
-    """The needle's question and answer about a `num_frames`-frame video, tokenised."""
-    # Llama's template strips replies, so the answer is stripped for every family alike.
-    answer = needle.answer.strip()
-    record = {"video": "haystack", "conversations": [
-        {"from": "human", "value": "<video>\n" + needle.question},
-        {"from": "gpt", "value": answer}]}
-    sample = tokenize_conversation(
-        tokenizer, family, record, media_token_id=model.media_token_id,
-        tokens_per_frame=model.media_tokens_per_frame, num_frames=num_frames)
-    labels = sample["labels"]
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False).ids
-    first_answer = int(np.argmax(labels != IGNORE_INDEX))
-    return _Prompt(sample["input_ids"], labels, answer_ids, first_answer)
+@dataclasses.dataclass(frozen=True, eq=False)
+class FrameCountInputs:
+    """One frame count's model inputs, made once for all its depths: each cell's embedding
+    table splices `needles`' rows into `haystack`'s."""
+
+    grid: Grid
+    num_frames: int
+    haystack: Any  # embeddings [num_frames, tokens, hidden]
+    needles: list  # per needle, embeddings [n, tokens, hidden]
+    prompts: list[_Prompt]  # per needle
+    seq: int  # every prompt's padded length: one compiled forward pass per frame count
+    start: int  # the first position whose logits are read: just before the earliest answer
 
 
-def _check_grid(frame_counts: Sequence[int], depths: Sequence[float], needles, batch_size: int):
-    if not frame_counts:
-        raise ValueError(f"frame_counts must not be empty, got {frame_counts!r}")
-    for count in frame_counts:
-        if int(count) != count or count < 1:
-            raise ValueError(f"frame_counts must hold integers >= 1, got {count!r}")
-    if not depths:
-        raise ValueError(f"depths must not be empty, got {depths!r}")
-    for depth in depths:
-        if not 0.0 <= depth <= 1.0:
-            raise ValueError(f"depths must be in [0, 1], got {depth!r}")
-    if not needles:
-        raise ValueError("needles must not be empty")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Batch:
+    rows: list[int]  # the needle of each row; a short last batch repeats its last needle
+    count: int  # how many leading rows are real
+    starts: list[int]  # each row's `Grid.first_frame`
+    input_ids: np.ndarray  # int32 [batch, seq]
+    table: Any  # [batch * F, tokens, hidden], batch-major
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class NeedleScorer:
+    """Scores a grid's needles with one model, cell by cell: teacher-forced exact match
+    (`teacher_forced`) and, where wanted, free greedy generation (`generated`).
+
+    `model` gives the media token layout; `encode_fn` and `logits_fn` run the model (an
+    engine's `encode` and `engine_logits_fn(engine)`, or what tests give); `engine` generates.
+    Needles of one cell run `batch_size` at a time.
+    """
+
+    model: LongVILA
+    tokenizer: tokenizers.Tokenizer
+    family: str
+    image_size: int
+    encode_fn: EncodeFn
+    logits_fn: LogitsFn
+    engine: InferenceEngine | None = None  # only `generated` needs one
+    batch_size: int = 1
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def encode(self, grid: Grid) -> Iterator[FrameCountInputs]:
+        """Each frame count's inputs, in the grid's order: the needles are encoded once for
+        all, the haystack once per frame count. Raises `MediaError` when the haystack cannot
+        give a frame count (it has fewer frames)."""
+        needles = [self.encode_fn(np.stack([frame_to_model_input(f, image_size=self.image_size)
+                                            for f in n.frames])) for n in grid.needles]
+        for num_frames in grid.frame_counts:
+            prompts = [self._prompt(needle, num_frames) for needle in grid.needles]
+            haystack = self.encode_fn(load_frames(grid.haystack, num_frames,
+                                                  image_size=self.image_size))
+            yield FrameCountInputs(
+                grid, num_frames, haystack, needles, prompts,
+                seq=_round_up(max(len(p.input_ids) for p in prompts), SEQ_MULTIPLE),
+                start=min(p.first_answer for p in prompts) - 1)
+
+    def teacher_forced(self, inputs: FrameCountInputs, depth: float) -> list[dict]:
+        """One record per needle of the cell (`inputs.num_frames`, `depth`), in needle order:
+        `frames`, `depth`, `needle`, `needle_index` (its first frame), `question`, `answer`,
+        `prediction` (`teacher_forced_prediction`) and `correct`."""
+        samples = []
+        for batch in self._batches(inputs, depth):
+            logits = self.logits_fn(batch.input_ids, batch.table, inputs.start)
+            for r, k in enumerate(batch.rows[: batch.count]):
+                needle, prompt = inputs.grid.needles[k], inputs.prompts[k]
+                args = (logits[r], prompt.labels, prompt.answer_ids, self.tokenizer.decode)
+                samples.append({
+                    "frames": inputs.num_frames, "depth": depth, "needle": k,
+                    "needle_index": batch.starts[r], "question": needle.question,
+                    "answer": needle.answer,
+                    "prediction": teacher_forced_prediction(*args, offset=inputs.start),
+                    "correct": teacher_forced_correct(*args, offset=inputs.start)})
+        return samples
+
+    def generated(self, inputs: FrameCountInputs, depth: float) -> list[dict]:
+        """One record per needle of the cell, in needle order: `generation` (the greedy answer
+        to the prompt ending at the assistant header) and `generation_correct` (it equals the
+        answer after `normalize_answer`)."""
+        if self.engine is None:
+            raise ValueError("free generation needs an engine: NeedleScorer(..., engine=...)")
+        stop_ids = end_of_turn_ids(self.tokenizer, self.family)
+        records = []
+        for batch in self._batches(inputs, depth):
+            prompts = [inputs.prompts[k] for k in batch.rows]
+            frame_rows = inputs.num_frames * batch.table.shape[1]
+            answers = self.engine.generate_ids(
+                [p.input_ids[: p.first_answer] for p in prompts], batch.table,
+                [r * frame_rows for r in range(len(prompts))],
+                max_new_tokens=max(len(p.answer_ids) for p in prompts) + GENERATION_SLACK,
+                stop_ids=stop_ids)
+            for r, k in enumerate(batch.rows[: batch.count]):
+                text = self.tokenizer.decode(answers[r])
+                right = normalize_answer(text) == normalize_answer(inputs.grid.needles[k].answer)
+                records.append({"generation": text, "generation_correct": right})
+        return records
+
+    def _prompt(self, needle: Needle, num_frames: int) -> _Prompt:
+        """The needle's question and answer about a `num_frames`-frame video, tokenised."""
+        # Llama's template strips replies, so the answer is stripped for every family alike.
+        answer = needle.answer.strip()
+        messages = place_media([{"role": "user", "content": needle.question},
+                                {"role": "assistant", "content": answer}], "video")
+        input_ids, labels = tokenize_messages(
+            self.tokenizer, self.family, messages, media_token_id=self.model.media_token_id,
+            tokens_per_frame=self.model.media_tokens_per_frame, frames_per_media=[num_frames])
+        answer_ids = self.tokenizer.encode(answer, add_special_tokens=False).ids
+        return _Prompt(input_ids, labels, answer_ids, int(np.argmax(labels != IGNORE_INDEX)))
+
+    def _batches(self, inputs: FrameCountInputs, depth: float) -> Iterator[_Batch]:
+        """The cell's needles `batch_size` at a time, each row's needle spliced in at `depth`."""
+        count = len(inputs.prompts)
+        size = min(self.batch_size, count)
+        # Right padding is never attended to by earlier positions, so any id but media's will do.
+        pad_id = int(self.model.media_token_id == 0)
+        for first in range(0, count, size):
+            # A short last batch repeats its last needle, keeping one compiled shape.
+            rows = [min(k, count - 1) for k in range(first, first + size)]
+            starts = [inputs.grid.first_frame(k, inputs.num_frames, depth) for k in rows]
+            input_ids, table = _batch([inputs.prompts[k] for k in rows], inputs.seq, pad_id,
+                                      inputs.haystack, starts, [inputs.needles[k] for k in rows])
+            yield _Batch(rows, min(size, count - first), starts, input_ids, table)
 
 
 def _batch(prompts: list[_Prompt], seq: int, pad_id: int, haystack, starts: list[int],
@@ -267,6 +408,14 @@ def _batch(prompts: list[_Prompt], seq: int, pad_id: int, haystack, starts: list
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
+
+
+def cell_accuracy(grid: Grid, samples: Sequence[dict], key: str) -> list[list[float]]:
+    """The fraction of each cell's needles whose record holds a true `key`, `[frame_counts]
+    [depths]`; `samples` are one record per frame count, depth and needle, in that order."""
+    shape = (len(grid.frame_counts), len(grid.depths), len(grid.needles))
+    hits = np.reshape([bool(s[key]) for s in samples], shape).sum(axis=-1)
+    return (hits / len(grid.needles)).tolist()
 
 
 def plot_heatmap(result: dict, path: Path) -> None:
@@ -290,6 +439,17 @@ def plot_heatmap(result: dict, path: Path) -> None:
         fig.savefig(tmp, format="png", dpi=120)
 
 
+def write_results(result: dict, out_dir: str | os.PathLike) -> None:
+    """`out_dir/needle.json` (the result) and `out_dir/needle_heatmap.png` (`plot_heatmap`),
+    each written atomically."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(out_dir, "needle*")  # what a kill during an earlier write left
+    with atomic_file(out_dir / "needle.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
+    plot_heatmap(result, out_dir / "needle_heatmap.png")
+
+
 def evaluate(
     model: LongVILA,
     tokenizer_path: str | os.PathLike,
@@ -310,93 +470,42 @@ def evaluate(
 ) -> dict:
     """Score every needle at every (frame count, depth); write the JSON and the heatmap.
 
-    `model` gives the media token layout; `engine` (default: `model` on every device) the
-    encoding and the prefill, unless `encode_fn`/`logits_fn` replace them. Needles of one
-    cell run `batch_size` at a time. Writes `out_dir/needle.json` and
-    `out_dir/needle_heatmap.png`, each atomically, and returns the JSON's dict: `haystack`,
-    `frame_counts`, `depths`, `num_needles`, `accuracy` `[frame_counts][depths]` and
-    `per_sample` (one record per frame count, depth and needle, in that order); with
-    `generate`, also `generation_accuracy` and each sample's `generation`.
+    What the CLI and the demo call: a `Grid`, scored by a `NeedleScorer` over `engine`
+    (default: `model` on every device) unless `encode_fn`/`logits_fn` replace it, written by
+    `write_results` to `out_dir`. Returns the JSON's dict: `haystack`, `frame_counts`,
+    `depths`, `num_needles`, `accuracy` `[frame_counts][depths]` and `per_sample` (one record
+    per frame count, depth and needle, in that order); with `generate`, also
+    `generation_accuracy` and each sample's `generation` and `generation_correct`.
     Raises `MediaError` when the haystack cannot give a frame count (it has fewer frames).
     """
-    _check_grid(frame_counts, depths, needles, batch_size)
-    longest = max(len(n.frames) for n in needles)
-    if longest > min(frame_counts):
-        raise ValueError(f"a needle clip of {longest} frames does not fit in "
-                         f"{min(frame_counts)} frames")
+    grid = Grid(haystack, frame_counts, needles, depths)
     tokenizer = load_tokenizer(tokenizer_path)
     if engine is None and (encode_fn is None or logits_fn is None or generate):
         engine = InferenceEngine(model)
-    encode_fn = encode_fn or engine.encode
-    logits_fn = logits_fn or engine_logits_fn(engine)
-    needle_embeddings = [
-        encode_fn(np.stack([frame_to_model_input(f, image_size=image_size) for f in n.frames]))
-        for n in needles]
-    stop_ids = end_of_turn_ids(tokenizer, family)
-    batch_size = min(batch_size, len(needles))
-    # Right padding is never attended to by earlier positions, so any id but media's will do.
-    pad_id = int(model.media_token_id == 0)
-
-    hits = np.zeros((len(frame_counts), len(depths)), np.int64)
-    generated_hits = np.zeros_like(hits)
+    scorer = NeedleScorer(model, tokenizer, family, image_size,
+                          encode_fn or engine.encode, logits_fn or engine_logits_fn(engine),
+                          engine, batch_size)
     per_sample = []
-    with tqdm(total=hits.size * len(needles), desc="v-niah", unit="sample",
-              disable=not progress) as bar:
-        for fi, num_frames in enumerate(frame_counts):
-            hay = encode_fn(load_frames(haystack, num_frames, image_size=image_size))
-            prompts = [_prompt(tokenizer, family, model, needle, num_frames) for needle in needles]
-            seq = _round_up(max(len(p.input_ids) for p in prompts), SEQ_MULTIPLE)
-            start = min(p.first_answer for p in prompts) - 1
-            for di, depth in enumerate(depths):
-                bar.set_postfix(frames=num_frames, depth=depth)
-                for first in range(0, len(needles), batch_size):
-                    # A short last batch repeats its last needle, keeping one compiled shape.
-                    rows = [min(k, len(needles) - 1) for k in range(first, first + batch_size)]
-                    starts = [round(depth * (num_frames - len(needles[k].frames))) for k in rows]
-                    input_ids, table = _batch([prompts[k] for k in rows], seq, pad_id, hay,
-                                              starts, [needle_embeddings[k] for k in rows])
-                    logits = logits_fn(input_ids, table, start)
-                    answers = None
-                    if generate:
-                        answers = engine.generate_ids(
-                            [prompts[k].input_ids[: prompts[k].first_answer] for k in rows],
-                            table, [r * num_frames * table.shape[1] for r in range(len(rows))],
-                            max_new_tokens=len(max((prompts[k].answer_ids for k in rows),
-                                                   key=len)) + GENERATION_SLACK,
-                            stop_ids=stop_ids)
-                    for r, k in enumerate(rows[: len(needles) - first]):
-                        args = (logits[r], prompts[k].labels, prompts[k].answer_ids,
-                                tokenizer.decode)
-                        correct = teacher_forced_correct(*args, offset=start)
-                        hits[fi, di] += correct
-                        sample = {
-                            "frames": int(num_frames), "depth": float(depth), "needle": k,
-                            "needle_index": starts[r], "question": needles[k].question,
-                            "answer": needles[k].answer,
-                            "prediction": teacher_forced_prediction(*args, offset=start),
-                            "correct": bool(correct)}
-                        if answers is not None:
-                            text = tokenizer.decode(answers[r])
-                            right = normalize_answer(text) == normalize_answer(needles[k].answer)
-                            generated_hits[fi, di] += right
-                            sample.update(generation=text, generation_correct=bool(right))
-                        per_sample.append(sample)
-                        bar.update()
-
+    total = len(grid.frame_counts) * len(grid.depths) * len(grid.needles)
+    with tqdm(total=total, desc="v-niah", unit="sample", disable=not progress) as bar:
+        for inputs in scorer.encode(grid):
+            for depth in grid.depths:
+                bar.set_postfix(frames=inputs.num_frames, depth=depth)
+                samples = scorer.teacher_forced(inputs, depth)
+                if generate:
+                    samples = [{**s, **g} for s, g in
+                               zip(samples, scorer.generated(inputs, depth), strict=True)]
+                per_sample += samples
+                bar.update(len(samples))
     result = {
-        "haystack": os.fspath(haystack),
-        "frame_counts": [int(f) for f in frame_counts],
-        "depths": [float(d) for d in depths],
-        "num_needles": len(needles),
-        "accuracy": (hits / len(needles)).tolist(),
+        "haystack": os.fspath(grid.haystack),
+        "frame_counts": list(grid.frame_counts),
+        "depths": list(grid.depths),
+        "num_needles": len(grid.needles),
+        "accuracy": cell_accuracy(grid, per_sample, "correct"),
         "per_sample": per_sample,
     }
     if generate:
-        result["generation_accuracy"] = (generated_hits / len(needles)).tolist()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(out_dir, "needle*")  # what a kill during an earlier write left
-    with atomic_file(out_dir / "needle.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=1))
-    plot_heatmap(result, out_dir / "needle_heatmap.png")
+        result["generation_accuracy"] = cell_accuracy(grid, per_sample, "generation_correct")
+    write_results(result, out_dir)
     return result

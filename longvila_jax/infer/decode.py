@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.infer.prefill import CACHE_SPECS
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import Mask, Tokens, flash_attention
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import merge, merge_over
 
@@ -60,31 +60,30 @@ def make_decode(graphdef, mesh, steps: int, with_logits: bool = False,
     def local(params, cache, tail_k, tail_v, tokens, start, key, temperature, top_p):
         model = nnx.merge(graphdef, params)
         batch, slots = tokens.shape[0], tail_k.shape[2]
-        tail_positions = cache.lengths[:, None] + jnp.arange(slots, dtype=jnp.int32)
+        # The tail's slots: generated tokens in order, each at its own position.
+        tail = Tokens(cache.lengths[:, None] + jnp.arange(slots, dtype=jnp.int32),
+                      jnp.zeros((batch, slots), jnp.int32))
         # Padding slots of the prompt cache get their own segment, so nothing sees them.
         padding = (cache.positions >= cache.lengths[:, None]).astype(jnp.int32)
         own_segment = jnp.zeros((batch, 1), jnp.int32)
 
         def step(carry, _):
             tail_k, tail_v, tokens, t, key = carry
-            positions = (cache.lengths + t)[:, None]
+            new = Tokens((cache.lengths + t)[:, None], own_segment)
 
-            def attend(q, k, v, p, s, layer_cache):
+            def attend(q, k, v, mask, spec, layer_cache):
                 prompt_k, prompt_v, past_k, past_v = layer_cache
-                out, lse = flash_attention(q, prompt_k, prompt_v, q_positions=p,
-                                           kv_positions=cache.positions,
-                                           q_segment_ids=own_segment,
-                                           kv_segment_ids=padding, causal=True)
+                out, lse = flash_attention(q, prompt_k, prompt_v,
+                                           Mask(mask.q, Tokens(cache.positions, padding)), spec)
                 out, lse = merge_over(out, lse, SEQUENCE_AXES)
                 past_k = jax.lax.dynamic_update_slice_in_dim(past_k, k, t, axis=1)
                 past_v = jax.lax.dynamic_update_slice_in_dim(past_v, v, t, axis=1)
-                new_out, new_lse = flash_attention(q, past_k, past_v, q_positions=p,
-                                                   kv_positions=tail_positions, causal=True)
+                new_out, new_lse = flash_attention(q, past_k, past_v, Mask(mask.q, tail), spec)
                 return merge(out, lse, new_out, new_lse)[0].astype(q.dtype)
 
             h, (k, v) = model.llm.hidden_states_and_kv(
-                model.llm.embed(tokens[:, None]), positions, attend,
-                per_layer=(cache.k, cache.v, tail_k, tail_v))
+                model.llm.embed(tokens[:, None]), Mask(new, new), attend,
+                cache=(cache.k, cache.v, tail_k, tail_v))
             tail_k = jax.lax.dynamic_update_slice_in_dim(tail_k, k.astype(tail_k.dtype), t, 2)
             tail_v = jax.lax.dynamic_update_slice_in_dim(tail_v, v.astype(tail_v.dtype), t, 2)
             logits = model.llm.logits(h[:, 0])

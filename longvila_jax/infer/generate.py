@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 import tokenizers
 
-from longvila_jax.data.media import expand_media_tokens
-from longvila_jax.data.templates import encode_chat
-from longvila_jax.data.text_sources import conversation_to_messages
+from longvila_jax.data.templates import place_media, tokenize_messages
 from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.infer.embeddings import VideoEmbeddingCache
 from longvila_jax.infer.engine import InferenceEngine
@@ -79,16 +77,16 @@ class Generator:
                    **kwargs)
 
     def prompt_ids(self, prompt: str, num_frames: int = 0) -> np.ndarray:
-        """Token ids of one user turn (the video first when `num_frames` > 0) ending with the
-        assistant header, the video's placeholder expanded to its frames' positions."""
-        record = {"conversations": [{"from": "human", "value": prompt}]}
-        if num_frames:
-            record["video"] = "video"
-        messages, _, _ = conversation_to_messages(record)
-        ids, _ = encode_chat(self.tokenizer, self.family, messages, add_generation_prompt=True)
-        frames = [num_frames] if num_frames else []
-        return expand_media_tokens(ids, self.model.media_token_id,
-                                   self.engine.tokens_per_frame, frames)
+        """Token ids int32 `[seq]` of one user turn ending with the assistant header, the video
+        (when `num_frames` > 0) first or where the prompt writes `<video>`, its placeholder
+        expanded to its frames' positions."""
+        video = "video" if num_frames else None
+        messages = place_media([{"role": "user", "content": prompt}], video)
+        ids, _ = tokenize_messages(
+            self.tokenizer, self.family, messages, media_token_id=self.model.media_token_id,
+            tokens_per_frame=self.engine.tokens_per_frame,
+            frames_per_media=[num_frames] if num_frames else [], add_generation_prompt=True)
+        return ids
 
     def generate(self, prompts: str | Sequence[str], *, video: str | os.PathLike | None = None,
                  num_frames: int = 8, fps: float | None = None, max_new_tokens: int = 128,

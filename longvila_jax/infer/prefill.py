@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.kernels import Mask
 from longvila_jax.models.longvila import splice_media
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import sequence_parallel_attention
@@ -62,9 +63,8 @@ def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
     `scheme` is a resolved scheme ('none' for a group of one).
     """
 
-    def attend(q, k, v, positions, segment_ids, _):
-        return sequence_parallel_attention(q, k, v, positions, positions, segment_ids,
-                                           segment_ids, scheme=scheme, causal=True)[0]
+    def attend(q, k, v, mask, spec, _):
+        return sequence_parallel_attention(q, k, v, mask, spec, scheme=scheme)[0]
 
     def local(params, input_ids, positions, media_rows, table, window):
         model = nnx.merge(graphdef, params)
@@ -72,8 +72,8 @@ def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
         if scheme == "none":  # natural order on one device: the plain causal kernel (cuDNN)
             h, (k, v) = model.llm.hidden_states_and_kv(x, None)
         else:
-            h, (k, v) = model.llm.hidden_states_and_kv(x, positions, attend,
-                                                       segment_ids=jnp.zeros_like(positions))
+            h, (k, v) = model.llm.hidden_states_and_kv(x, Mask.self_attention(positions),
+                                                       attend)
         # The window's hidden states, wherever they live: one-hot rows, summed over shards.
         pick = (positions[:, :, None] == window[:, None, :]).astype(h.dtype)
         picked = jnp.einsum("bsw,bsd->bwd", pick, h, preferred_element_type=jnp.float32)

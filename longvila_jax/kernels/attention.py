@@ -1,15 +1,19 @@
 """The one attention entry point every model and parallel scheme calls.
 
-Masking is expressed only through global token positions and segment ids, so packed
-documents, ring chunks, zigzag halves and sequence-parallel shards all use one rule:
-a query sees a key iff they share a segment and (not causal or kv_pos <= q_pos).
-`flash_attention` returns `(out, lse)` and is differentiable in both; its backward is
-public (`flash_attention_bwd`) because ring attention calls it with the ring-merged
-out/lse. Backends implement `forward(...) -> (out, lse)` and `backward(...) -> (dq, dk, dv)`.
+`flash_attention(q, k, v, mask, spec)` returns `(out, lse)` and is differentiable in both.
+The mask is a `Mask` value (global positions and segment ids, see `mask.py`) or None for
+plain unpacked attention; the spec is a frozen `AttentionSpec` (causal, scale, backend),
+static under jit, which a model builds once from its config and hands to every call, its
+sequence-parallel and decoding ones included. The backward is public
+(`flash_attention_bwd`) because ring attention calls it with the ring-merged out/lse.
+Backends implement `forward(q, k, v, mask, spec) -> (out, lse)` and
+`backward(q, k, v, mask, out, lse, d_out, d_lse, spec) -> (dq, dk, dv)`, given a full mask
+and a spec whose backend and scale are resolved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -19,8 +23,27 @@ from jax.custom_derivatives import SymbolicZero
 
 from longvila_jax.kernels import xla
 from longvila_jax.kernels.manual_axes import varying_like
+from longvila_jax.kernels.mask import Mask
 
 BACKENDS = ("auto", "xla", "triton", "cudnn")
+# The names under which the forward rules tag attention's results; `selective` remat
+# keeps exactly these (models/layers.py).
+REMAT_NAMES = ("attention_out", "attention_lse")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """How to attend: `causal`, the softmax `scale` (None: head_dim ** -0.5) and the
+    `backend` (one of `BACKENDS`). Hashable: it is a static argument of jitted code."""
+
+    causal: bool = True
+    scale: float | None = None
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"flash_attention: unknown backend {self.backend!r}; one of "
+                             f"{BACKENDS}")
 
 
 def _backend(name: str):
@@ -31,19 +54,15 @@ def _backend(name: str):
         from longvila_jax.kernels import triton
 
         return triton
-    if name == "cudnn":
-        from longvila_jax.kernels import cudnn
+    from longvila_jax.kernels import cudnn
 
-        return cudnn
-    raise ValueError(f"flash_attention: unknown backend {name!r}; one of {BACKENDS}")
+    return cudnn
 
 
 def _choose(backend: str, q, unmasked: bool) -> str:
     """Resolve 'auto': cuDNN for plain (unpacked, default-position) attention on GPU, our
     Triton kernel for everything else on GPU, the blockwise XLA path elsewhere and for
     decoding's few query rows."""
-    if backend not in BACKENDS:
-        raise ValueError(f"flash_attention: unknown backend {backend!r}; one of {BACKENDS}")
     if backend != "auto":
         if backend == "cudnn" and not unmasked:
             raise ValueError("flash_attention: backend 'cudnn' takes no positions or segment "
@@ -56,48 +75,35 @@ def _choose(backend: str, q, unmasked: bool) -> str:
     return "cudnn" if unmasked and q.shape[-1] in (64, 128) else "triton"
 
 
-def skips_hidden_tiles(backend: str, q) -> bool:
-    """Whether masked (positions/segments) attention on `q` runs a kernel that skips fully
-    hidden tiles by itself; callers then need no `lax.cond` around pieces that see nothing."""
-    return _choose(backend, q, unmasked=False) == "triton"
+def skips_hidden_tiles(spec: AttentionSpec, q) -> bool:
+    """Whether masked attention on `q` under `spec` runs a kernel that skips fully hidden
+    tiles by itself; callers then need no `lax.cond` around pieces that see nothing."""
+    return _choose(spec.backend, q, unmasked=False) == "triton"
 
 
-def _prepare(q, k, q_positions, kv_positions, q_segment_ids, kv_segment_ids, softmax_scale):
-    """(masks with defaults filled in, scale, unmasked: no mask inputs and square attention)."""
-    unmasked = all(x is None for x in (q_positions, kv_positions, q_segment_ids,
-                                       kv_segment_ids)) and q.shape[1] == k.shape[1]
+def _resolve(q, k, mask: Mask | None, spec: AttentionSpec) -> tuple[Mask, AttentionSpec]:
+    """The full mask (defaults filled in) and the spec with its backend and scale chosen."""
     batch, q_len, heads, head_dim = q.shape
     kv_len, kv_heads = k.shape[1], k.shape[2]
     if heads % kv_heads:
         raise ValueError(f"flash_attention: heads={heads} is not a multiple of kv_heads={kv_heads}")
-
-    def arange(n):
-        return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
-
-    def zeros(n):
-        return jnp.zeros((batch, n), jnp.int32)
-
-    masks = (arange(q_len) if q_positions is None else q_positions,
-             arange(kv_len) if kv_positions is None else kv_positions,
-             zeros(q_len) if q_segment_ids is None else q_segment_ids,
-             zeros(kv_len) if kv_segment_ids is None else kv_segment_ids)
-    return masks, head_dim**-0.5 if softmax_scale is None else float(softmax_scale), unmasked
+    unmasked = mask is None and q_len == kv_len
+    if mask is None:
+        mask = Mask.default(batch, q_len, kv_len)
+    scale = head_dim**-0.5 if spec.scale is None else float(spec.scale)
+    return mask, AttentionSpec(spec.causal, scale, _choose(spec.backend, q, unmasked))
 
 
-def flash_attention(q, k, v, *, q_positions=None, kv_positions=None, q_segment_ids=None,
-                    kv_segment_ids=None, causal: bool, softmax_scale: float | None = None,
-                    backend: str = "auto"):
+def flash_attention(q, k, v, mask: Mask | None, spec: AttentionSpec):
     """Attention returning `(out, lse)`.
 
     q `[batch, q_seq, heads, head_dim]`, k/v `[batch, kv_seq, kv_heads, head_dim]` with
-    `heads % kv_heads == 0`. Positions and segment ids are int32 `[batch, seq]`; omitted
-    positions mean `arange`, omitted segments one segment. Returns out in q's dtype and
-    lse `[batch, heads, q_seq]` float32 (natural log). Rows that see no key give out = 0
-    and lse = -inf, and pass no gradient.
+    `heads % kv_heads == 0`; `mask` None means positions `arange` and one segment on both
+    sides. Returns out in q's dtype and lse `[batch, heads, q_seq]` float32 (natural log).
+    Rows that see no key give out = 0 and lse = -inf, and pass no gradient.
     """
-    masks, scale, unmasked = _prepare(q, k, q_positions, kv_positions, q_segment_ids,
-                                      kv_segment_ids, softmax_scale)
-    return _attention(q, k, v, *masks, causal, scale, _choose(backend, q, unmasked))
+    mask, spec = _resolve(q, k, mask, spec)
+    return _attention(q, k, v, mask, spec)
 
 
 def name_for_remat(out, lse):
@@ -106,27 +112,27 @@ def name_for_remat(out, lse):
     Called in forward rules only (which run only under differentiation), so an attention
     nested inside another one's forward, as each ring step is, is not tagged and not kept.
     """
-    return checkpoint_name(out, "attention_out"), checkpoint_name(lse, "attention_lse")
+    return tuple(checkpoint_name(x, name) for x, name in zip((out, lse), REMAT_NAMES,
+                                                             strict=True))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
-    out, lse = _backend(backend).forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
-                                         scale=scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, spec):
+    out, lse = _backend(spec.backend).forward(q, k, v, mask, spec)
     # Inside shard_map, kernel outputs must vary over the mesh axes their inputs vary over.
-    refs = (q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+    refs = (q, k, v, *mask.arrays())
     return varying_like(out, *refs), varying_like(lse, *refs)
 
 
-def _attention_fwd(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale, backend):
-    args = [p.value for p in (q, k, v, q_pos, kv_pos, q_seg, kv_seg)]  # symbolic_zeros wraps
-    out, lse = _attention(*args, causal, scale, backend)
-    out, lse = name_for_remat(out, lse)
-    return (out, lse), (*args, out, lse)
+def _attention_fwd(q, k, v, mask, spec):
+    # symbolic_zeros wraps every primal leaf
+    q, k, v, mask = jax.tree.map(lambda p: p.value, (q, k, v, mask))
+    out, lse = name_for_remat(*_attention(q, k, v, mask, spec))
+    return (out, lse), (q, k, v, mask, out, lse)
 
 
-def _attention_bwd(causal, scale, backend, residuals, cotangents):
-    q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = residuals
+def _attention_bwd(spec, residuals, cotangents):
+    q, k, v, mask, out, lse = residuals
     d_out, d_lse = cotangents
     # Symbolic zeros tell the backends when nothing flows into lse (cuDNN's backward can
     # then be used) and when nothing flows into out (ring steps that only merge lse).
@@ -134,26 +140,22 @@ def _attention_bwd(causal, scale, backend, residuals, cotangents):
         d_lse = None
     if isinstance(d_out, SymbolicZero):
         d_out = jnp.zeros_like(out)
-    grads = _backend(backend).backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out,
-                                       d_lse, causal=causal, scale=scale)
+    grads = _backend(spec.backend).backward(q, k, v, mask, out, lse, d_out, d_lse, spec)
     grads = [varying_like(g, p) for g, p in zip(grads, (q, k, v), strict=True)]
-    return (*grads, None, None, None, None)
+    return (*grads, None)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd, symbolic_zeros=True)
 
 
-def flash_attention_bwd(q, k, v, out, lse, d_out, d_lse=None, *, q_positions=None,
-                        kv_positions=None, q_segment_ids=None, kv_segment_ids=None,
-                        causal: bool, softmax_scale: float | None = None, backend: str = "auto"):
+def flash_attention_bwd(q, k, v, out, lse, d_out, d_lse, mask: Mask | None,
+                        spec: AttentionSpec):
     """`(dq, dk, dv)` of attention given its FINAL `out` and `lse`.
 
     Ring attention calls this once per KV block with the output and LSE merged over the
     whole ring; the result is that block's exact share of the gradient. `d_lse` is the
     cotangent of lse (None for zero).
     """
-    masks, scale, unmasked = _prepare(q, k, q_positions, kv_positions, q_segment_ids,
-                                      kv_segment_ids, softmax_scale)
-    grads = _backend(_choose(backend, q, unmasked)).backward(
-        q, k, v, *masks, out, lse, d_out, d_lse, causal=causal, scale=scale)
+    mask, spec = _resolve(q, k, mask, spec)
+    grads = _backend(spec.backend).backward(q, k, v, mask, out, lse, d_out, d_lse, spec)
     return tuple(varying_like(g, x, out, d_out) for g, x in zip(grads, (q, k, v), strict=True))

@@ -19,14 +19,13 @@ def _attend(q, k, v, causal, scale):
                                         implementation="cudnn", return_residual=True)
 
 
-def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale):
-    out, lse = _attend(q, k, v, causal, scale)
+def forward(q, k, v, mask, spec):
+    out, lse = _attend(q, k, v, spec.causal, spec.scale)
     return out, jnp.swapaxes(lse, 1, 2).astype(jnp.float32)  # [b, sq, h] -> [b, h, sq]
 
 
-def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse, *, causal, scale):
+def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     if d_lse is not None:
-        return xla.backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse,
-                            causal=causal, scale=scale)
-    _, vjp = jax.vjp(lambda q, k, v: _attend(q, k, v, causal, scale)[0], q, k, v)
+        return xla.backward(q, k, v, mask, out, lse, d_out, d_lse, spec)
+    _, vjp = jax.vjp(lambda q, k, v: _attend(q, k, v, spec.causal, spec.scale)[0], q, k, v)
     return vjp(d_out.astype(q.dtype))

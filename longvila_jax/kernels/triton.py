@@ -203,10 +203,11 @@ def _common(q, k, causal, scale):
                 scale_log2=float(scale * LOG2E))
 
 
-def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, *, causal, scale):
+def forward(q, k, v, mask, spec):
     b, sq, h, _ = q.shape
+    causal, scale = spec.causal, spec.scale
     bm, bn, warps, stages = FWD
-    ints = [x.astype(jnp.int32) for x in (q_pos, kv_pos, q_seg, kv_seg)]
+    ints = [x.astype(jnp.int32) for x in mask.arrays()]
     q_stats, kv_stats, ranges = schedule(*ints, causal, bm, bn, over_q=False)
     return jt.triton_call(
         q, k, v, *ints, q_stats, kv_stats, ranges,
@@ -374,8 +375,9 @@ def _bwd_q_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stat
              mask=m_ok[:, None] & d_ok[None, :])
 
 
-def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse, *, causal, scale):
+def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     b, sq, h, _ = q.shape
+    causal, scale = spec.causal, spec.scale
     skv, kh = k.shape[1], k.shape[2]
     d_out = d_out.astype(q.dtype)
     # delta = rowsum(dO * O); an LSE cotangent enters as P * d_lse, i.e. delta - d_lse.
@@ -384,7 +386,7 @@ def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse, *, c
         delta = delta - d_lse.astype(jnp.float32)
     # Base-2 LSE, +inf on rows that see nothing so that exp2(s - lse2) = 0 there.
     lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
-    ints = [x.astype(jnp.int32) for x in (q_pos, kv_pos, q_seg, kv_seg)]
+    ints = [x.astype(jnp.int32) for x in mask.arrays()]
     common = dict(**_common(q, k, causal, scale), scale=float(scale))
     inputs = (q, k, v, d_out, lse2, delta, *ints)
 

@@ -44,9 +44,10 @@ def _mask(q_positions, q_segment_ids, kv_pos, kv_seg, valid, causal):
     return mask[:, None, None]
 
 
-def forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *, causal,
-            scale, block_k=BLOCK_K):
+def forward(q, k, v, mask, spec, block_k=BLOCK_K):
     """`(out [b, sq, h, d] in q.dtype, lse [b, h, sq] float32)`."""
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids = mask.arrays()
+    causal, scale = spec.causal, spec.scale
     b, sq, h, d = q.shape
     kh = k.shape[2]
     qg = q.reshape(b, sq, kh, h // kh, d)
@@ -81,9 +82,10 @@ def forward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *
     return out, lse.reshape(b, h, sq)
 
 
-def backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, out, lse,
-             d_out, d_lse, *, causal, scale, block_k=BLOCK_K):
+def backward(q, k, v, mask, out, lse, d_out, d_lse, spec, block_k=BLOCK_K):
     """`(dq, dk, dv)` given the final (possibly ring-merged) `out` and `lse`."""
+    q_positions, kv_positions, q_segment_ids, kv_segment_ids = mask.arrays()
+    causal, scale = spec.causal, spec.scale
     b, sq, h, d = q.shape
     skv, kh = k.shape[1], k.shape[2]
     g = h // kh
@@ -100,8 +102,8 @@ def backward(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, 
     def step(dq, blk):
         kb, vb, pos, seg, valid = blk
         s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, kb, preferred_element_type=jnp.float32) * scale
-        mask = _mask(q_positions, q_segment_ids, pos, seg, valid, causal)
-        p = jnp.where(mask, jnp.exp(s - lse_safe[..., None]), 0.0)
+        visible = _mask(q_positions, q_segment_ids, pos, seg, valid, causal)
+        p = jnp.where(visible, jnp.exp(s - lse_safe[..., None]), 0.0)
         dv = jnp.einsum("bhgqk,bqhgd->bkhd", p.astype(d_out.dtype), dog,
                         preferred_element_type=jnp.float32)
         dp = jnp.einsum("bqhgd,bkhd->bhgqk", dog, vb, preferred_element_type=jnp.float32)

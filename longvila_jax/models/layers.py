@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from longvila_jax.kernels.attention import REMAT_NAMES
+
 
 def param(rngs: nnx.Rngs, shape, names, dtype, init="normal", scale=0.02):
     """An `nnx.Param` with logical axis names; `init` is 'normal', 'zeros' or 'ones'."""
@@ -91,34 +93,29 @@ def _gelu_exact_jvp(primals, tangents):
     return _gelu_exact(x), (cdf + x * pdf) * t
 
 
-# Names of the values `selective` remat keeps (set with `checkpoint_name` by the attention).
-SAVED_BY_SELECTIVE = ("attention_out", "attention_lse")
-
-
 def remat_policy(remat: str):
     """`jax.checkpoint` policy for a config's `model.remat`; None for 'none' (no remat)."""
     if remat == "none":
         return None
-    if remat == "selective":
-        return jax.checkpoint_policies.save_only_these_names(*SAVED_BY_SELECTIVE)
+    if remat == "selective":  # the attention's out and lse, as its forward rules name them
+        return jax.checkpoint_policies.save_only_these_names(*REMAT_NAMES)
     if remat == "full":
         return jax.checkpoint_policies.nothing_saveable
     raise ValueError(f"model.remat: unknown policy {remat!r}")
 
 
 def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = None,
-                gather=None, xs=None, collect: bool = False):
-    """Run `body(layer, x) -> x` over the first `count` layers of a stacked module.
+                gather=None, xs=None):
+    """`(x, ys)`: `body(layer, x, xs_i) -> (x, y)` over the first `count` layers of a stacked
+    module, `xs_i` being layer i's slice of `xs` (a pytree with a leading layer axis, or
+    None) and `ys` the `y`s stacked over layers (inference passes each layer's KV cache in
+    and takes its new keys and values out; a `y` nobody reads is never computed).
 
     Scanning keeps compile time flat in depth (28-80 decoder layers). `remat` ('none',
     'selective', 'full') picks what each layer keeps for the backward pass. `gather`, if
     given, maps one layer's parameter state (sharded, FSDP) to the full state inside the
     scanned step, so only one layer is ever gathered, and under remat the backward gathers
     it again instead of keeping it.
-
-    With `collect`, `body(layer, x, xs_i) -> (x, y)` gets layer i's slice of `xs` (a pytree
-    with a leading layer axis, or None) and the result is `(x, ys)` stacked over layers:
-    inference passes each layer's KV cache in and takes its new keys and values out.
     """
     graphdef, state = nnx.split(layers)
     if count is not None:
@@ -128,16 +125,12 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = 
         layer_state, layer_xs = inputs
         if gather is not None:
             layer_state = gather(layer_state)
-        layer = nnx.merge(graphdef, layer_state)
-        if collect:
-            return body(layer, carry, layer_xs)
-        return body(layer, carry), None
+        return body(nnx.merge(graphdef, layer_state), carry, layer_xs)
 
     policy = remat_policy(remat)
     if policy is not None:
         step = jax.checkpoint(step, prevent_cse=False, policy=policy)
-    x, ys = jax.lax.scan(step, x, (state, xs))
-    return (x, ys) if collect else x
+    return jax.lax.scan(step, x, (state, xs))
 
 
 def stacked(num_layers: int, make, rngs: nnx.Rngs):

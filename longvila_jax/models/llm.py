@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, Tokens, flash_attention
 from longvila_jax.models.layers import Linear, RMSNorm, param, scan_layers, stacked
 from longvila_jax.models.rope import apply_rope, inverse_frequencies
 
@@ -37,34 +37,34 @@ class DecoderLayer(nnx.Module):
         self.up_proj = Linear(d, cfg.intermediate_size, bias=False, names=("embed", "mlp"), **kw)
         self.down_proj = Linear(cfg.intermediate_size, d, bias=False, names=("mlp", "embed"), **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.attention_backend = attention_backend
+        # Static: every attention this layer runs, its sequence-parallel and decoding
+        # ones included (they receive it through `attend`), uses the configured backend.
+        self.attention = AttentionSpec(causal=True, backend=attention_backend)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, attend=None, return_kv=False):
-        """`positions` `[b, s]` rotate q/k; `positions`/`segment_ids` None means the plain
-        causal mask, which lets the attention pick a kernel without mask inputs (cuDNN).
-        `attend(q, k, v, positions, segment_ids) -> out` replaces the local attention, e.g.
-        with sequence-parallel attention when `x` is this device's shard of the sequence, or
-        attention over a KV cache when decoding. `return_kv` also returns this layer's
-        rotated keys and values `[b, s, kv_heads, head_dim]`, what a KV cache holds."""
+    def __call__(self, x, mask: Mask | None, inv_freq, attend=None, cache=None):
+        """`(x, (k, v))`: the block's output and its rotated keys and values
+        `[b, s, kv_heads, head_dim]` (what a KV cache holds; unused outputs cost nothing).
+
+        `mask`'s query positions rotate q and k; None means the plain causal mask, which
+        lets the attention pick a kernel without mask inputs (cuDNN). `attend(q, k, v, mask,
+        spec, cache) -> out` replaces the local attention: sequence-parallel attention when
+        `x` is this device's shard of the sequence, or attention over `cache` (this layer's
+        part of a KV cache) when decoding."""
         b, s, _ = x.shape
         y = self.input_norm(x)
         q = self.q_proj(y).reshape(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(y).reshape(b, s, self.num_kv_heads, self.head_dim)
         v = self.v_proj(y).reshape(b, s, self.num_kv_heads, self.head_dim)
-        rope_positions = positions
-        if positions is None:
-            rope_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        q, k = apply_rope(q, rope_positions, inv_freq), apply_rope(k, rope_positions, inv_freq)
+        positions = Tokens.default(b, s).positions if mask is None else mask.q.positions
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if attend is None:
-            attn, _ = flash_attention(q, k, v, q_positions=positions, kv_positions=positions,
-                                      q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-                                      causal=True, backend=self.attention_backend)
+            attn, _ = flash_attention(q, k, v, mask, self.attention)
         else:
-            attn = attend(q, k, v, positions, segment_ids)
+            attn = attend(q, k, v, mask, self.attention, cache)
         x = x + self.o_proj(attn.reshape(b, s, -1))
         y = self.post_attention_norm(x)
         x = x + self.down_proj(jax.nn.silu(self.gate_proj(y)) * self.up_proj(y))
-        return (x, (k, v)) if return_kv else x
+        return x, (k, v)
 
 
 class CausalLM(nnx.Module):
@@ -91,33 +91,28 @@ class CausalLM(nnx.Module):
         """`[batch, seq]` int -> `[batch, seq, hidden]` in the compute dtype."""
         return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
-    def hidden_states(self, x, positions=None, segment_ids=None, attend=None, gather=None):
+    def hidden_states(self, x, mask: Mask | None = None, attend=None, gather=None):
         """Run all decoder layers and the final norm on embeddings `[batch, seq, hidden]`.
 
-        Positions `[batch, seq]` (None: arange) and segment ids (None: one document per
-        row) are global, so packed and sequence-sharded inputs need nothing else; a
+        The mask's positions and segment ids are global (None: positions arange, one
+        document per row), so packed and sequence-sharded inputs need nothing else; a
         sequence shard also passes `attend` (see `DecoderLayer`), and FSDP-sharded layers
         a `gather` (see `scan_layers`)."""
-        x = scan_layers(self.layers, x,
-                        lambda layer, h: layer(h, positions, segment_ids, self.inv_freq, attend),
-                        remat=self.remat, gather=gather)
+        x, _ = scan_layers(self.layers, x, self._layer(mask, attend), remat=self.remat,
+                           gather=gather)
         return self.norm(x)
 
-    def hidden_states_and_kv(self, x, positions, attend=None, per_layer=None, segment_ids=None,
+    def hidden_states_and_kv(self, x, mask: Mask | None, attend=None, cache=None,
                              gather=None):
-        """`hidden_states` that also returns every layer's keys and values, each
-        `[layers, batch, seq, kv_heads, head_dim]`: prefill fills a KV cache with them, and a
-        decode step gets its new token's. `attend(q, k, v, positions, segment_ids, xs)`, if
-        given, also receives layer i's slice `xs` of `per_layer` (its part of the cache)."""
-
-        def body(layer, h, xs):
-            bound = None if attend is None else (
-                lambda q, k, v, p, s: attend(q, k, v, p, s, xs))
-            return layer(h, positions, segment_ids, self.inv_freq, bound, return_kv=True)
-
-        x, kv = scan_layers(self.layers, x, body, remat="none", gather=gather, xs=per_layer,
-                            collect=True)
+        """`hidden_states` and every layer's keys and values, each `[layers, batch, seq,
+        kv_heads, head_dim]`: prefill fills a KV cache with them, and a decode step gets its
+        new token's. `attend` receives layer i's slice of `cache` (its part of the cache)."""
+        x, kv = scan_layers(self.layers, x, self._layer(mask, attend), remat="none",
+                            gather=gather, xs=cache)
         return self.norm(x), kv
+
+    def _layer(self, mask, attend):
+        return lambda layer, h, cache: layer(h, mask, self.inv_freq, attend, cache)
 
     def output_weight(self):
         """The `[hidden, vocab]` output projection in the compute dtype (tied or not)."""
@@ -129,9 +124,20 @@ class CausalLM(nnx.Module):
         """Final hidden `[batch, seq, hidden]` -> float32 logits `[batch, seq, vocab]`."""
         return jnp.dot(h, self.output_weight(), preferred_element_type=jnp.float32)
 
-    def from_embeddings(self, x, positions=None, segment_ids=None, attend=None, gather=None):
+    def from_embeddings(self, x, mask: Mask | None = None, attend=None, gather=None):
         """Logits for input embeddings `[batch, seq, hidden]` (see `hidden_states`)."""
-        return self.logits(self.hidden_states(x, positions, segment_ids, attend, gather))
+        return self.logits(self.hidden_states(x, mask, attend, gather))
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
-        return self.from_embeddings(self.embed(input_ids), positions, segment_ids)
+        """Float32 logits; `positions`/`segment_ids` `[batch, seq]` as `Mask.self_attention`
+        takes them, both None for the plain causal mask."""
+        return self.from_embeddings(self.embed(input_ids), self_mask(positions, segment_ids))
+
+
+def self_mask(positions=None, segment_ids=None) -> Mask | None:
+    """`Mask.self_attention`, or None (the plain causal mask, which cuDNN can serve) when
+    neither is given."""
+    if positions is None and segment_ids is None:
+        return None
+    return Mask.self_attention(positions, segment_ids)
+

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from longvila_jax.models.llm import CausalLM
+from longvila_jax.models.llm import CausalLM, self_mask
 from longvila_jax.models.projector import Projector
 from longvila_jax.models.siglip import SiglipVisionTower
 
@@ -65,7 +65,8 @@ class LongVILA(nnx.Module):
 
     def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
         """Float32 logits `[batch, seq, vocab]`."""
-        return self.llm.from_embeddings(self.embed(input_ids, images), positions, segment_ids)
+        return self.llm.from_embeddings(self.embed(input_ids, images),
+                                        self_mask(positions, segment_ids))
 
 
 def splice_media(x, media, rows):

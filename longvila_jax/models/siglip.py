@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, flash_attention
 from longvila_jax.models.layers import LayerNorm, Linear, gelu, param, scan_layers, stacked
 
 
@@ -29,7 +29,7 @@ class EncoderLayer(nnx.Module):
         self.fc1 = Linear(c, cfg.intermediate_size, bias=True, names=("vit_embed", "vit_mlp"), **kw)
         self.fc2 = Linear(cfg.intermediate_size, c, bias=True, names=("vit_mlp", "vit_embed"), **kw)
         self.num_heads = cfg.num_heads
-        self.attention_backend = attention_backend
+        self.attention = AttentionSpec(causal=False, backend=attention_backend)
         self.approximate_gelu = cfg.hidden_act == "gelu_pytorch_tanh"
 
     def __call__(self, x):
@@ -38,7 +38,7 @@ class EncoderLayer(nnx.Module):
         y = self.layer_norm1(x)
         q, k, v = (p(y).reshape(n, s, self.num_heads, hd)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
-        attn, _ = flash_attention(q, k, v, causal=False, backend=self.attention_backend)
+        attn, _ = flash_attention(q, k, v, None, self.attention)
         x = x + self.out_proj(attn.reshape(n, s, c))
         y = self.layer_norm2(x)
         return x + self.fc2(gelu(self.fc1(y), self.approximate_gelu))
@@ -81,5 +81,5 @@ class SiglipVisionTower(nnx.Module):
                     self.patch_kernel[...].astype(self.dtype)) + self.patch_bias[...].astype(
                         self.dtype)
         x = x + self.position_embedding[...].astype(self.dtype)
-        return scan_layers(self.layers, x, lambda layer, h: layer(h), remat=self.remat,
-                           count=self.num_run, gather=gather)
+        return scan_layers(self.layers, x, lambda layer, h, _: (layer(h), None),
+                           remat=self.remat, count=self.num_run, gather=gather)[0]

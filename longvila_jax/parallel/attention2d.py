@@ -11,21 +11,20 @@ split over the `node` x `local` devices, node-major; positions carry the global 
 
 from __future__ import annotations
 
+from longvila_jax.kernels import AttentionSpec, Mask
 from longvila_jax.parallel.ring import ring_attention
 from longvila_jax.parallel.ulysses import ulysses
 
 
-def attention_2d(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
-                 causal: bool, node_axis: str = "node", local_axis: str = "local",
-                 softmax_scale: float | None = None, backend: str = "auto"):
+def attention_2d(q, k, v, mask: Mask, spec: AttentionSpec, *, node_axis="node",
+                 local_axis="local"):
     """Exact attention over a sequence sharded on (`node_axis`, `local_axis`); local (out, lse).
 
-    Call inside `shard_map` over both axes. Local q `[b, s, h, d]`, k/v `[b, s, kh, d]`,
-    positions/segments `[b, s]` with global values (required: the zigzag layout needs them).
+    Call inside `shard_map` over both axes. Local q `[b, s, h, d]`, k/v `[b, s, kh, d]`, the
+    mask's positions and segments `[b, s]` with global values (required: the zigzag layout
+    needs them).
     """
-    def ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        return ring_attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal=causal,
-                              axis_name=node_axis, softmax_scale=softmax_scale, backend=backend)
+    def ring(q, k, v, mask):
+        return ring_attention(q, k, v, mask, spec, axis_name=node_axis)
 
-    return ulysses(ring, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                   axis_name=local_axis)
+    return ulysses(ring, q, k, v, mask, axis_name=local_axis)

@@ -27,6 +27,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.data.media import IGNORE_INDEX, media_rows
+from longvila_jax.kernels import Mask
 from longvila_jax.models.longvila import splice_media
 from longvila_jax.models.loss import chunked_token_nll
 from longvila_jax.parallel import fsdp
@@ -106,9 +107,8 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
     tokens = P("data", SEQUENCE_AXES)
     axes = ("data", *SEQUENCE_AXES)
 
-    def attend(q, k, v, positions, segment_ids):
-        return sequence_parallel_attention(q, k, v, positions, positions, segment_ids,
-                                           segment_ids, scheme=scheme, causal=True)[0]
+    def attend(q, k, v, mask, spec, _):
+        return sequence_parallel_attention(q, k, v, mask, spec, scheme=scheme)[0]
 
     if scheme == "none":  # a sequence group of one: the layer's own attention
         attend = None
@@ -127,8 +127,8 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
             table = jax.lax.all_gather(emb, SEQUENCE_AXES, axis=0, tiled=True)
             # Stage two: fill this token shard's media positions.
             x = splice_media(x, table.reshape(-1, table.shape[-1]), batch["media_rows"])
-        h = model.llm.hidden_states(x, batch["positions"], batch["segment_ids"], attend,
-                                    per_layer("llm"))
+        mask = Mask.self_attention(batch["positions"], batch["segment_ids"])
+        h = model.llm.hidden_states(x, mask, attend, per_layer("llm"))
         nll, count = chunked_token_nll(h, model.llm.output_weight(), batch["targets"],
                                        loss_chunk)
         return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(count, axes), 1)

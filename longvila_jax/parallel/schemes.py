@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from longvila_jax.kernels import AttentionSpec, Mask
 from longvila_jax.parallel.attention2d import attention_2d
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import ring_attention, zigzag_permutation
@@ -78,21 +79,17 @@ def layout_permutation(seq_len: int, scheme: str, node: int, local: int) -> np.n
     return zigzag_permutation(seq_len, ring) if ring > 1 else np.arange(seq_len)
 
 
-def sequence_parallel_attention(q, k, v, q_positions, kv_positions, q_segment_ids,
-                                kv_segment_ids, *, scheme: str, causal: bool,
-                                softmax_scale: float | None = None, backend: str = "auto"):
-    """Exact attention over a sequence sharded on ("node", "local"); local `(out, lse)`.
+def sequence_parallel_attention(q, k, v, mask: Mask, spec: AttentionSpec, *, scheme: str):
+    """Exact attention over a sequence sharded on `SEQUENCE_AXES`; local `(out, lse)`.
 
     Call inside `shard_map` over both axes with the layout of `layout_permutation`.
     `scheme` is a resolved one (`resolve_scheme`), not 'auto'.
     """
-    kw = dict(causal=causal, softmax_scale=softmax_scale, backend=backend)
-    masks = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
     if scheme == "ring":
-        return ring_attention(q, k, v, *masks, axis_name=SEQUENCE_AXES, **kw)
+        return ring_attention(q, k, v, mask, spec, axis_name=SEQUENCE_AXES)
     if scheme == "ulysses":
-        return ulysses_attention(q, k, v, *masks, axis_name=SEQUENCE_AXES, **kw)
+        return ulysses_attention(q, k, v, mask, spec, axis_name=SEQUENCE_AXES)
     if scheme == "2d":
-        return attention_2d(q, k, v, *masks, **kw)
+        return attention_2d(q, k, v, mask, spec)
     raise ValueError(f"sequence_parallel_attention: scheme {scheme!r} is not one of "
                      "'ring', 'ulysses', '2d' (resolve 'auto' first)")

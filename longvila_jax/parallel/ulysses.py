@@ -20,7 +20,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, flash_attention
 
 
 class HeadLayout(NamedTuple):
@@ -95,17 +95,11 @@ def _seq_to_heads(x, axis_name):
     return jax.lax.all_to_all(x, axis_name, split_axis=2, concat_axis=1, tiled=True)
 
 
-def _gather_seq(x, axis_name):
-    """`[b, s/n]` -> `[b, s]`: positions and segment ids are small, so every device gets all."""
-    return None if x is None else jax.lax.all_gather(x, axis_name, axis=1, tiled=True)
-
-
-def ulysses(attend, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, *,
-            axis_name: str = "local"):
+def ulysses(attend, q, k, v, mask: Mask | None, *, axis_name="local"):
     """Run `attend` on the full sequence for `h/n` heads; results come back sequence-sharded.
 
-    `attend(q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids) -> (out, lse)`
-    sees q `[b, s, h/n, d]` (s: the whole sequence of this `axis_name` group). This is the
+    `attend(q, k, v, mask) -> (out, lse)` sees q `[b, s, h/n, d]` (s: the whole sequence of
+    this `axis_name` group) and the whole sequence's mask (None stays None). This is the
     Ulysses half of 2D attention, where `attend` is ring attention over the other axis.
 
     GQA: when `n > kh` each KV head is repeated before the all-to-all, the least replication
@@ -117,26 +111,19 @@ def ulysses(attend, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segmen
     heads, kv_heads = q.shape[2], k.shape[2]
     layout = head_layout(heads, kv_heads, n)
     q, k, v = (_seq_to_heads(x, axis_name) for x in _pad_heads(q, k, v, layout))
-    out, lse = attend(q, k, v, *(_gather_seq(x, axis_name) for x in (
-        q_positions, kv_positions, q_segment_ids, kv_segment_ids)))
+    out, lse = attend(q, k, v, None if mask is None else mask.all_gather(axis_name))
     out = jax.lax.all_to_all(out, axis_name, split_axis=1, concat_axis=2, tiled=True)
     lse = jax.lax.all_to_all(lse, axis_name, split_axis=2, concat_axis=1, tiled=True)
     return _unpad_heads(out, lse, heads, kv_heads, layout)
 
 
-def ulysses_attention(q, k, v, q_positions=None, kv_positions=None, q_segment_ids=None,
-                      kv_segment_ids=None, *, causal: bool, axis_name: str = "local",
-                      softmax_scale: float | None = None, backend: str = "auto"):
+def ulysses_attention(q, k, v, mask: Mask | None, spec: AttentionSpec, *, axis_name="local"):
     """`flash_attention` over a sequence sharded along `axis_name`; returns `(out, lse)`.
 
-    Local q `[b, s/n, h, d]`, k/v `[b, s/n, kh, d]`, positions and segment ids `[b, s/n]`
-    (global values; None means `arange` / one segment over the whole sequence). Returns out
-    `[b, s/n, h, d]` and lse `[b, h, s/n]` float32, both sharded like the input sequence.
+    Local q `[b, s/n, h, d]`, k/v `[b, s/n, kh, d]`, the mask's positions and segment ids
+    `[b, s/n]` (global values; None means `arange` and one segment over the whole
+    sequence). Returns out `[b, s/n, h, d]` and lse `[b, h, s/n]` float32, both sharded like
+    the input sequence.
     """
-    def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-        return flash_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos,
-                               q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
-                               softmax_scale=softmax_scale, backend=backend)
-
-    return ulysses(attend, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+    return ulysses(lambda q, k, v, mask: flash_attention(q, k, v, mask, spec), q, k, v, mask,
                    axis_name=axis_name)

@@ -1,22 +1,21 @@
-"""Config files: the published shapes, a parameter count from first principles, early errors."""
+"""The packaged configs: the published shapes, a parameter count from first principles, the
+miniature recipe the demo's result rests on, early errors."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 import pytest
 from flax import nnx
 
 from longvila_jax.checkpoint import build_model
-from longvila_jax.config import ConfigError, load_file, validate
+from longvila_jax.config import ConfigError, validate
+from longvila_jax.configs import load_file
+from longvila_jax.configs.stages import STAGES, long_sft
 from longvila_jax.models.longvila import LongVILA
-
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def load(name: str, *args):
-    return load_file(":".join([str(CONFIGS / f"{name}.py"), *args]))
+    return load_file(":".join([name, *args]))
 
 
 def llm_param_count(llm) -> int:
@@ -108,7 +107,34 @@ def test_unknown_key_is_named():
 def test_long_sft_mesh_splits_heads_without_padding(model, node, local):
     """Stage 5's default 8-GPU host: the widest all-to-all the heads allow unpadded (Qwen2-7B's
     28 heads pad to 32 over 8), the rest a ring."""
-    from longvila_jax.train.stages import stage_config
-
-    parallel = stage_config("long_sft", model).parallel
+    parallel = long_sft.get_config(model).parallel
     assert (parallel.data, parallel.node, parallel.local) == (1, node, local)
+
+
+# The demo's recipe (stage: steps, learning rate, warmup, seq_len, num_frames, max_frames,
+# batch_size): its V-NIAH result (README) was measured with exactly these.
+MINIATURE = {
+    "align": (30, 3e-3, 1, 256, 4, 16, 4),
+    "pretrain": (200, 1e-3, 6, 256, 4, 16, 4),
+    "sft": (400, 1e-3, 12, 256, 4, 16, 4),
+    "context": (30, 1e-3, 1, 1024, 1, 0, 2),
+    "long_sft": (600, 5e-4, 18, 512, 32, 64, 2),
+}
+
+
+@pytest.mark.parametrize("model", ["tiny", "demo"])
+def test_the_miniature_recipe_is_the_one_the_demo_was_measured_with(model):
+    pipeline = load("stages/pipeline", model)
+    assert sorted(pipeline) == sorted(STAGES)
+    for stage, (steps, lr, warmup, seq_len, frames, max_frames, batch) in MINIATURE.items():
+        config = pipeline[stage]
+        assert (config.optim.total_steps, config.optim.learning_rate, config.optim.warmup_steps,
+                config.train.seq_len, config.train.num_frames, config.train.max_frames,
+                config.train.batch_size) == (steps, lr, warmup, seq_len, frames, max_frames,
+                                             batch), stage
+        assert config.train.stage == stage and config.train.log_every == 1
+        assert config.train.checkpoint_every == max(1, steps // 10)
+        later = STAGES.index(stage) >= STAGES.index("context")
+        assert config.model.llm.rope_theta == (1e6 if later else 1e4), stage
+        assert config.model.lora.rank == (8 if stage == "context" else 0), stage
+    assert pipeline.long_sft.model.llm.num_layers == (4 if model == "demo" else 2)

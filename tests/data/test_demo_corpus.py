@@ -25,7 +25,7 @@ from longvila_jax.data.video import load_frames, video_info
 
 SIZE = 56
 SHORT, LONG = 4, 12
-MEDIA_ID, NEWLINE_ID = 510, 10  # configs/tiny.py
+MEDIA_ID, NEWLINE_ID = 510, 10  # the packaged tiny model
 TOKENS_PER_FRAME = 5
 
 

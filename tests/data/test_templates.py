@@ -10,7 +10,13 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from longvila_jax.data.media import IGNORE_INDEX
-from longvila_jax.data.templates import encode_chat, render_chat
+from longvila_jax.data.templates import (
+    MEDIA_PLACEHOLDER,
+    encode_chat,
+    place_media,
+    render_chat,
+    tokenize_messages,
+)
 from longvila_jax.data.tokenizer import load_tokenizer, token_id
 
 SPECIALS = [
@@ -202,3 +208,67 @@ def test_unknown_family_and_role(tokenizer):
     for family in ("qwen2", "llama"):
         with pytest.raises(ValueError, match="'tool'"):
             render_chat(family, [{"role": "tool", "content": "x"}], add_generation_prompt=False)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_tokenize_messages_expands_each_placeholder(tokenizer, rng, family, add_generation_prompt):
+    """Each placeholder becomes its frames' positions, none supervised; the rest is
+    `encode_chat`'s, token for token."""
+    media = tokenizer.token_to_id(MEDIA_PLACEHOLDER)
+    messages = [
+        {"role": "user", "content": f"{_text(rng)} {MEDIA_PLACEHOLDER}\n{_text(rng)}"},
+        {"role": "assistant", "content": _text(rng)},
+        {"role": "user", "content": f"{MEDIA_PLACEHOLDER}\n{_text(rng)}"},
+    ]
+    if not add_generation_prompt:
+        messages.append({"role": "assistant", "content": _text(rng)})
+    frames, tokens_per_frame = [rng.randint(1, 4), rng.randint(1, 4)], rng.randint(1, 3)
+    ids, labels = tokenize_messages(
+        tokenizer, family, messages, media_token_id=media, tokens_per_frame=tokens_per_frame,
+        frames_per_media=frames, add_generation_prompt=add_generation_prompt)
+    assert ids.dtype == labels.dtype == np.int32 and ids.shape == labels.shape
+
+    chat_ids, chat_labels = encode_chat(tokenizer, family, messages,
+                                        add_generation_prompt=add_generation_prompt)
+    want_ids, want_labels, placeholders = [], [], iter(frames)
+    for token, label in zip(chat_ids.tolist(), chat_labels.tolist(), strict=True):
+        repeat = next(placeholders) * tokens_per_frame if token == media else 1
+        want_ids += [token] * repeat
+        want_labels += [IGNORE_INDEX if token == media else label] * repeat
+    assert next(placeholders, None) is None
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(labels, want_labels)
+
+
+def test_tokenize_messages_checks_the_media(tokenizer, rng):
+    media = tokenizer.token_to_id(MEDIA_PLACEHOLDER)
+    messages = [{"role": "user", "content": f"{MEDIA_PLACEHOLDER}\n{_text(rng)}"}]
+    with pytest.raises(ValueError, match="'<image>' as the one token"):
+        tokenize_messages(tokenizer, "qwen2", messages, media_token_id=media + 1,
+                          tokens_per_frame=2, frames_per_media=[3])
+    with pytest.raises(ValueError, match="1 media placeholders in the text but 2"):
+        tokenize_messages(tokenizer, "qwen2", messages, media_token_id=media,
+                          tokens_per_frame=2, frames_per_media=[3, 1])
+
+
+def test_place_media(rng):
+    question, reply = _text(rng), _text(rng)
+    given = [{"role": "system", "content": "s"}, {"role": "user", "content": question},
+             {"role": "assistant", "content": reply}, {"role": "user", "content": "again"}]
+    placed = place_media(given, "video")
+    assert placed == [given[0], {"role": "user", "content": f"<image>\n{question}"}, *given[2:]]
+    assert given[1]["content"] == question  # the caller's messages are left as they are
+    assert place_media(given, None) == given
+    # A placeholder already in the text, in either spelling, is where the media goes.
+    for spelling in ("<image>", "<video>"):
+        written = [{"role": "user", "content": f"{question} {spelling} ?"}]
+        assert place_media(written, "image") == [
+            {"role": "user", "content": f"{question} <image> ?"}]
+    for messages, kind, match in [
+        ([{"role": "user", "content": "<video> x"}], None, "1 media placeholder.* no video"),
+        ([{"role": "user", "content": "<video> <image>"}], "video", "one video but 2"),
+        ([{"role": "assistant", "content": "x"}], "image", "no user turn to hold the image"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            place_media(messages, kind)

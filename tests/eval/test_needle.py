@@ -1,11 +1,10 @@
-"""V-NIAH: hand-made scoring cases, oracle logits that must score exactly 1 and 0, the needle
-at the right frame for every depth, and the JSON and heatmap a tiny random model writes."""
+"""V-NIAH: hand-made scoring cases, the grid's checks, oracle logits that must score exactly 1
+and 0, the needle at the right frame for every depth, free generation's prompts and scores,
+and the JSON and heatmap a tiny random model writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import cv2
 import jax
@@ -17,31 +16,29 @@ from flax import nnx
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from longvila_jax.checkpoint import build_model
+from longvila_jax.configs import model_config
 from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.data.synthetic import make_needle_dataset, needle_frame, write_haystack_video
 from longvila_jax.data.video import MediaError, frame_to_model_input, load_frames
 from longvila_jax.eval.needle import (
     DEPTHS,
+    GENERATION_SLACK,
+    Grid,
     Needle,
+    NeedleScorer,
     evaluate,
     load_needles,
     make_needles,
     normalize_answer,
     teacher_forced_correct,
     teacher_forced_prediction,
+    write_results,
 )
+from longvila_jax.infer.generate import end_of_turn_ids
 
-ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE_MARKERS = ["<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
                     "<|end_header_id|>", "<|eot_id|>"]
 IMAGE_SIZE = 56  # the tiny config's vision image_size
-
-
-def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _tokenizer(media_token_id: int) -> Tokenizer:
@@ -68,7 +65,7 @@ def _tokenizer(media_token_id: int) -> Tokenizer:
 def world(tmp_path_factory):
     """A tiny random model, a tokenizer matching it, a haystack video and three needles."""
     root = tmp_path_factory.mktemp("niah")
-    config = tiny_config()
+    config = model_config("tiny")
     assert config.model.vision.image_size == IMAGE_SIZE
     # Built abstractly and filled with random values: skips compiling the initialisers.
     model = nnx.eval_shape(lambda: build_model(config))
@@ -248,6 +245,91 @@ def test_clip_needle_replaces_consecutive_frames(world, tmp_path):
     with pytest.raises(ValueError, match="clip of 2 frames does not fit in 1 frames"):
         _run(world, tmp_path, frame_counts=(1,), needles=[clip], encode_fn=_pixels,
              logits_fn=_oracle(world["vocab"]))
+
+
+def test_grid_checks_its_values_and_places_needles(world):
+    needles = world["needles"]
+    grid = Grid("h.mp4", [2, 4.0], needles, [0, 0.5, 1])
+    assert grid.frame_counts == (2, 4) and grid.depths == (0.0, 0.5, 1.0)
+    assert grid.needles == tuple(needles)
+    clip = Needle(np.stack([needles[0].frame] * 3), "Q?", "A")
+    two = Grid("h.mp4", (5,), [needles[0], clip])
+    assert [two.first_frame(0, 5, d) for d in (0.0, 0.5, 1.0)] == [0, 2, 4]
+    assert [two.first_frame(1, 5, d) for d in (0.0, 0.5, 1.0)] == [0, 1, 2]
+    for kwargs, match in [({"frame_counts": ()}, "frame_counts must not be empty"),
+                          ({"frame_counts": (2, 2.5)}, "integers >= 1, got 2.5"),
+                          ({"depths": ()}, "depths must not be empty"),
+                          ({"depths": (-0.1,)}, r"in \[0, 1\], got -0.1"),
+                          ({"needles": ()}, "needles must not be empty"),
+                          ({"needles": [clip]}, "clip of 3 frames does not fit in 2 frames")]:
+        with pytest.raises(ValueError, match=match):
+            Grid(**{"haystack": "h.mp4", "frame_counts": (2, 4), "needles": needles, **kwargs})
+
+
+class _Engine:
+    """`InferenceEngine.generate_ids` as a stub: each row answers `answers[call][row]` and the
+    arguments are kept in `calls`."""
+
+    def __init__(self, answers: list[list[list[int]]]):
+        self.answers, self.calls = iter(answers), []
+
+    def generate_ids(self, prompts, table, media_offsets, *, max_new_tokens, stop_ids):
+        self.calls.append((prompts, np.asarray(table), media_offsets, max_new_tokens, stop_ids))
+        return next(self.answers)
+
+
+def test_free_generation_asks_at_the_assistant_header_and_scores_answers(world, tmp_path):
+    tokenizer = Tokenizer.from_file(str(world["tokenizer"]))
+    needles = world["needles"][:2]
+    right = [tokenizer.encode(f" {n.answer.upper()} ").ids for n in needles]
+    wrong = tokenizer.encode("xyz").ids
+    # 2 frame counts x 2 depths, both needles in one batch: needle 0 right, needle 1 wrong, then
+    # needle 1 right at the last depth.
+    engine = _Engine([[right[0], wrong]] * 3 + [[right[0], right[1]]])
+    result = _run(world, tmp_path, needles=needles, depths=(0.0, 1.0), batch_size=2,
+                  engine=engine, encode_fn=_pixels, logits_fn=_oracle(world["vocab"]),
+                  generate=True)
+    assert result["generation_accuracy"] == [[0.5, 0.5], [0.5, 1.0]]
+    assert result["accuracy"] == [[1.0, 1.0], [1.0, 1.0]]
+    assert [s["generation_correct"] for s in result["per_sample"]] == [True, False] * 3 + [True] * 2
+    assert result["per_sample"][0]["generation"] == tokenizer.decode(right[0])
+    assert json.loads((tmp_path / "needle.json").read_text()) == result
+
+    media, per_frame = world["model"].media_token_id, world["model"].media_tokens_per_frame
+    longest = max(len(tokenizer.encode(n.answer).ids) for n in needles)
+    for (prompts, table, offsets, max_new, stop), frames in zip(engine.calls, [2, 2, 4, 4],
+                                                                strict=True):
+        for prompt in prompts:
+            assert (np.asarray(prompt) == media).sum() == frames * per_frame
+            assert tokenizer.decode(list(prompt), skip_special_tokens=False).endswith(
+                "<|im_start|>assistant\n")
+        assert offsets == [0, frames * table.shape[1]]  # row 1 reads the table's second video
+        assert max_new == longest + GENERATION_SLACK
+        assert stop == end_of_turn_ids(tokenizer, "qwen2")
+
+
+def test_free_generation_needs_an_engine(world):
+    grid = Grid(world["haystack"], (2,), world["needles"])
+    scorer = NeedleScorer(world["model"], Tokenizer.from_file(str(world["tokenizer"])), "qwen2",
+                          IMAGE_SIZE, _pixels, _oracle(world["vocab"]))
+    inputs = next(scorer.encode(grid))
+    assert len(scorer.teacher_forced(inputs, 0.5)) == len(world["needles"])
+    with pytest.raises(ValueError, match="needs an engine"):
+        scorer.generated(inputs, 0.5)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        NeedleScorer(world["model"], None, "qwen2", IMAGE_SIZE, _pixels, _oracle(1), None, 0)
+
+
+def test_write_results_replaces_both_files_whole(tmp_path):
+    (tmp_path / ".needle.json.tmp-0123abcd").write_text("a killed writer's")
+    result = {"frame_counts": [2, 4], "depths": [0.0, 1.0], "num_needles": 1,
+              "accuracy": [[1.0, 0.0], [0.0, 1.0]]}
+    write_results(result, tmp_path / "out")
+    write_results(result, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["needle.json", "needle_heatmap.png",
+                                                           "out"]
+    assert json.loads((tmp_path / "needle.json").read_text()) == result
+    assert matplotlib.image.imread(tmp_path / "out" / "needle_heatmap.png").ndim == 3
 
 
 def test_bad_arguments(world, tmp_path):

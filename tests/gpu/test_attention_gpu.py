@@ -10,16 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import rel_err
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, Tokens, flash_attention
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 BF16_RTOL = 1e-2
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def make_case(rng, *, b, sq, skv, h, kh, d, packed, offset, orphans=False):
@@ -38,14 +34,14 @@ def make_case(rng, *, b, sq, skv, h, kh, d, packed, offset, orphans=False):
         q_seg, kv_seg = np.zeros((b, sq), np.int32), np.zeros((b, skv), np.int32)
     if orphans:
         q_seg[:, rng.random(sq) < 0.2] = 10_000
-    masks = dict(q_positions=jnp.asarray(q_pos), kv_positions=jnp.asarray(kv_pos),
-                 q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg))
-    return (q, k, v), masks
+    mask = Mask(Tokens(jnp.asarray(q_pos), jnp.asarray(q_seg)),
+                Tokens(jnp.asarray(kv_pos), jnp.asarray(kv_seg)))
+    return (q, k, v), mask
 
 
-def outputs_and_grads(qkv, masks, causal, backend, rng_key):
+def outputs_and_grads(qkv, mask, causal, backend, rng_key):
     def f(q, k, v):
-        return flash_attention(q, k, v, **masks, causal=causal, backend=backend)
+        return flash_attention(q, k, v, mask, AttentionSpec(causal, backend=backend))
 
     (out, lse), vjp = jax.vjp(f, *qkv)
     k1, k2 = jax.random.split(rng_key)
@@ -62,10 +58,10 @@ def test_triton_matches_xla(rng, causal, ratio, packed, offset, orphans):
     d = int(rng.choice([64, 128]))
     shape = dict(b=2, sq=int(rng.integers(300, 1100)), skv=int(rng.integers(300, 1100)),
                  h=ratio * 2, kh=2, d=d)
-    qkv, masks = make_case(rng, packed=packed, offset=offset, orphans=orphans, **shape)
+    qkv, mask = make_case(rng, packed=packed, offset=offset, orphans=orphans, **shape)
     key = jax.random.key(int(rng.integers(1 << 30)))
-    ours = outputs_and_grads(qkv, masks, causal, "triton", key)
-    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), masks, causal, "xla",
+    ours = outputs_and_grads(qkv, mask, causal, "triton", key)
+    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), mask, causal, "xla",
                             key)
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
         a, r = np.asarray(a.astype(jnp.float32)), np.asarray(r.astype(jnp.float32))
@@ -79,13 +75,13 @@ def test_triton_matches_xla(rng, causal, ratio, packed, offset, orphans):
 def test_every_output_element_is_written(rng):
     """Fill the allocator with NaN buffers of the outputs' sizes, free them, then run: any
     element the kernel leaves unwritten would come back NaN (fully masked rows included)."""
-    qkv, masks = make_case(rng, b=1, sq=777, skv=1029, h=8, kh=2, d=128, packed=True,
-                           offset=True, orphans=True)
+    qkv, mask = make_case(rng, b=1, sq=777, skv=1029, h=8, kh=2, d=128, packed=True,
+                          offset=True, orphans=True)
     for _ in range(3):
         poison = [jnp.full(x.shape, jnp.nan, x.dtype) for x in (*qkv, *qkv)]
         jax.block_until_ready(poison)
         del poison
-        out, lse = flash_attention(*qkv, **masks, causal=True, backend="triton")
+        out, lse = flash_attention(*qkv, mask, AttentionSpec(backend="triton"))
         assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
         assert not np.isnan(np.asarray(lse)).any()
 
@@ -95,19 +91,19 @@ def test_cudnn_path_matches_xla(rng, causal):
     qkv, _ = make_case(rng, b=2, sq=1024, skv=1024, h=8, kh=2, d=128, packed=False,
                        offset=False)
     key = jax.random.key(0)
-    ours = outputs_and_grads(qkv, {}, causal, "cudnn", key)
-    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), {}, causal, "xla", key)
+    ours = outputs_and_grads(qkv, None, causal, "cudnn", key)
+    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), None, causal, "xla", key)
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
         assert rel_err(a.astype(jnp.float32), r) <= BF16_RTOL, name
 
 
 def test_triton_siglip_head_dim_72_matches_xla(rng):
     """SigLIP so400m: 16 heads of 72 (padded to 128 lanes in the kernel), 729 patches."""
-    qkv, masks = make_case(rng, b=2, sq=729, skv=729, h=16, kh=16, d=72, packed=False,
-                           offset=False)
+    qkv, mask = make_case(rng, b=2, sq=729, skv=729, h=16, kh=16, d=72, packed=False,
+                          offset=False)
     key = jax.random.key(1)
-    ours = outputs_and_grads(qkv, masks, False, "triton", key)
-    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), masks, False, "xla", key)
+    ours = outputs_and_grads(qkv, mask, False, "triton", key)
+    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), mask, False, "xla", key)
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
         assert rel_err(a.astype(jnp.float32), r) <= BF16_RTOL, name
 
@@ -127,8 +123,8 @@ def test_offsets_past_2_to_31_elements(rng):
 
     def run(q, k, v, d_out, pos, seg):
         out, vjp = jax.vjp(lambda q, k, v: flash_attention(
-            q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-            kv_segment_ids=seg, causal=True, backend="triton")[0], q, k, v)
+            q, k, v, Mask.self_attention(pos, seg), AttentionSpec(backend="triton"))[0],
+                           q, k, v)
         return (out, *vjp(d_out))
 
     tail = slice(seq - doc, seq)

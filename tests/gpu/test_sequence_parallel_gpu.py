@@ -14,17 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from numerics import rel_err
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, flash_attention
 from longvila_jax.parallel import layout_permutation, make_mesh, sequence_parallel_attention
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def schemes(n):
@@ -56,8 +52,8 @@ def test_schemes_match_xla_on_one_device(rng, packed):
     seg = jnp.asarray(seg, jnp.int32)
 
     def reference(q, k, v):
-        return flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
-                               backend="xla")[0]
+        return flash_attention(q, k, v, Mask.self_attention(segment_ids=seg),
+                               AttentionSpec(backend="xla"))[0]
 
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
     want_out, vjp = jax.vjp(reference, *f32)
@@ -68,7 +64,7 @@ def test_schemes_match_xla_on_one_device(rng, packed):
         spec = P(None, SEQUENCE_AXES)
         sharded = jax.shard_map(
             lambda q, k, v, p, s, scheme=scheme: sequence_parallel_attention(
-                q, k, v, p, p, s, s, scheme=scheme, causal=True)[0],
+                q, k, v, Mask.self_attention(p, s), AttentionSpec(), scheme=scheme)[0],
             mesh=make_mesh(1, node, local), in_specs=(spec,) * 5, out_specs=spec)
         got = out_and_grads(sharded, *(x[:, perm] for x in (q, k, v, d_out)), pos,
                             seg[:, perm])

@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 from longvila_jax.checkpoint import build_model
+from longvila_jax.configs import model_config
 from longvila_jax.infer.decode import sample
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.parallel.mesh import make_mesh
-from longvila_jax.train.stages import model_config
 
 FRAMES = 3
 NEW_TOKENS = 20

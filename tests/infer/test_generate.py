@@ -1,5 +1,6 @@
-"""The text-level API: cached video embeddings equal fresh ones (memory and disk, keyed by
-video, sampling and model), stop strings, a batch equal to its prompts one by one."""
+"""The text-level API: prompts are the chat template's tokens with the video's frames in place,
+cached video embeddings equal fresh ones (memory and disk, keyed by video, sampling and
+model), stop strings, a batch equal to its prompts one by one."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from flax import nnx
 
 from longvila_jax.checkpoint import build_model
+from longvila_jax.configs import model_config
 from longvila_jax.data.demo_corpus import build_tokenizer
 from longvila_jax.data.synthetic import write_needle_video
 from longvila_jax.data.video import load_frames
@@ -18,7 +20,6 @@ from longvila_jax.infer.embeddings import VideoEmbeddingCache
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.infer.generate import Generator
 from longvila_jax.parallel.mesh import make_mesh
-from longvila_jax.train.stages import model_config
 
 SIZE = 56
 
@@ -51,6 +52,26 @@ def world(tmp_path_factory, module_rng):
                           mesh=make_mesh(1, 1, 1, jax.devices()[:1]))
     return {"root": root, "videos": videos, "model": model, "generator": generator,
             "tokenizer": tokenizer}
+
+
+QWEN2_HEAD = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+QWEN2_TAIL = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize(("prompt", "num_frames", "text"), [
+    ("What colour is the shape?", 3, "<image>\nWhat colour is the shape?"),
+    ("Describe <video> briefly.", 2, "Describe <image> briefly."),  # the video where it says
+    ("Say something.", 0, "Say something."),
+])
+def test_prompt_ids_are_the_template_with_the_frames_in_place(world, prompt, num_frames, text):
+    generator = world["generator"]
+    media, per_frame = world["model"].media_token_id, generator.engine.tokens_per_frame
+    template = generator.tokenizer.encode(QWEN2_HEAD + text + QWEN2_TAIL,
+                                          add_special_tokens=False).ids
+    expected = [i for t in template for i in ([t] * num_frames * per_frame if t == media else [t])]
+    ids = generator.prompt_ids(prompt, num_frames)
+    assert ids.dtype == np.int32
+    assert ids.tolist() == expected and (ids == media).sum() == num_frames * per_frame
 
 
 def test_cached_embeddings_equal_fresh_ones(world, tmp_path):

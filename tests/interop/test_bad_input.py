@@ -1,13 +1,12 @@
 """Broken Hugging Face folders fail with one line naming the file and key, leaving nothing behind.
 
-Every folder is written by our own exporter from configs/tiny.py (no torch), sharded small so
+Every folder is written by our own exporter from the tiny model (no torch), sharded small so
 each component spans several files, then broken one way per test. The happy paths guard the
 bad ones: unbroken folders (f32, bf16, LLaVA, text-only) import and round-trip bit for bit.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -28,23 +27,20 @@ from longvila_jax.checkpoint import (
     model_params,
     save_checkpoint,
 )
+from longvila_jax.configs import model_config
 from longvila_jax.interop import hf_export
 from longvila_jax.interop.hf_export import export_hf
 from longvila_jax.interop.hf_import import import_hf
 from longvila_jax.interop.safetensors_io import INDEX_NAME, CheckpointError
 from longvila_jax.models.projector import Projector
 
-ROOT = Path(__file__).resolve().parents[2]
 SHARD_BYTES = 20_000  # every component of the tiny model spans several shards
 COMPONENTS = ("llm", "vision_tower", "mm_projector")
 FORMATS = {"longvila": "longvila", "text": "longvila", "bf16": "longvila", "llava": "llava"}
 
 
 def tiny_config():
-    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return model_config("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -13,17 +13,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from numerics import rel_err
 
-from longvila_jax.kernels import flash_attention, flash_attention_bwd, xla
+from longvila_jax.kernels import (
+    AttentionSpec,
+    Mask,
+    Tokens,
+    flash_attention,
+    flash_attention_bwd,
+    xla,
+)
 
 FP32_RTOL = 1e-5
 BF16_RTOL = 2e-2
-
-
-def rel_err(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
 def reference_forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, causal, scale):
@@ -109,16 +111,17 @@ def random_case(rng, *, ratio=None, causal, packed, offset, shape=None, head_dim
 
 
 # Jitted once per shape; tests reuse one shape across masks so each compiles little.
-_attention = jax.jit(flash_attention, static_argnames=("causal", "softmax_scale", "backend"))
+_attention = jax.jit(flash_attention, static_argnames=("spec",))
 
 
-def run(case, scale=None, backend="auto"):
-    fn = _attention if backend in ("auto", "xla") else flash_attention
-    return fn(
-        jnp.asarray(case["q"]), jnp.asarray(case["k"]), jnp.asarray(case["v"]),
-        q_positions=jnp.asarray(case["q_pos"]), kv_positions=jnp.asarray(case["kv_pos"]),
-        q_segment_ids=jnp.asarray(case["q_seg"]), kv_segment_ids=jnp.asarray(case["kv_seg"]),
-        causal=case["causal"], softmax_scale=scale, backend=backend)
+def mask_of(case) -> Mask:
+    return Mask(Tokens(jnp.asarray(case["q_pos"]), jnp.asarray(case["q_seg"])),
+                Tokens(jnp.asarray(case["kv_pos"]), jnp.asarray(case["kv_seg"])))
+
+
+def run(case, scale=None):
+    return _attention(jnp.asarray(case["q"]), jnp.asarray(case["k"]), jnp.asarray(case["v"]),
+                      mask_of(case), spec=AttentionSpec(case["causal"], scale))
 
 
 def reference(case, scale=None):
@@ -157,7 +160,7 @@ def test_defaults_mean_arange_positions_and_one_segment(rng):
     case = random_case(rng, ratio=2, causal=True, packed=False, offset=False)
     for causal in (False, True):
         out, lse = _attention(jnp.asarray(case["q"]), jnp.asarray(case["k"]),
-                              jnp.asarray(case["v"]), causal=causal)
+                              jnp.asarray(case["v"]), None, spec=AttentionSpec(causal))
         ref_out, ref_lse, _ = reference({**case, "causal": causal})
         check_forward(out, lse, ref_out, ref_lse, FP32_RTOL)
 
@@ -197,12 +200,10 @@ def test_fully_masked_rows_give_zero_and_minus_inf(rng, ratio):
     check_forward(out, lse, ref_out, ref_lse, FP32_RTOL)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "scale"))
-def _grads(q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, d_lse, *, causal, scale):
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _grads(q, k, v, mask, d_out, d_lse, *, spec):
     def loss(q, k, v):
-        out, lse = flash_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos,
-                                   q_segment_ids=q_seg, kv_segment_ids=kv_seg, causal=causal,
-                                   softmax_scale=scale)
+        out, lse = flash_attention(q, k, v, mask, spec)
         finite = jnp.isfinite(lse)
         return (jnp.sum(out.astype(jnp.float32) * d_out)
                 + jnp.sum(jnp.where(finite, lse * d_lse, 0.0)))
@@ -212,9 +213,8 @@ def _grads(q, k, v, q_pos, kv_pos, q_seg, kv_seg, d_out, d_lse, *, causal, scale
 
 def loss_and_grads(case, d_out, d_lse, scale=None):
     """Gradients wrt q, k, v of sum(out * d_out) + sum over finite lse of lse * d_lse."""
-    names = ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg")
-    return _grads(*(jnp.asarray(case[n]) for n in names), jnp.asarray(d_out),
-                  jnp.asarray(d_lse), causal=case["causal"], scale=scale)
+    return _grads(*(jnp.asarray(case[n]) for n in "qkv"), mask_of(case), jnp.asarray(d_out),
+                  jnp.asarray(d_lse), spec=AttentionSpec(case["causal"], scale))
 
 
 @pytest.mark.parametrize("ratio", [1, 4, 7])
@@ -269,25 +269,22 @@ def test_bfloat16_inputs(rng, ratio, causal):
         case[name] = np.asarray(jnp.asarray(case[name], jnp.bfloat16).astype(jnp.float32))
     out, lse = _attention(
         jnp.asarray(case["q"], jnp.bfloat16), jnp.asarray(case["k"], jnp.bfloat16),
-        jnp.asarray(case["v"], jnp.bfloat16), q_positions=jnp.asarray(case["q_pos"]),
-        kv_positions=jnp.asarray(case["kv_pos"]), q_segment_ids=jnp.asarray(case["q_seg"]),
-        kv_segment_ids=jnp.asarray(case["kv_seg"]), causal=causal)
+        jnp.asarray(case["v"], jnp.bfloat16), mask_of(case), spec=AttentionSpec(causal))
     assert out.dtype == jnp.bfloat16 and lse.dtype == jnp.float32
     ref_out, ref_lse, _ = reference(case)
     check_forward(out.astype(jnp.float32), lse, ref_out, ref_lse, BF16_RTOL)
 
 
-def test_rejects_unknown_backend(rng):
-    case = random_case(rng, ratio=1, causal=True, packed=False, offset=False)
+def test_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
-        run(case, backend="cudnn-magic")
+        AttentionSpec(backend="cudnn-magic")
 
 
 def test_rejects_heads_not_multiple_of_kv_heads(rng):
     q = jnp.asarray(rng.normal(size=(1, 4, 5, 8)), jnp.float32)
     kv = jnp.asarray(rng.normal(size=(1, 4, 2, 8)), jnp.float32)
     with pytest.raises(ValueError, match="kv_heads"):
-        flash_attention(q, kv, kv, causal=True)
+        flash_attention(q, kv, kv, None, AttentionSpec())
 
 
 @pytest.mark.parametrize("block_k", [1, 3, 8])
@@ -297,15 +294,15 @@ def test_xla_blocks_and_padding_match_reference(rng, block_k, causal):
     shape = (2, int(rng.integers(5, 20)), int(rng.integers(9, 24)), 4, 2, 8)
     case = random_case(rng, causal=causal, packed=True, offset=True, shape=shape)
     scale = float(rng.uniform(0.1, 1.0))
-    names = ("q", "k", "v", "q_pos", "kv_pos", "q_seg", "kv_seg")
-    args = [jnp.asarray(case[n]) for n in names]
-    out, lse = xla.forward(*args, causal=causal, scale=scale, block_k=block_k)
+    args = [*(jnp.asarray(case[n]) for n in "qkv"), mask_of(case)]
+    spec = AttentionSpec(causal, scale, "xla")
+    out, lse = xla.forward(*args, spec, block_k=block_k)
     ref_out, ref_lse, probs = reference(case, scale=scale)
     check_forward(out, lse, ref_out, ref_lse, FP32_RTOL)
     d_out = rng.normal(size=ref_out.shape).astype(np.float32)
     d_lse = np.where(np.isfinite(ref_lse), rng.normal(size=ref_lse.shape), 0).astype(np.float32)
-    grads = xla.backward(*args, out, lse, jnp.asarray(d_out), jnp.asarray(d_lse), causal=causal,
-                         scale=scale, block_k=block_k)
+    grads = xla.backward(*args, out, lse, jnp.asarray(d_out), jnp.asarray(d_lse), spec,
+                         block_k=block_k)
     expected = reference_backward(case["q"], case["k"], case["v"], ref_out, probs,
                                   d_out.astype(np.float64), d_lse.astype(np.float64), scale)
     for name, got, want in zip("qkv", grads, expected, strict=True):
@@ -315,14 +312,12 @@ def test_xla_blocks_and_padding_match_reference(rng, block_k, causal):
 def test_public_backward_equals_autodiff(rng):
     """`flash_attention_bwd` with the final out/lse is the vjp of `flash_attention`."""
     case = random_case(rng, ratio=4, causal=True, packed=True, offset=True)
-    kw = dict(q_positions=jnp.asarray(case["q_pos"]), kv_positions=jnp.asarray(case["kv_pos"]),
-              q_segment_ids=jnp.asarray(case["q_seg"]),
-              kv_segment_ids=jnp.asarray(case["kv_seg"]), causal=True)
+    mask, spec = mask_of(case), AttentionSpec(causal=True)
     q, k, v = (jnp.asarray(case[n]) for n in "qkv")
-    (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, **kw), q, k, v)
+    (out, lse), vjp = jax.vjp(lambda q, k, v: flash_attention(q, k, v, mask, spec), q, k, v)
     d_out = jnp.asarray(rng.normal(size=out.shape).astype(np.float32))
     d_lse = jnp.where(jnp.isfinite(lse), jnp.asarray(rng.normal(size=lse.shape)), 0.0)
     d_lse = d_lse.astype(jnp.float32)
-    for got, want in zip(flash_attention_bwd(q, k, v, out, lse, d_out, d_lse, **kw),
+    for got, want in zip(flash_attention_bwd(q, k, v, out, lse, d_out, d_lse, mask, spec),
                          vjp((d_out, d_lse)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -16,18 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from numerics import rel_err
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, flash_attention
 from longvila_jax.parallel import attention_2d, make_mesh, zigzag_permutation
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 
 RTOL = 1e-5
 PAD_SEGMENT = -1  # no real token carries it
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @functools.cache
@@ -36,7 +32,7 @@ def sharded_grads(node, local, causal):
     seq, lse_spec = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
 
     def attend(q, k, v, pos, seg):
-        return attention_2d(q, k, v, pos, pos, seg, seg, causal=causal)
+        return attention_2d(q, k, v, Mask.self_attention(pos, seg), AttentionSpec(causal))
 
     sharded = jax.shard_map(attend, mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse_spec))
 
@@ -58,8 +54,8 @@ def sharded_grads(node, local, causal):
 @functools.partial(jax.jit, static_argnums=6)
 def reference(q, k, v, seg, d_out, d_lse, causal):
     def loss(q, k, v):
-        out, lse = flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
-                                   causal=causal, backend="xla")
+        out, lse = flash_attention(q, k, v, Mask.self_attention(segment_ids=seg),
+                                   AttentionSpec(causal, backend="xla"))
         finite = jnp.isfinite(lse)
         return jnp.sum(out * d_out) + jnp.sum(jnp.where(finite, lse * d_lse, 0.0)), (out, lse)
 

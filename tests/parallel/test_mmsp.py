@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from numerics import rel_err
 
 from longvila_jax.checkpoint import build_model
 from longvila_jax.config import base_config, mesh_from_config
@@ -20,11 +21,6 @@ from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.models.loss import next_token_loss
 from longvila_jax.parallel import fsdp, resolve_scheme
 from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def make_batch(rng, model, b, s, frames_per_row, size):

@@ -13,16 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from numerics import rel_err
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, flash_attention
 from longvila_jax.parallel.ring import merge, ring_attention, zigzag_permutation
 
 RTOL = 1e-5
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @functools.cache
@@ -31,7 +27,8 @@ def sharded(n, causal):
     seq, heads = P(None, "node"), P(None, None, "node")
 
     def f(q, k, v, pos, seg):
-        return ring_attention(q, k, v, pos, pos, seg, seg, causal=causal, axis_name="node")
+        return ring_attention(q, k, v, Mask.self_attention(pos, seg), AttentionSpec(causal),
+                              axis_name="node")
 
     ring = jax.shard_map(f, mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, heads))
 
@@ -46,8 +43,8 @@ def sharded(n, causal):
 @jax.jit
 def reference(q, k, v, seg, d_out, d_lse, causal_flag):
     def f(q, k, v):
-        return flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg,
-                               causal=causal_flag, backend="xla")
+        return flash_attention(q, k, v, Mask.self_attention(segment_ids=seg),
+                               AttentionSpec(causal_flag, backend="xla"))
 
     (out, lse), vjp = jax.vjp(f, q, k, v)
     return out, lse, *vjp((d_out, d_lse))
@@ -89,9 +86,10 @@ def test_merge_of_two_halves_is_attention_over_both(rng):
     q = rng.standard_normal((1, 6, 2, 4)).astype(np.float32)
     k = rng.standard_normal((1, 10, 2, 4)).astype(np.float32)
     v = rng.standard_normal((1, 10, 2, 4)).astype(np.float32)
-    whole = flash_attention(q, k, v, causal=False)
-    a = flash_attention(q, k[:, :4], v[:, :4], causal=False)
-    b = flash_attention(q, k[:, 4:], v[:, 4:], causal=False)
+    spec = AttentionSpec(causal=False)
+    whole = flash_attention(q, k, v, None, spec)
+    a = flash_attention(q, k[:, :4], v[:, :4], None, spec)
+    b = flash_attention(q, k[:, 4:], v[:, 4:], None, spec)
     out, lse = merge(*a, *b)
     assert rel_err(out, whole[0]) <= RTOL and rel_err(lse, whole[1]) <= RTOL
     # A side that saw nothing (-inf) leaves the other unchanged; both empty stays empty.

@@ -15,20 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from numerics import rel_err
 
 from longvila_jax.config import mesh_from_config
 from longvila_jax.config.schema import ConfigError, base_config, validate
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, flash_attention
 from longvila_jax.parallel import layout_permutation, resolve_scheme, sequence_parallel_attention
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import host_degrees
 
 RTOL = 1e-5
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 @functools.cache
@@ -39,8 +35,8 @@ def sharded_grads(node, local, scheme):
     seq, lse_spec = P(None, SEQUENCE_AXES), P(None, None, SEQUENCE_AXES)
 
     def attend(q, k, v, pos, seg):
-        return sequence_parallel_attention(q, k, v, pos, pos, seg, seg, scheme=scheme,
-                                           causal=True)
+        return sequence_parallel_attention(q, k, v, Mask.self_attention(pos, seg),
+                                           AttentionSpec(causal=True), scheme=scheme)
 
     sharded = jax.shard_map(attend, mesh=mesh, in_specs=(seq,) * 5, out_specs=(seq, lse_spec))
 
@@ -59,8 +55,8 @@ def sharded_grads(node, local, scheme):
 @jax.jit
 def reference(q, k, v, seg, d_out):
     def loss(q, k, v):
-        out, _ = flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, causal=True,
-                                 backend="xla")
+        out, _ = flash_attention(q, k, v, Mask.self_attention(segment_ids=seg),
+                                 AttentionSpec(causal=True, backend="xla"))
         return jnp.sum(out * d_out), out
 
     (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)

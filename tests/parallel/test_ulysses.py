@@ -15,19 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from numerics import rel_err
 
-from longvila_jax.kernels import flash_attention
+from longvila_jax.kernels import AttentionSpec, Mask, flash_attention
 from longvila_jax.parallel import HeadLayout, head_layout, make_mesh, ulysses_attention
 
 FP32_RTOL = 1e-5
 HEAD_DIM = 8
 SEQ_SPEC = P("data", "local")  # batch over data, sequence over local, heads replicated
-
-
-def rel_err(actual, expected):
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    return float(np.linalg.norm(actual - expected) / max(np.linalg.norm(expected), 1e-30))
 
 
 def packed_masks(rng, batch, length, documents):
@@ -66,8 +61,8 @@ def with_grads(attention, q, k, v, pos, seg, d_out, d_lse):
 
 def single_device(causal):
     def attention(q, k, v, pos, seg):
-        return flash_attention(q, k, v, q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-                               kv_segment_ids=seg, causal=causal, backend="xla")
+        return flash_attention(q, k, v, Mask.self_attention(pos, seg),
+                               AttentionSpec(causal, backend="xla"))
 
     return attention
 
@@ -77,7 +72,8 @@ def sharded(mesh, causal):
                        in_specs=(SEQ_SPEC,) * 3 + (SEQ_SPEC, SEQ_SPEC),
                        out_specs=(SEQ_SPEC, P("data", None, "local")))
     def attention(q, k, v, pos, seg):
-        return ulysses_attention(q, k, v, pos, pos, seg, seg, causal=causal, backend="xla")
+        return ulysses_attention(q, k, v, Mask.self_attention(pos, seg),
+                                 AttentionSpec(causal, backend="xla"))
 
     return attention
 
@@ -88,7 +84,7 @@ def sharded_no_masks(mesh, causal):
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(SEQ_SPEC,) * 3,
                        out_specs=(SEQ_SPEC, P("data", None, "local")))
     def attention(q, k, v):
-        return ulysses_attention(q, k, v, causal=causal, backend="xla")
+        return ulysses_attention(q, k, v, None, AttentionSpec(causal, backend="xla"))
 
     return lambda q, k, v, pos, seg: attention(q, k, v)
 

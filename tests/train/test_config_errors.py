@@ -8,8 +8,8 @@ import re
 import pytest
 
 from longvila_jax.config import ConfigError
+from longvila_jax.configs.stages import sft
 from longvila_jax.train import loop
-from longvila_jax.train.stages import stage_config
 
 
 class Built(Exception):
@@ -35,7 +35,7 @@ def config(tmp_path):
         (tmp_path / f"{name}.jsonl").write_text("")
         sources.append(dict(name=name, jsonl=str(tmp_path / f"{name}.jsonl"),
                             media_root=str(tmp_path / "media"), weight=1.0))
-    config = stage_config("sft", "tiny")
+    config = sft.get_config("tiny")
     config.data.update(tokenizer=str(tmp_path / "tokenizer.json"), sources=sources)
     return config
 

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from runs import ROOT, cli_train, scalars, stage, write_config_file
+from runs import cli_train, scalars, stage, write_config_file
 
 from longvila_jax.checkpoint import load_config, load_params
 from longvila_jax.interop.hf_export import export_hf
@@ -42,7 +42,7 @@ def test_context_stage_trains_lora_embeddings_norms_and_merges(corpus, tmp_path)
     config = stage(corpus, "context", 2, batch_size=2, seq_len=128)
     base = tmp_path / "base"
     subprocess.run([sys.executable, "-m", "longvila_jax.cli", "init",
-                    f"--config={ROOT / 'configs' / 'demo.py'}", base], check=True,
+                    "--config=demo", base], check=True,
                    capture_output=True)
     config.train.init_from = str(base)
     config.model.llm.rope_theta = 10000.0  # as the base: only the weights differ

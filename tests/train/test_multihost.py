@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from runs import ROOT, cli_train, free_port, local_launch, scalars, stage, write_config_file
+from runs import cli_train, free_port, local_launch, scalars, stage, write_config_file
 
 
 @pytest.mark.slow
@@ -70,7 +70,7 @@ def test_an_unreachable_coordinator_fails_in_seconds_naming_it(tmp_path):
     began = time.time()
     result = subprocess.run(
         [sys.executable, "-m", "longvila_jax.cli", "show-config",
-         f"--config={ROOT / 'configs' / 'tiny.py'}", f"--coordinator={address}",
+         "--config=tiny", f"--coordinator={address}",
          "--num_processes=2", "--process_id=1", "--distributed_timeout=3"],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
@@ -83,7 +83,7 @@ def test_an_unreachable_coordinator_fails_in_seconds_naming_it(tmp_path):
                          ([f"--coordinator={address}", "--num_processes=2", "--process_id=2"],
                           "--process_id=2")]:
         bad = subprocess.run([sys.executable, "-m", "longvila_jax.cli", "show-config",
-                              f"--config={ROOT / 'configs' / 'tiny.py'}", *flags],
+                              "--config=tiny", *flags],
                              capture_output=True, text=True, timeout=120)
         assert bad.returncode == 2 and named in bad.stderr.splitlines()[-1], bad.stderr[-2000:]
 

@@ -1,4 +1,4 @@
-"""LongVILA 7B on Qwen2-7B; `qwen2_7b.py:1m` selects the 1M-token variant.
+"""LongVILA 7B on Qwen2-7B; `qwen2_7b:1m` selects the 1M-token variant.
 
 The 1M variant extends RoPE with theta 1,062,356,830 and linear scaling 4.
 """
