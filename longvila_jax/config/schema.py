@@ -1,10 +1,11 @@
 """Config schema (ml_collections) and up-front validation.
 
 Every key a model config may hold is created here with its type; configs (the packaged
-ones in `longvila_jax/configs/`, users' files) only override values. `validate` raises `ConfigError` naming the key, so a
-wrong value fails before any array is allocated. The config layer sits above the kernels
-and the parallel schemes (it checks values against their choices: backends, schemes) and
-below everything that reads a config; nothing below it imports it.
+ones in `longvila_jax/configs/`, users' files) only override values. `validate` raises
+`ConfigError` naming the key, so a wrong value fails before any array is allocated. The
+config layer sits above the kernels and the parallel schemes (it checks values against
+their choices: backends, schemes) and below everything that reads a config; nothing below
+it imports it.
 """
 
 from __future__ import annotations
