@@ -25,6 +25,7 @@ behind for the next (`--json` appends).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -32,6 +33,7 @@ import jax
 import numpy as np
 
 from longvila_jax.configs import model_config
+from longvila_jax.data.batch import from_rows
 from longvila_jax.memory import planned_bytes
 from longvila_jax.train import flops
 from longvila_jax.train.loop import setup, to_model_batch
@@ -62,11 +64,11 @@ def synthetic_batch(config, rows: int, seq: int, frames: int, tokens_per_frame: 
     ids[:, 64:64 + span] = media
     labels = np.where(ids == media, -100, ids)
     size = config.model.vision.image_size
-    batch = {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32),
-             "segment_ids": np.ones((rows, seq), np.int32),
-             "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (rows, seq)).copy()}
+    pixels = rng.standard_normal((rows, frames, size, size, 3)).astype(np.float32) \
+        if frames else None
+    batch = dataclasses.asdict(from_rows(ids, labels, pixels, segment_ids=np.ones_like(ids),
+                                         media_token_id=media))
     if frames:
-        batch["frames"] = rng.standard_normal((rows, frames, size, size, 3)).astype(np.float32)
         batch["frame_segment_ids"] = np.ones((rows, frames), np.int32)
     return batch
 

@@ -10,10 +10,12 @@ import pytest
 
 from longvila_jax.checkpoint import build_model
 from longvila_jax.configs import model_config
+from longvila_jax.data.batch import from_rows
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.kernels import attention
+from longvila_jax.parallel.layout import Layout
 from longvila_jax.parallel.mesh import make_mesh
-from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
+from longvila_jax.parallel.mmsp import loss_fn
 
 
 @pytest.fixture
@@ -42,9 +44,8 @@ def test_training_asks_every_attention_for_the_configured_backend(model, request
     media = [model.media_token_id] * (2 * model.media_tokens_per_frame)
     ids = np.asarray([media + list(rng.integers(0, 500, 64 - len(media)))], np.int32)
     for scheme, (node, local) in (("ring", (8, 1)), ("ulysses", (1, 8)), ("2d", (2, 4))):
-        batch = prepare_batch(ids, ids, frames, media_token_id=model.media_token_id,
-                              tokens_per_frame=model.media_tokens_per_frame, scheme=scheme,
-                              data=1, node=node, local=local)
+        batch = Layout(scheme, 1, node, local).lay_out(
+            from_rows(ids, ids, frames[None], media_token_id=model.media_token_id))
         mesh = make_mesh(1, node, local)
         jax.jit(lambda b, mesh=mesh, scheme=scheme: loss_fn(mesh, scheme)(model, b)).lower(
             batch)

@@ -29,9 +29,10 @@ def expand_media_tokens(input_ids, media_token_id: int, tokens_per_frame: int,
     return np.asarray(out + ids[last:], np.int32)
 
 
-def media_rows(input_ids: np.ndarray, media_token_id: int) -> np.ndarray:
-    """`[b, s]` int32: for the j-th media position (batch-major order) j, else -1 -- the row
-    of the flattened frame embeddings `[frames * tokens_per_frame, hidden]` it takes."""
-    is_media = input_ids == media_token_id
-    return np.where(is_media, np.cumsum(is_media.reshape(-1)).reshape(is_media.shape) - 1,
-                    -1).astype(np.int32)
+def media_rows(input_ids, media_token_id: int):
+    """`[..., s]` int32: j at a row's j-th media position, else -1 -- the row of that row's
+    frame embeddings `[frames * tokens_per_frame, hidden]` it takes (frames in the order
+    their positions appear). Plain operators only, so numpy on the host and jax in a
+    jitted model compute it alike."""
+    is_media = (input_ids == media_token_id).astype(np.int32)
+    return (is_media.cumsum(-1) * is_media - 1).astype(np.int32)

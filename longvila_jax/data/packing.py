@@ -6,9 +6,6 @@ fills it, and the attention masks by `segment_ids` + `positions` keep the sample
 The packer is grain's own `FirstFitPackIterDataset`; this module adds what it leaves out:
 - it raises on a sample longer than a budget, so `pack` first drops such samples and counts
   them in a `PackStats` (never truncates: a cut conversation or video would teach wrong text);
-- labels are unshifted (the loss scores `logits[t]` against `labels[t+1]`), so the last token
-  of one packed sample would be trained to predict the next sample's first token; `prepare`
-  ignores every sample's first label;
 - its per-feature outputs (`input_ids_segment_ids`, `frames_positions`, ...) are renamed to
   the names the model takes.
 
@@ -50,13 +47,6 @@ class PackStats:
     kept: int = 0
     too_many_tokens: int = 0
     too_many_frames: int = 0
-
-
-def prepare(sample: dict) -> dict:
-    """`sample` with `labels[0]` ignored, so no packed neighbour is trained to predict it."""
-    labels = np.array(sample["labels"], np.int32)
-    labels[:1] = IGNORE_INDEX
-    return {**sample, "labels": labels}
 
 
 def _fits(sample: dict, *, tokens: int, frames: int, stats: PackStats) -> bool:
@@ -163,7 +153,7 @@ def pack(
         lengths["frames"], padding["frames"] = frames, 0
     fits = functools.partial(_fits, tokens=tokens, frames=frames, stats=stats)
     packed = grain.experimental.FirstFitPackIterDataset(
-        _Admit(dataset, fits).map(prepare),
+        _Admit(dataset, fits),
         length_struct=lengths,
         num_packing_bins=num_bins,
         seed=seed,

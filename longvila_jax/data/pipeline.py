@@ -17,7 +17,8 @@ Order of stages, and why:
    next sample), logs each bad path once, and stops with one line naming the source when a
    source has produced nothing but failures.
 4. Packing (`packing.pack`) into fixed token/frame budgets with segment ids and positions,
-   padding to the multiple sequence parallelism needs, and batching.
+   padding to the multiple sequence parallelism needs, each row's labels shifted into
+   targets and its media rows (`data.batch.Batch`'s fields), and batching.
 5. `_Position` marks the samples each batch consumed and counts the skipped ones by reason.
 
 Every stage's iterator state is JSON, so grain's orbax handler saves the whole pipeline next
@@ -40,6 +41,8 @@ import tokenizers
 from absl import flags
 
 from longvila_jax.data import packing
+from longvila_jax.data.batch import next_tokens
+from longvila_jax.data.media import media_rows
 from longvila_jax.data.position import Coverage, Progress, Share, merge
 from longvila_jax.data.text_sources import read_jsonl, tokenize_conversation
 from longvila_jax.data.video import REASONS, MediaError, load_frames
@@ -252,16 +255,23 @@ def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, token
         loaded = loaded.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     packed = packing.pack(_DropSkipped(loaded, sources), tokens=tokens, frames=frames, seed=seed,
                           pad_id=pad_id, stats=pack_stats, sample_ids=True)
-    batches = packed.map(_PadTo(pad_multiple, pad_id)).batch(batch_size, batch_fn=_stack)
-    return _Position(batches, share, len(sources), state)
+    rows = packed.map(_Row(pad_multiple, pad_id, spec.media_token_id))
+    return _Position(rows.batch(batch_size, batch_fn=_stack), share, len(sources), state)
 
 
-class _PadTo(grain.transforms.Map):
-    def __init__(self, multiple: int, pad_id: int):
-        self._multiple, self._pad_id = multiple, pad_id
+class _Row(grain.transforms.Map):
+    """A packed row as a `Batch` row: padded to the layout's multiple, its labels shifted into
+    targets within each sample (so no sample is trained to predict its packed neighbour),
+    and its media positions' rows in its own frames."""
 
-    def map(self, example):
-        return packing.pad_to_multiple(example, self._multiple, pad_id=self._pad_id)
+    def __init__(self, multiple: int, pad_id: int, media_token_id: int):
+        self._multiple, self._pad_id, self._media = multiple, pad_id, media_token_id
+
+    def map(self, row):
+        row = packing.pad_to_multiple(row, self._multiple, pad_id=self._pad_id)
+        labels = row.pop("labels")
+        return {**row, "targets": next_tokens(labels, row["segment_ids"]),
+                "media_rows": media_rows(row["input_ids"], self._media)}
 
 
 def _stack(rows: list[dict]) -> dict:
@@ -287,11 +297,16 @@ def build_text(source, *, batch_size: int, seed: int = 0,
 
 
 class _WholeSequence(grain.transforms.Map):
+    """A chunk as a `Batch` row: one segment, no media."""
+
     def map(self, element):
         ids, chunk = element
         length = len(chunk["input_ids"])
-        return {**chunk, "segment_ids": np.ones(length, np.int32),
-                "positions": np.arange(length, dtype=np.int32), "sample_ids": ids}
+        segments = np.ones(length, np.int32)
+        return {"input_ids": chunk["input_ids"],
+                "targets": next_tokens(np.asarray(chunk["labels"]), segments),
+                "segment_ids": segments, "positions": np.arange(length, dtype=np.int32),
+                "media_rows": np.full(length, -1, np.int32), "sample_ids": ids}
 
 
 def resume(saved: list[dict] | None, index: int, count: int,

@@ -23,12 +23,15 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.data.batch import Batch
+from longvila_jax.data.media import media_rows
 from longvila_jax.infer.decode import make_decode, sample
 from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill
 from longvila_jax.memory import planned_bytes
 from longvila_jax.models.longvila import LongVILA
+from longvila_jax.parallel.layout import Layout
 from longvila_jax.parallel.mesh import AXES, make_mesh
-from longvila_jax.parallel.schemes import layout_permutation, resolve_scheme
+from longvila_jax.parallel.schemes import resolve_scheme
 
 # Prompts are right-padded to a multiple of this times twice the group size (the zigzag
 # layout's unit), so prompts of similar length share one compiled prefill.
@@ -48,6 +51,7 @@ class InferenceEngine:
         llm = model.llm.layers
         self.scheme = resolve_scheme(scheme, self.node, self.local,
                                      (llm.num_heads, llm.num_kv_heads))
+        self.layout = Layout(self.scheme, 1, self.node, self.local)
         self.media_token_id = model.media_token_id
         self.tokens_per_frame = model.media_tokens_per_frame if model.projector else 0
         self.hidden = model.llm.embed_tokens.shape[1]
@@ -116,32 +120,29 @@ class InferenceEngine:
         ids = np.full((len(prompts), seq), pad_id, np.int32)
         for row, prompt in enumerate(prompts):
             ids[row, : len(prompt)] = prompt
-        is_media = ids == self.media_token_id
-        offsets = np.zeros(len(prompts), np.int64) if media_offsets is None \
-            else np.asarray(media_offsets, np.int64)
-        rows = np.where(is_media, np.cumsum(is_media, axis=1) - 1 + offsets[:, None], -1)
+        offsets = np.zeros(len(prompts), np.int32) if media_offsets is None \
+            else np.asarray(media_offsets, np.int32)
+        rows = media_rows(ids, self.media_token_id)
+        rows = np.where(rows >= 0, rows + offsets[:, None], -1)
         if table is None:
-            if is_media.any():
+            if rows.max() >= 0:
                 raise ValueError("prefill: the prompts hold media positions but no table")
             table = jnp.zeros((1, self.hidden), self.dtype)
         table = jax.device_put(table.reshape(-1, self.hidden), NamedSharding(self.mesh, P()))
-        if is_media.any() and rows.max() >= table.shape[0]:
+        if rows.max() >= table.shape[0]:
             raise ValueError(f"prefill: the prompts need {rows.max() + 1} media rows but the "
                              f"table has {table.shape[0]}")
         windows = [[n - 1] for n in lengths] if windows is None else windows
         width = max(len(w) for w in windows)
         window = np.asarray([list(w) + [w[-1]] * (width - len(w)) for w in windows], np.int32)
 
-        perm = layout_permutation(seq, self.scheme, self.node, self.local)
-        positions = np.broadcast_to(perm.astype(np.int32), ids.shape)
-        tokens = NamedSharding(self.mesh, TOKENS)
-        put = lambda x: jax.device_put(np.ascontiguousarray(x, np.int32), tokens)
-        positions = put(positions)
-        logits, k, v = self._prefill[keep_cache](self.params, put(ids[:, perm]), positions,
-                                                 put(rows[:, perm]), table, window)
+        batch = jax.device_put(self.layout.lay_out(Batch(
+            ids, None, np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape),
+            np.zeros_like(ids), rows)), NamedSharding(self.mesh, TOKENS))
+        logits, k, v = self._prefill[keep_cache](self.params, batch, table, window)
         if not keep_cache:
             return logits, None
-        return logits, PromptCache(k=k, v=v, positions=positions,
+        return logits, PromptCache(k=k, v=v, positions=batch.positions,
                                    lengths=jnp.asarray(lengths, jnp.int32))
 
     def prefill_bytes(self, prompt_length: int, media_rows: int, batch: int = 1) -> int:
@@ -156,8 +157,9 @@ class InferenceEngine:
         table = jax.ShapeDtypeStruct((media_rows, self.hidden), self.dtype,
                                      sharding=NamedSharding(self.mesh, P()))
         window = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-        return planned_bytes(self._prefill[True].lower(self.params, tokens, tokens, tokens,
-                                                       table, window).compile())
+        prompts = Batch(tokens, None, tokens, tokens, tokens)
+        return planned_bytes(self._prefill[True].lower(self.params, prompts, table,
+                                                       window).compile())
 
     def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
                      media_offsets: Sequence[int] | None = None, *, max_new_tokens: int,

@@ -22,11 +22,13 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.data.batch import Batch
 from longvila_jax.kernels import Mask
 from longvila_jax.models.longvila import splice_media
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import sequence_parallel_attention
 
+# Inference shares one sequence group among its prompts (no `data` axis over them).
 TOKENS = P(None, SEQUENCE_AXES)  # [batch, seq] sharded over the sequence group
 KV = P(None, None, SEQUENCE_AXES)  # [layers, batch, seq, kv_heads, head_dim]
 
@@ -51,29 +53,29 @@ CACHE_SPECS = PromptCache(k=KV, v=KV, positions=TOKENS, lengths=P())
 
 
 def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
-    """Jitted `prefill(params, input_ids, positions, media_rows, table, window)`.
+    """Jitted `prefill(params, batch, table, window)`.
 
-    `input_ids`, `positions` (global, layout order) and `media_rows` (row of `table` for a
-    media position, else -1) are `[batch, seq]` sharded as `TOKENS`; `table`
-    `[rows, hidden]` holds frame embeddings (replicated); `window` `[batch, w]` global
-    positions whose logits are returned. Returns `(logits float32 [batch, w, vocab],
-    k, v)` with k/v sharded as `KV`, or `(logits, None, None)` without `with_cache`
-    (teacher-forced scoring: the cache is then never written out). `params` are replicated
-    over `mesh`.
+    `batch` is a laid-out `data.batch.Batch` (its `media_rows` index `table`, no targets, no
+    frames), sharded as `TOKENS`; `table` `[rows, hidden]` holds frame embeddings
+    (replicated); `window` `[batch, w]` global positions whose logits are returned.
+    Returns `(logits float32 [batch, w, vocab], k, v)` with k/v sharded as `KV`, or
+    `(logits, None, None)` without `with_cache` (teacher-forced scoring: the cache is then
+    never written out). `params` are replicated over `mesh`.
     `scheme` is a resolved scheme ('none' for a group of one).
     """
 
     def attend(q, k, v, mask, spec, _):
         return sequence_parallel_attention(q, k, v, mask, spec, scheme=scheme)[0]
 
-    def local(params, input_ids, positions, media_rows, table, window):
+    def local(params, batch: Batch, table, window):
         model = nnx.merge(graphdef, params)
-        x = splice_media(model.llm.embed(input_ids), table, media_rows)
+        x = splice_media(model.llm.embed(batch.input_ids), table, batch.media_rows)
+        positions = batch.positions
         if scheme == "none":  # natural order on one device: the plain causal kernel (cuDNN)
             h, (k, v) = model.llm.hidden_states_and_kv(x, None)
         else:
-            h, (k, v) = model.llm.hidden_states_and_kv(x, Mask.self_attention(positions),
-                                                       attend)
+            mask = Mask.self_attention(positions, batch.segment_ids)
+            h, (k, v) = model.llm.hidden_states_and_kv(x, mask, attend)
         # The window's hidden states, wherever they live: one-hot rows, summed over shards.
         pick = (positions[:, :, None] == window[:, None, :]).astype(h.dtype)
         picked = jnp.einsum("bsw,bsd->bwd", pick, h, preferred_element_type=jnp.float32)
@@ -82,6 +84,6 @@ def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
             return model.llm.logits(picked), None, None
         return model.llm.logits(picked), k, v
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), TOKENS, TOKENS, TOKENS, P(), P()),
+    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), TOKENS, P(), P()),
                             out_specs=(P(), KV, KV) if with_cache else (P(), None, None))
     return jax.jit(sharded)

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from longvila_jax.data.media import media_rows
 from longvila_jax.models.llm import CausalLM, self_mask
 from longvila_jax.models.projector import Projector
 from longvila_jax.models.siglip import SiglipVisionTower
@@ -60,8 +61,9 @@ class LongVILA(nnx.Module):
                 raise ValueError(f"LongVILA: {images.shape[0]} frames need {want} media "
                                  f"positions (id {self.media_token_id}) but the ids hold {have}")
         media = self.encode_frames(images).reshape(-1, x.shape[-1])
-        order = jnp.cumsum(is_media.reshape(-1)).reshape(is_media.shape) - 1
-        return splice_media(x, media, jnp.where(is_media, order, -1))
+        # Frames fill the media positions batch-major: one row's order over the whole batch.
+        rows = media_rows(input_ids.reshape(1, -1), self.media_token_id)
+        return splice_media(x, media, rows.reshape(input_ids.shape))
 
     def __call__(self, input_ids, images=None, positions=None, segment_ids=None):
         """Float32 logits `[batch, seq, vocab]`."""

@@ -17,25 +17,28 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import tqdm
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from longvila_jax.atomic import atomic_file, remove_temporaries
 from longvila_jax.checkpoint import build_model, load_model, model_params, save_checkpoint
 from longvila_jax.config import ConfigError, mesh_from_config, validate
 from longvila_jax.data import pipeline
+from longvila_jax.data.batch import Batch
 from longvila_jax.data.text_sources import TextJsonlSource
 from longvila_jax.data.tokenizer import load_tokenizer, token_id
+from longvila_jax.models.longvila import LongVILA
 from longvila_jax.parallel import fsdp, resolve_scheme
-from longvila_jax.parallel.mesh import SEQUENCE_AXES
-from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
+from longvila_jax.parallel.layout import SPEC, Layout
+from longvila_jax.parallel.mmsp import loss_fn
 from longvila_jax.train import flops
 from longvila_jax.train.optimizer import schedule
 from longvila_jax.train.run_checkpoint import RunCheckpoints
@@ -49,13 +52,14 @@ END_OF_TEXT = {"qwen2": "<|endoftext|>", "llama": "<|end_of_text|>"}
 class Run:
     """Everything one run holds between steps (for the loop, tests and benchmarks)."""
 
-    config: object
-    mesh: object
-    scheme: str
-    model: object
-    optimizer: object
-    step_fn: object
-    trainable: object
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    layout: Layout  # how a batch lies on `mesh`
+    model: LongVILA
+    optimizer: nnx.Optimizer
+    # `step(model, optimizer, batch) -> metrics`, updating both (`train.step`).
+    step_fn: Callable[[LongVILA, nnx.Optimizer, Batch], dict]
+    trainable: Callable[[tuple, object], bool]  # the nnx filter of `train.trainable`
     # (first, count): the data groups (rows of the mesh's `data` axis) whose devices this
     # process holds; it reads and decodes exactly their rows.
     data_groups: tuple[int, int] = (0, 1)
@@ -130,27 +134,18 @@ def make_data(config, tokens_per_frame: int, data_groups: tuple[int, int] | None
                                workers=data.workers, shard=shard, saved=saved))
 
 
-def to_model_batch(run: Run, packed: dict) -> dict:
-    """A packed host batch -> the MM-SP batch on the mesh (tokens in the scheme's layout)."""
-    p = run.config.parallel
-    frames = None
-    if "frames" in packed:
-        real = packed["frame_segment_ids"] > 0
-        frames = packed["frames"][real]  # row-major: the order of the media positions
-    batch = prepare_batch(packed["input_ids"], packed["labels"], frames,
-                          media_token_id=run.model.media_token_id,
-                          tokens_per_frame=_tokens_per_frame(run.model),
-                          scheme=run.scheme, data=run.data_groups[1], node=p.node,
-                          local=p.local,
-                          positions=packed["positions"], segment_ids=packed["segment_ids"],
-                          frame_slots=len(packed["input_ids"]) // run.data_groups[1]
-                          * run.config.train.max_frames)
-    # Global arrays from this process's rows, those of the data groups its devices hold
-    # (`process_data_groups`); every other dimension is whole on every process.
-    sharding = NamedSharding(run.mesh, P("data", SEQUENCE_AXES))
-    share = p.data // run.data_groups[1]
-    return {k: jax.make_array_from_process_local_data(
-        sharding, v, (v.shape[0] * share, *v.shape[1:])) for k, v in batch.items()}
+def to_model_batch(run: Run, packed: dict) -> Batch:
+    """This process's rows of a packed batch -> the `Batch` on the mesh, laid out
+    (`Layout.lay_out`) and assembled into global arrays from every process's rows, those of
+    the data groups its devices hold (`process_data_groups`)."""
+    batch = run.layout.lay_out(Batch(*(packed.get(name) for name in BATCH_FIELDS)))
+    sharding = NamedSharding(run.mesh, SPEC)
+    share = run.layout.data // run.data_groups[1]
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(
+        sharding, v, (v.shape[0] * share, *v.shape[1:])), batch)
+
+
+BATCH_FIELDS = tuple(field.name for field in dataclasses.fields(Batch))
 
 
 def _tokens_per_frame(model) -> int:
@@ -178,7 +173,8 @@ def setup(config) -> Run:
                           f"parallel.data={p.data}")
     mesh = mesh_from_config(config)
     llm = config.model.llm
-    scheme = resolve_scheme(p.attention, p.node, p.local, (llm.num_heads, llm.num_kv_heads))
+    layout = Layout(resolve_scheme(p.attention, p.node, p.local,
+                                   (llm.num_heads, llm.num_kv_heads)), p.data, p.node, p.local)
     data_groups = process_data_groups(mesh)
     model = load_model(init, config) if init else build_model(config)
     trainable = trainable_filter(config.train.trainable)
@@ -186,8 +182,8 @@ def setup(config) -> Run:
         raise ConfigError(f"train.trainable: {config.train.trainable!r} matches no parameter")
     optimizer = make_optimizer_state(model, config.optim, trainable)
     fsdp.place(model, optimizer, mesh)
-    step_fn = make_train_step(loss_fn(mesh, scheme), trainable)
-    return Run(config, mesh, scheme, model, optimizer, step_fn, trainable, data_groups)
+    step_fn = make_train_step(loss_fn(mesh, layout.scheme), trainable)
+    return Run(config, mesh, layout, model, optimizer, step_fn, trainable, data_groups)
 
 
 def _state(run: Run) -> dict:

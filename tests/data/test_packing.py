@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from longvila_jax.data.media import IGNORE_INDEX
-from longvila_jax.data.packing import PackStats, pack, pad_to_multiple, prepare
+from longvila_jax.data.packing import PackStats, pack, pad_to_multiple
 
 VOCAB = 1000
 TAG = 10_000  # input_ids[0] = TAG + sample index: finds a sample in a row without segment ids
@@ -18,7 +18,6 @@ def _sample(rng, index: int, length: int, frames: int | None) -> dict:
     ids = rng.integers(0, VOCAB, length).astype(np.int32)
     ids[0] = TAG + index
     labels = np.where(rng.random(length) < 0.5, ids, IGNORE_INDEX).astype(np.int32)
-    labels[0] = ids[0]  # what `prepare` must ignore
     sample = {"input_ids": ids, "labels": labels, "id": f"sample-{index}"}
     if frames is not None:
         sample["frames"] = rng.random((frames, *FRAME_SHAPE), dtype=np.float32)
@@ -70,8 +69,7 @@ def _check_row(row: dict, samples: list[dict], tokens: int, frames: int, pad_id:
         assert np.all(owner[span] == -1)
         owner[span], offset[span] = index, np.arange(n)
         np.testing.assert_array_equal(ids[span], sample["input_ids"])
-        assert labels[start] == IGNORE_INDEX
-        np.testing.assert_array_equal(labels[span][1:], sample["labels"][1:])
+        np.testing.assert_array_equal(labels[span], sample["labels"])
         np.testing.assert_array_equal(positions[span], np.arange(n))
         segment = segments[start]
         assert segment > 0 and segment not in seen_segments
@@ -142,15 +140,6 @@ def test_mismatched_labels_raise(rng):
     sample["labels"] = sample["labels"][:-1]
     with pytest.raises(ValueError, match="6 input_ids but 5 labels"):
         _rows([sample], tokens=16)
-
-
-def test_prepare_ignores_first_label_and_copies(rng):
-    sample = _sample(rng, 0, int(rng.integers(1, 20)), None)
-    original = sample["labels"].copy()
-    prepared = prepare(sample)
-    assert prepared["labels"][0] == IGNORE_INDEX
-    np.testing.assert_array_equal(prepared["labels"][1:], original[1:])
-    np.testing.assert_array_equal(sample["labels"], original)  # the input is left alone
 
 
 def test_pad_to_multiple(rng):

@@ -81,7 +81,12 @@ def test_batches_are_packed_and_bad_media_is_skipped_and_counted(world):
             # Each segment's media slots match its frames: tokens_per_frame per frame.
             for s in np.unique(seg[seg > 0]):
                 assert (media & (seg == s)).sum() == 3 * (frame_seg == s).sum()
-            assert (batch["labels"][row][media] == -100).all()
+            # Nothing is trained to predict a media position, and media positions name
+            # their row's frames in order.
+            assert (batch["targets"][row][:-1][media[1:]] == -100).all()
+            np.testing.assert_array_equal(batch["media_rows"][row][media],
+                                          np.arange(media.sum()))
+            assert (batch["media_rows"][row][~media] == -1).all()
     # 6 batches of up to 2 x 256 tokens pull ~15+ of the mixed source's records, which
     # cycle through every bad case: each reason has been counted (too_few_frames: 3 frames
     # of the 4 asked).
@@ -192,6 +197,7 @@ def test_text_stage_batches_cover_the_token_array(tmp_path, rng):
     got = sorted(tuple(r["input_ids"][0]) for r in rows)
     assert got == sorted(tuple(c) for c in tokens[: length * count].reshape(count, length))
     for r in rows:
-        np.testing.assert_array_equal(r["labels"], r["input_ids"])
+        np.testing.assert_array_equal(r["targets"][0][:-1], r["input_ids"][0][1:])
+        assert r["targets"][0][-1] == -100 and (r["media_rows"] == -1).all()
         np.testing.assert_array_equal(r["positions"][0], np.arange(length))
         assert (r["segment_ids"] == 1).all()

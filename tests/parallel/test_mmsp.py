@@ -17,14 +17,20 @@ from numerics import rel_err
 
 from longvila_jax.checkpoint import build_model
 from longvila_jax.config import base_config, mesh_from_config
+from longvila_jax.data.batch import from_rows
 from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.models.loss import next_token_loss
 from longvila_jax.parallel import fsdp, resolve_scheme
-from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
+from longvila_jax.parallel.layout import Layout
+from longvila_jax.parallel.mmsp import loss_fn
 
 
 def make_batch(rng, model, b, s, frames_per_row, size):
-    """Rows of text with one video each (random frame count), packed labels, padding."""
+    """Rows of text with one video each (random frame count), packed labels, padding.
+
+    Each packed sample's first label is ignored: the sharded step's targets are shifted
+    within samples, the single-device `next_token_loss` across them, and the two agree
+    where no label starts a sample."""
     media_id = model.media_token_id
     per_frame = model.media_tokens_per_frame
     ids = rng.integers(0, media_id - 2, (b, s)).astype(np.int32)
@@ -40,7 +46,18 @@ def make_batch(rng, model, b, s, frames_per_row, size):
         for seg in np.unique(segments[row]):
             where = segments[row] == seg
             positions[row, where] = np.arange(where.sum())
+    labels[positions == 0] = IGNORE_INDEX
     return ids, labels, frames, positions, segments
+
+
+def frames_by_row(frames, frames_per_row):
+    """`[f, H, W, 3]` in media order -> `[rows, max frames, H, W, 3]`, each row's own first,
+    zeros after (as packing gives them)."""
+    out = np.zeros((len(frames_per_row), max(frames_per_row), *frames.shape[1:]), np.float32)
+    starts = np.cumsum([0, *frames_per_row])
+    for row, count in enumerate(frames_per_row):
+        out[row, :count] = frames[starts[row]:starts[row] + count]
+    return out
 
 
 @pytest.mark.parametrize("data,node,local,scheme", [
@@ -70,10 +87,9 @@ def test_mmsp_step_equals_single_device(rng, data, node, local, scheme):
     want_loss, want_grads = nnx.value_and_grad(single)(model)
 
     resolved = resolve_scheme(scheme, node, local)
-    batch = prepare_batch(ids, labels, frames, media_token_id=model.media_token_id,
-                          tokens_per_frame=model.media_tokens_per_frame, scheme=resolved,
-                          data=data, node=node, local=local, positions=positions,
-                          segment_ids=segments)
+    batch = Layout(resolved, data, node, local).lay_out(from_rows(
+        ids, labels, frames_by_row(frames, frames_per_row), positions, segments,
+        media_token_id=model.media_token_id))
     mesh = mesh_from_config(config)
     loss = loss_fn(mesh, resolved, loss_chunk=3 if data == 2 or node == 8 else 2048)
     sharded = nnx.clone(model)

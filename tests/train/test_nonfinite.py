@@ -4,6 +4,8 @@ leaves parameters and optimizer state bit-identical and stops after too many in 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -46,7 +48,7 @@ def test_a_diverging_run_stops_with_one_line_and_leaves_only_finite_checkpoints(
 
 def _poisoned(batch: dict) -> dict:
     """The batch with NaN frames: the loss is NaN, the shapes unchanged."""
-    return {**batch, "frames": batch["frames"] * np.nan}
+    return dataclasses.replace(batch, frames=batch.frames * np.nan)
 
 
 def _values(run) -> list[np.ndarray]:

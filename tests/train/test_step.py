@@ -10,10 +10,12 @@ from flax import nnx
 
 from longvila_jax.checkpoint import build_model
 from longvila_jax.config import base_config, mesh_from_config
+from longvila_jax.data.batch import from_rows
 from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.models.loss import next_token_loss
 from longvila_jax.parallel import resolve_scheme
-from longvila_jax.parallel.mmsp import loss_fn, prepare_batch
+from longvila_jax.parallel.layout import Layout
+from longvila_jax.parallel.mmsp import loss_fn
 from longvila_jax.train.step import make_optimizer_state, make_train_step
 
 
@@ -40,8 +42,8 @@ def test_mmsp_steps_equal_single_device_steps(rng):
         return next_token_loss(model(batch["ids"], batch["frames"]), batch["labels"])
 
     scheme = resolve_scheme("auto", 2, 2)
-    batch = prepare_batch(ids, labels, frames, media_token_id=media_id,
-                          tokens_per_frame=per_frame, scheme=scheme, data=2, node=2, local=2)
+    batch = Layout(scheme, 2, 2, 2).lay_out(from_rows(
+        ids, labels, frames.reshape(b, 2, size, size, 3), media_token_id=media_id))
     single_step = make_train_step(single_loss)
     sharded_step = make_train_step(loss_fn(mesh_from_config(config), scheme))
     single_opt = make_optimizer_state(single_model, config.optim)
