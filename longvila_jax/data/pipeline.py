@@ -38,7 +38,6 @@ import grain
 import jax
 import numpy as np
 import tokenizers
-from absl import flags
 
 from longvila_jax.data import packing
 from longvila_jax.data.batch import next_tokens
@@ -233,7 +232,9 @@ def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, token
 
     `tokens` / `frames`: budgets of one packed sequence; `pad_multiple`: its length's
     multiple (2 x the ring size for zigzag sequence parallelism); `workers`: grain worker
-    processes for decoding (0: in this process, for tests); `shard`: (index, count) of this
+    processes for decoding (0: in this process, for tests; grain's workers read absl's
+    flags, so outside `absl.app.run`, as the CLI runs, mark them parsed first:
+    `absl.flags.FLAGS.mark_as_parsed()`); `shard`: (index, count) of this
     reader, default the jax process index/count; `saved`: the data states of a run
     checkpoint (every process's, see `resume`), to continue where they stopped;
     `pack_stats` counts the samples too long for the budgets (dropped by the packer, in
@@ -248,10 +249,6 @@ def build(sources: list[Source], spec: SampleSpec, tokenizer_json: str, *, token
     mixed = per_source[0] if len(sources) == 1 else grain.MapDataset.mix(per_source, weights)
     loaded = mixed.map(_Load(sources, spec, tokenizer_json)).to_iter_dataset()
     if workers:
-        # grain's worker processes read absl flags and fail if they are unparsed, which
-        # they are outside `absl.app.run` (notebooks, tests, plain scripts).
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
         loaded = loaded.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     packed = packing.pack(_DropSkipped(loaded, sources), tokens=tokens, frames=frames, seed=seed,
                           pad_id=pad_id, stats=pack_stats, sample_ids=True)

@@ -250,9 +250,9 @@ def engine_logits_fn(engine: InferenceEngine) -> LogitsFn:
     def logits_fn(input_ids, table, start):
         batch, seq = input_ids.shape
         rows = table.shape[0] // batch * table.shape[1]
-        logits, _ = engine.prefill(list(input_ids), table, [r * rows for r in range(batch)],
-                                   [list(range(start, seq))] * batch, keep_cache=False)
-        return np.asarray(logits)
+        return np.asarray(engine.window_logits(list(input_ids), table,
+                                               [r * rows for r in range(batch)],
+                                               [list(range(start, seq))] * batch))
 
     return logits_fn
 

@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 from longvila_jax.data.batch import Batch
 from longvila_jax.data.media import media_rows
 from longvila_jax.infer.decode import make_decode, sample
-from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill
+from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill, make_window_logits
 from longvila_jax.memory import planned_bytes
 from longvila_jax.models.longvila import LongVILA
 from longvila_jax.parallel.layout import Layout
@@ -60,8 +60,8 @@ class InferenceEngine:
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         # jit compiles lazily: a variant costs nothing until it is called.
-        self._prefill = {cache: make_prefill(graphdef, self.mesh, self.scheme, cache)
-                         for cache in (True, False)}
+        self._prefill = make_prefill(graphdef, self.mesh, self.scheme)
+        self._window_logits = make_window_logits(graphdef, self.mesh, self.scheme)
         # A generated media placeholder would mean nothing (no frame fills it, and a later
         # pass over the text would take it for one), so decoding never emits it.
         banned = (self.media_token_id,)
@@ -102,9 +102,8 @@ class InferenceEngine:
 
     def prefill(self, prompts: Sequence[np.ndarray], table=None,
                 media_offsets: Sequence[int] | None = None,
-                windows: Sequence[Sequence[int]] | None = None, keep_cache: bool = True):
-        """`(logits float32 [batch, w, vocab], PromptCache)` of a batch of token-id prompts
-        (the cache None without `keep_cache`).
+                windows: Sequence[Sequence[int]] | None = None):
+        """`(logits float32 [batch, w, vocab], PromptCache)` of a batch of token-id prompts.
 
         Prompt i's media positions take rows `media_offsets[i]`, `+1`, ... of `table`
         (`[rows, hidden]` or `[frames, tokens, hidden]`; offsets default to 0: every prompt
@@ -112,6 +111,20 @@ class InferenceEngine:
         (default: the last, which predicts the first new token); rows of unequal width
         repeat their last position.
         """
+        batch, table, window, lengths = self._prompts(prompts, table, media_offsets, windows)
+        logits, k, v = self._prefill(self.params, batch, table, window)
+        return logits, PromptCache(k=k, v=v, positions=batch.positions,
+                                   lengths=jnp.asarray(lengths, jnp.int32))
+
+    def window_logits(self, prompts: Sequence[np.ndarray], table=None,
+                      media_offsets: Sequence[int] | None = None,
+                      windows: Sequence[Sequence[int]] | None = None):
+        """`prefill`'s logits alone (teacher-forced scoring): no KV cache is written out."""
+        return self._window_logits(self.params, *self._prompts(prompts, table, media_offsets,
+                                                               windows)[:3])
+
+    def _prompts(self, prompts, table, media_offsets, windows):
+        """The prompts' laid-out `Batch`, the table, the windows and the prompt lengths."""
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) < 1:
             raise ValueError("prefill: need at least one non-empty prompt")
@@ -135,15 +148,10 @@ class InferenceEngine:
         windows = [[n - 1] for n in lengths] if windows is None else windows
         width = max(len(w) for w in windows)
         window = np.asarray([list(w) + [w[-1]] * (width - len(w)) for w in windows], np.int32)
-
         batch = jax.device_put(self.layout.lay_out(Batch(
             ids, None, np.broadcast_to(np.arange(seq, dtype=np.int32), ids.shape),
             np.zeros_like(ids), rows)), NamedSharding(self.mesh, TOKENS))
-        logits, k, v = self._prefill[keep_cache](self.params, batch, table, window)
-        if not keep_cache:
-            return logits, None
-        return logits, PromptCache(k=k, v=v, positions=batch.positions,
-                                   lengths=jnp.asarray(lengths, jnp.int32))
+        return batch, table, window, lengths
 
     def prefill_bytes(self, prompt_length: int, media_rows: int, batch: int = 1) -> int:
         """Device bytes per device that XLA plans for a prefill of `batch` prompts of
@@ -158,23 +166,39 @@ class InferenceEngine:
                                      sharding=NamedSharding(self.mesh, P()))
         window = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
         prompts = Batch(tokens, None, tokens, tokens, tokens)
-        return planned_bytes(self._prefill[True].lower(self.params, prompts, table,
-                                                       window).compile())
+        return planned_bytes(self._prefill.lower(self.params, prompts, table, window).compile())
 
     def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
                      media_offsets: Sequence[int] | None = None, *, max_new_tokens: int,
                      temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                      stop_ids: Sequence[int] = (),
-                     done: Callable[[int, list[int]], bool] | None = None,
-                     return_logits: bool = False):
+                     done: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """New token ids per prompt (prefill, then cached decoding, `decode_chunk` at a time).
 
         A row ends at its first `stop_ids` token (not included), when `done(row, ids)` says
         so (stop strings), or after `max_new_tokens`. No token is ever the media placeholder
-        id. With `return_logits`, also each row's float32 logits `[n, vocab]`: the model's
-        at each of its n tokens, unmasked; the token was drawn from them with the media
-        placeholder's logit at -inf (greedy: their argmax over every other id).
+        id.
         """
+        return self._generate(prompts, table, media_offsets, max_new_tokens, temperature,
+                              top_p, seed, stop_ids, done, keep_logits=False)[0]
+
+    def generate_ids_and_logits(self, prompts: Sequence[np.ndarray], table=None,
+                                media_offsets: Sequence[int] | None = None, *,
+                                max_new_tokens: int, temperature: float = 0.0,
+                                top_p: float = 1.0, seed: int = 0,
+                                stop_ids: Sequence[int] = (),
+                                done: Callable[[int, list[int]], bool] | None = None):
+        """`generate_ids` and each row's float32 logits `[n, vocab]`: the model's at each of
+        its n tokens, unmasked; the token was drawn from them with the media placeholder's
+        logit at -inf (greedy: their argmax over every other id)."""
+        ids, steps = self._generate(prompts, table, media_offsets, max_new_tokens, temperature,
+                                    top_p, seed, stop_ids, done, keep_logits=True)
+        logits = np.concatenate(steps).transpose(1, 0, 2)
+        return ids, [logits[row, : len(r)] for row, r in enumerate(ids)]
+
+    def _generate(self, prompts, table, media_offsets, max_new_tokens, temperature, top_p,
+                  seed, stop_ids, done, *, keep_logits: bool):
+        """(ids per row, the logits of every step when `keep_logits`)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if temperature < 0 or not 0 < top_p <= 1:
@@ -190,7 +214,7 @@ class InferenceEngine:
         tail_k = jax.device_put(jnp.zeros(tail_shape, cache.k.dtype), replicated)
         tail_v = jax.device_put(jnp.zeros(tail_shape, cache.k.dtype), replicated)
         tokens = [np.asarray(token)[None]]
-        steps = [np.asarray(logits[:, 0])[None]] if return_logits else []
+        steps = [np.asarray(logits[:, 0])[None]] if keep_logits else []
         produced, stop_ids = 1, set(stop_ids)
         finished = np.zeros(len(prompts), bool)
         while True:
@@ -201,12 +225,12 @@ class InferenceEngine:
                     done is not None and done(int(row), row_ids))
             if finished.all() or produced >= max_new_tokens:
                 break
-            out, chunk_logits, tail_k, tail_v, key = self._decode[return_logits](
+            out, chunk_logits, tail_k, tail_v, key = self._decode[keep_logits](
                 self.params, cache, tail_k, tail_v, token, jnp.int32(produced - 1), key,
                 temperature, top_p)
             token = out[-1]
             tokens.append(np.asarray(out))
-            if return_logits:
+            if keep_logits:
                 steps.append(np.asarray(chunk_logits))
             produced += self.decode_chunk
         ids = np.concatenate(tokens).T[:, :max_new_tokens]
@@ -215,7 +239,4 @@ class InferenceEngine:
             row_ids = ids[row].tolist()
             cut = next((i for i, t in enumerate(row_ids) if t in stop_ids), len(row_ids))
             results.append(row_ids[:cut])
-        if not return_logits:
-            return results
-        logits = np.concatenate(steps).transpose(1, 0, 2)
-        return results, [logits[row, : len(r)] for row, r in enumerate(results)]
+        return results, steps

@@ -52,17 +52,32 @@ class PromptCache:
 CACHE_SPECS = PromptCache(k=KV, v=KV, positions=TOKENS, lengths=P())
 
 
-def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
-    """Jitted `prefill(params, batch, table, window)`.
+def make_prefill(graphdef, mesh, scheme: str):
+    """Jitted `prefill(params, batch, table, window) -> (logits, k, v)`.
 
     `batch` is a laid-out `data.batch.Batch` (its `media_rows` index `table`, no targets, no
     frames), sharded as `TOKENS`; `table` `[rows, hidden]` holds frame embeddings
-    (replicated); `window` `[batch, w]` global positions whose logits are returned.
-    Returns `(logits float32 [batch, w, vocab], k, v)` with k/v sharded as `KV`, or
-    `(logits, None, None)` without `with_cache` (teacher-forced scoring: the cache is then
-    never written out). `params` are replicated over `mesh`.
+    (replicated); `window` `[batch, w]` global positions whose logits are returned, float32
+    `[batch, w, vocab]`; k/v are sharded as `KV`. `params` are replicated over `mesh`.
     `scheme` is a resolved scheme ('none' for a group of one).
     """
+    return jax.jit(jax.shard_map(_pass(graphdef, scheme), mesh=mesh, in_specs=IN_SPECS,
+                                 out_specs=(P(), KV, KV)))
+
+
+def make_window_logits(graphdef, mesh, scheme: str):
+    """Jitted `window_logits(params, batch, table, window) -> logits`: `make_prefill`'s
+    logits alone, for teacher-forced scoring (the KV cache is never written out)."""
+    window_pass = _pass(graphdef, scheme)
+    return jax.jit(jax.shard_map(lambda *args: window_pass(*args)[0], mesh=mesh,
+                                 in_specs=IN_SPECS, out_specs=P()))
+
+
+IN_SPECS = (P(), TOKENS, P(), P())
+
+
+def _pass(graphdef, scheme: str):
+    """The per-device pass both share: `(window logits, k, v)` of this device's tokens."""
 
     def attend(q, k, v, mask, spec, _):
         return sequence_parallel_attention(q, k, v, mask, spec, scheme=scheme)[0]
@@ -80,10 +95,6 @@ def make_prefill(graphdef, mesh, scheme: str, with_cache: bool = True):
         pick = (positions[:, :, None] == window[:, None, :]).astype(h.dtype)
         picked = jnp.einsum("bsw,bsd->bwd", pick, h, preferred_element_type=jnp.float32)
         picked = jax.lax.psum(picked, SEQUENCE_AXES).astype(h.dtype)
-        if not with_cache:
-            return model.llm.logits(picked), None, None
         return model.llm.logits(picked), k, v
 
-    sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), TOKENS, P(), P()),
-                            out_specs=(P(), KV, KV) if with_cache else (P(), None, None))
-    return jax.jit(sharded)
+    return local

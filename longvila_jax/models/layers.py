@@ -1,7 +1,8 @@
 """Parameter-holding building blocks shared by the vision tower and the LLM.
 
-Parameters carry logical axis names (`out_sharding` metadata) so a mesh can shard them later
-through logical-to-mesh rules; they are never eagerly sharded at creation.
+Parameters carry no sharding: FSDP (`parallel/fsdp.py`) decides each one's split from its
+shape alone. The one logical axis name is the layer axis of a stacked module (`stacked`),
+which FSDP never splits (its layers are gathered one at a time instead).
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from flax import nnx
 
 from longvila_jax.kernels.attention import REMAT_NAMES
 
+STACKED = "layers"  # the logical name of a stacked module's layer axis
 
-def param(rngs: nnx.Rngs, shape, names, dtype, init="normal", scale=0.02):
-    """An `nnx.Param` with logical axis names; `init` is 'normal', 'zeros' or 'ones'."""
+
+def param(rngs: nnx.Rngs, shape, dtype, init="normal", scale=0.02, *, stacked=False):
+    """An `nnx.Param`; `init` is 'normal', 'zeros' or 'ones'; `stacked`: its first axis is
+    a stacked module's layer axis (for parameters added to one after `stacked` built it)."""
     if init == "normal":
         value = scale * jax.random.normal(rngs.params(), shape, dtype)
     elif init == "zeros":
@@ -24,15 +28,17 @@ def param(rngs: nnx.Rngs, shape, names, dtype, init="normal", scale=0.02):
         value = jnp.ones(shape, dtype)
     else:
         raise ValueError(f"param: unknown init {init!r}")
-    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
+    # Unnamed axes but the layer axis, which `stacked` names as it adds it.
+    names = (STACKED,) * stacked + (None,) * (len(shape) - stacked)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 class Linear(nnx.Module):
     """`y = x @ kernel + bias` with kernel `[in, out]` (the transpose of PyTorch's weight)."""
 
-    def __init__(self, d_in, d_out, *, bias, names, rngs, param_dtype, dtype):
-        self.kernel = param(rngs, (d_in, d_out), names, param_dtype)
-        self.bias = param(rngs, (d_out,), names[1:], param_dtype, "zeros") if bias else None
+    def __init__(self, d_in, d_out, *, bias, rngs, param_dtype, dtype):
+        self.kernel = param(rngs, (d_in, d_out), param_dtype)
+        self.bias = param(rngs, (d_out,), param_dtype, "zeros") if bias else None
         self.dtype = dtype
 
     def __call__(self, x):
@@ -45,9 +51,9 @@ class Linear(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with scale and bias, statistics in float32."""
 
-    def __init__(self, dim, *, eps, name, rngs, param_dtype):
-        self.scale = param(rngs, (dim,), (name,), param_dtype, "ones")
-        self.bias = param(rngs, (dim,), (name,), param_dtype, "zeros")
+    def __init__(self, dim, *, eps, rngs, param_dtype):
+        self.scale = param(rngs, (dim,), param_dtype, "ones")
+        self.bias = param(rngs, (dim,), param_dtype, "zeros")
         self.eps = eps
 
     def __call__(self, x):
@@ -63,7 +69,7 @@ class RMSNorm(nnx.Module):
     """RMSNorm as Qwen2/Llama define it: normalise in float32, cast, then scale."""
 
     def __init__(self, dim, *, eps, rngs, param_dtype):
-        self.scale = param(rngs, (dim,), ("norm",), param_dtype, "ones")
+        self.scale = param(rngs, (dim,), param_dtype, "ones")
         self.eps = eps
 
     def __call__(self, x):
@@ -134,10 +140,11 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = 
 
 
 def stacked(num_layers: int, make, rngs: nnx.Rngs):
-    """Create `num_layers` copies of `make(rngs)` with params stacked on a 'layers' axis."""
+    """Create `num_layers` copies of `make(rngs)` with params stacked on a leading axis named
+    `STACKED` (FSDP reads the name)."""
 
     @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: STACKED})
     def build(r):
         return make(r)
 

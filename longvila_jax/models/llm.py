@@ -27,15 +27,15 @@ class DecoderLayer(nnx.Module):
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         bias = cfg.attention_bias
         self.input_norm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs, param_dtype=param_dtype)
-        self.q_proj = Linear(d, h * hd, bias=bias, names=("embed", "q_heads"), **kw)
-        self.k_proj = Linear(d, kv * hd, bias=bias, names=("embed", "kv_heads"), **kw)
-        self.v_proj = Linear(d, kv * hd, bias=bias, names=("embed", "kv_heads"), **kw)
-        self.o_proj = Linear(h * hd, d, bias=False, names=("q_heads", "embed"), **kw)
+        self.q_proj = Linear(d, h * hd, bias=bias, **kw)
+        self.k_proj = Linear(d, kv * hd, bias=bias, **kw)
+        self.v_proj = Linear(d, kv * hd, bias=bias, **kw)
+        self.o_proj = Linear(h * hd, d, bias=False, **kw)
         self.post_attention_norm = RMSNorm(d, eps=cfg.rms_norm_eps, rngs=rngs,
                                            param_dtype=param_dtype)
-        self.gate_proj = Linear(d, cfg.intermediate_size, bias=False, names=("embed", "mlp"), **kw)
-        self.up_proj = Linear(d, cfg.intermediate_size, bias=False, names=("embed", "mlp"), **kw)
-        self.down_proj = Linear(cfg.intermediate_size, d, bias=False, names=("mlp", "embed"), **kw)
+        self.gate_proj = Linear(d, cfg.intermediate_size, bias=False, **kw)
+        self.up_proj = Linear(d, cfg.intermediate_size, bias=False, **kw)
+        self.down_proj = Linear(cfg.intermediate_size, d, bias=False, **kw)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
         # Static: every attention this layer runs, its sequence-parallel and decoding
         # ones included (they receive it through `attend`), uses the configured backend.
@@ -73,15 +73,14 @@ class CausalLM(nnx.Module):
     def __init__(self, model_cfg, *, rngs: nnx.Rngs):
         cfg = model_cfg.llm
         dtype, param_dtype = _dtypes(model_cfg)
-        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
-                                  param_dtype)
+        self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size), param_dtype)
         self.layers = stacked(cfg.num_layers, lambda r: DecoderLayer(
             cfg, dtype=dtype, param_dtype=param_dtype,
             attention_backend=model_cfg.attention_backend, rngs=r), rngs)
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs,
                             param_dtype=param_dtype)
         self.lm_head = None if cfg.tie_embeddings else param(
-            rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
+            rngs, (cfg.hidden_size, cfg.vocab_size), param_dtype)
         # A tuple, not an array: module attributes that are not Variables must be static.
         self.inv_freq = tuple(inverse_frequencies(cfg.head_dim, cfg.rope_theta,
                                                   cfg.rope_scaling).tolist())

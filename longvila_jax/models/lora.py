@@ -53,13 +53,11 @@ class LoRALinear(Linear):
 
     def __init__(self, base: Linear, *, rank: int, alpha: float, rngs: nnx.Rngs):
         self.kernel, self.bias, self.dtype = base.kernel, base.bias, base.dtype
-        layers_name, in_name, out_name = self.kernel.get_metadata()["out_sharding"]
         layers, d_in, d_out = self.kernel.shape
         param_dtype = self.kernel.dtype
-        self.lora_a = param(rngs, (layers, d_in, rank), (layers_name, in_name, "lora"),
-                            param_dtype, "normal", 1.0 / math.sqrt(3 * d_in))
-        self.lora_b = param(rngs, (layers, rank, d_out), (layers_name, "lora", out_name),
-                            param_dtype, "zeros")
+        self.lora_a = param(rngs, (layers, d_in, rank), param_dtype, "normal",
+                            1.0 / math.sqrt(3 * d_in), stacked=True)
+        self.lora_b = param(rngs, (layers, rank, d_out), param_dtype, "zeros", stacked=True)
         self.scale = float(alpha) / rank
 
     def __call__(self, x):
@@ -124,7 +122,7 @@ def merge_lora(model):
                                      module.lora_b[...], np.float32(module.scale))
         shape = module.kernel.shape[1:]
         linear = nnx.eval_shape(lambda s=shape, m=module: Linear(
-            *s, bias=m.bias is not None, names=(None, None), rngs=nnx.Rngs(0),
+            *s, bias=m.bias is not None, rngs=nnx.Rngs(0),
             param_dtype=m.kernel.dtype, dtype=m.dtype))
         linear.kernel, linear.bias = module.kernel, module.bias
         setattr(layers, name, linear)

@@ -66,10 +66,10 @@ class Projector(nnx.Module):
         layers = {}
         for index, op, d_in, d_out in self.specs:
             if op == "ln":
-                layers[str(index)] = LayerNorm(d_in, eps=1e-5, name="proj_in", rngs=rngs,
+                layers[str(index)] = LayerNorm(d_in, eps=1e-5, rngs=rngs,
                                                param_dtype=param_dtype)
             elif op == "linear":
-                layers[str(index)] = Linear(d_in, d_out, bias=True, names=("proj_in", "embed"),
+                layers[str(index)] = Linear(d_in, d_out, bias=True,
                                             rngs=rngs, param_dtype=param_dtype, dtype=dtype)
         self.layers = nnx.Dict(layers)
         self.block, self.row_major = MERGES[kind]

@@ -18,16 +18,16 @@ class EncoderLayer(nnx.Module):
     def __init__(self, cfg, *, dtype, param_dtype, attention_backend, rngs):
         c = cfg.hidden_size
         kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-        self.layer_norm1 = LayerNorm(c, eps=cfg.layer_norm_eps, name="vit_embed", rngs=rngs,
+        self.layer_norm1 = LayerNorm(c, eps=cfg.layer_norm_eps, rngs=rngs,
                                      param_dtype=param_dtype)
-        self.q_proj = Linear(c, c, bias=True, names=("vit_embed", "vit_heads"), **kw)
-        self.k_proj = Linear(c, c, bias=True, names=("vit_embed", "vit_heads"), **kw)
-        self.v_proj = Linear(c, c, bias=True, names=("vit_embed", "vit_heads"), **kw)
-        self.out_proj = Linear(c, c, bias=True, names=("vit_heads", "vit_embed"), **kw)
-        self.layer_norm2 = LayerNorm(c, eps=cfg.layer_norm_eps, name="vit_embed", rngs=rngs,
+        self.q_proj = Linear(c, c, bias=True, **kw)
+        self.k_proj = Linear(c, c, bias=True, **kw)
+        self.v_proj = Linear(c, c, bias=True, **kw)
+        self.out_proj = Linear(c, c, bias=True, **kw)
+        self.layer_norm2 = LayerNorm(c, eps=cfg.layer_norm_eps, rngs=rngs,
                                      param_dtype=param_dtype)
-        self.fc1 = Linear(c, cfg.intermediate_size, bias=True, names=("vit_embed", "vit_mlp"), **kw)
-        self.fc2 = Linear(cfg.intermediate_size, c, bias=True, names=("vit_mlp", "vit_embed"), **kw)
+        self.fc1 = Linear(c, cfg.intermediate_size, bias=True, **kw)
+        self.fc2 = Linear(cfg.intermediate_size, c, bias=True, **kw)
         self.num_heads = cfg.num_heads
         self.attention = AttentionSpec(causal=False, backend=attention_backend)
         self.approximate_gelu = cfg.hidden_act == "gelu_pytorch_tanh"
@@ -53,14 +53,13 @@ class SiglipVisionTower(nnx.Module):
         p, c = cfg.patch_size, cfg.hidden_size
         self.grid, self.image_size = cfg.image_size // p, cfg.image_size
         # Kernel rows are ordered (kh, kw, rgb) to match patches cut from NHWC images.
-        self.patch_kernel = param(rngs, (p * p * 3, c), ("patch", "vit_embed"), param_dtype)
-        self.patch_bias = param(rngs, (c,), ("vit_embed",), param_dtype, "zeros")
-        self.position_embedding = param(rngs, (self.grid * self.grid, c),
-                                        ("vit_patches", "vit_embed"), param_dtype)
+        self.patch_kernel = param(rngs, (p * p * 3, c), param_dtype)
+        self.patch_bias = param(rngs, (c,), param_dtype, "zeros")
+        self.position_embedding = param(rngs, (self.grid * self.grid, c), param_dtype)
         self.layers = stacked(cfg.num_layers, lambda r: EncoderLayer(
             cfg, dtype=dtype, param_dtype=param_dtype,
             attention_backend=model_cfg.attention_backend, rngs=r), rngs)
-        self.post_layernorm = LayerNorm(c, eps=cfg.layer_norm_eps, name="vit_embed", rngs=rngs,
+        self.post_layernorm = LayerNorm(c, eps=cfg.layer_norm_eps, rngs=rngs,
                                         param_dtype=param_dtype)
         select = cfg.select_layer
         self.num_run = select if select > 0 else cfg.num_layers + 1 + select

@@ -21,9 +21,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from longvila_jax.models.layers import STACKED
 from longvila_jax.parallel.mesh import AXES
-
-STACKED = "layers"  # the logical axis name `models.layers.stacked` gives the layer axis
 
 
 def _names(var) -> tuple:

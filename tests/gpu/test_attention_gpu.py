@@ -50,17 +50,9 @@ def outputs_and_grads(qkv, mask, causal, backend, rng_key):
     return (out, lse, *vjp((d_out, d_lse.astype(jnp.float32))))
 
 
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("ratio", [1, 4, 7])
-@pytest.mark.parametrize("packed,offset,orphans", [(False, False, False), (True, False, False),
-                                                   (False, True, False), (True, True, True)])
-def test_triton_matches_xla(rng, causal, ratio, packed, offset, orphans):
-    d = int(rng.choice([64, 128]))
-    shape = dict(b=2, sq=int(rng.integers(300, 1100)), skv=int(rng.integers(300, 1100)),
-                 h=ratio * 2, kh=2, d=d)
-    qkv, mask = make_case(rng, packed=packed, offset=offset, orphans=orphans, **shape)
-    key = jax.random.key(int(rng.integers(1 << 30)))
-    ours = outputs_and_grads(qkv, mask, causal, "triton", key)
+def assert_matches_xla(qkv, mask, causal, backend, key):
+    """`backend`'s outputs and gradients against the XLA path's on float32 copies."""
+    ours = outputs_and_grads(qkv, mask, causal, backend, key)
     ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), mask, causal, "xla",
                             key)
     for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
@@ -70,6 +62,18 @@ def test_triton_matches_xla(rng, causal, ratio, packed, offset, orphans):
             assert (np.isneginf(a) == np.isneginf(r)).all()
             a, r = a[np.isfinite(r)], r[np.isfinite(r)]
         assert rel_err(a, r) <= BF16_RTOL, (name, rel_err(a, r))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("ratio", [1, 4, 7])
+@pytest.mark.parametrize("packed,offset,orphans", [(False, False, False), (True, False, False),
+                                                   (False, True, False), (True, True, True)])
+def test_triton_matches_xla(rng, causal, ratio, packed, offset, orphans):
+    d = int(rng.choice([64, 128]))
+    shape = dict(b=2, sq=int(rng.integers(300, 1100)), skv=int(rng.integers(300, 1100)),
+                 h=ratio * 2, kh=2, d=d)
+    qkv, mask = make_case(rng, packed=packed, offset=offset, orphans=orphans, **shape)
+    assert_matches_xla(qkv, mask, causal, "triton", jax.random.key(int(rng.integers(1 << 30))))
 
 
 def test_every_output_element_is_written(rng):
@@ -90,22 +94,14 @@ def test_every_output_element_is_written(rng):
 def test_cudnn_path_matches_xla(rng, causal):
     qkv, _ = make_case(rng, b=2, sq=1024, skv=1024, h=8, kh=2, d=128, packed=False,
                        offset=False)
-    key = jax.random.key(0)
-    ours = outputs_and_grads(qkv, None, causal, "cudnn", key)
-    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), None, causal, "xla", key)
-    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
-        assert rel_err(a.astype(jnp.float32), r) <= BF16_RTOL, name
+    assert_matches_xla(qkv, None, causal, "cudnn", jax.random.key(0))
 
 
 def test_triton_siglip_head_dim_72_matches_xla(rng):
     """SigLIP so400m: 16 heads of 72 (padded to 128 lanes in the kernel), 729 patches."""
     qkv, mask = make_case(rng, b=2, sq=729, skv=729, h=16, kh=16, d=72, packed=False,
                           offset=False)
-    key = jax.random.key(1)
-    ours = outputs_and_grads(qkv, mask, False, "triton", key)
-    ref = outputs_and_grads(tuple(x.astype(jnp.float32) for x in qkv), mask, False, "xla", key)
-    for name, a, r in zip(["out", "lse", "dq", "dk", "dv"], ours, ref, strict=True):
-        assert rel_err(a.astype(jnp.float32), r) <= BF16_RTOL, name
+    assert_matches_xla(qkv, mask, False, "triton", jax.random.key(1))
 
 
 def test_offsets_past_2_to_31_elements(rng):

@@ -40,7 +40,7 @@ def _draw_world(rng):
                .astype(np.int32) for n in (5, 23)]
     one = InferenceEngine(model, mesh=make_mesh(1, 1, 1, jax.devices()[:1]))
     table = one.encode(frames)
-    greedy = one.generate_ids(prompts, table, max_new_tokens=NEW_TOKENS, return_logits=True)
+    greedy = one.generate_ids_and_logits(prompts, table, max_new_tokens=NEW_TOKENS)
     return {"model": model, "frames": frames, "prompts": prompts, "one": one, "table": table,
             "greedy": greedy}
 
@@ -104,8 +104,8 @@ def test_decoding_never_emits_the_media_placeholder(world, rng):
     table = engine.encode(world["frames"])
     media = model.media_token_id
     for hot in (dict(), dict(temperature=1.0), dict(temperature=1.5, top_p=0.9)):
-        ids, logits = engine.generate_ids(world["prompts"], table, max_new_tokens=18,
-                                          return_logits=True, **hot)
+        ids, logits = engine.generate_ids_and_logits(world["prompts"], table,
+                                                     max_new_tokens=18, **hot)
         for got, got_logits in zip(ids, logits, strict=True):
             assert len(got) == 18 and media not in got, (hot, got)
             assert (got_logits.argmax(axis=-1) == media).all(), hot
@@ -137,8 +137,8 @@ def test_sequence_parallel_prefill_and_decoding_match_one_device(world, mesh, sc
             single = np.asarray(getattr(cache_1, name))[:, row, :n]
             np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-4)
     assert len(cache_8.k.sharding.device_set) == 8
-    ids_1, dec_1 = one.generate_ids(prompts, table, max_new_tokens=18, return_logits=True)
-    ids_8, dec_8 = sp.generate_ids(prompts, table, max_new_tokens=18, return_logits=True)
+    ids_1, dec_1 = one.generate_ids_and_logits(prompts, table, max_new_tokens=18)
+    ids_8, dec_8 = sp.generate_ids_and_logits(prompts, table, max_new_tokens=18)
     assert ids_8 == ids_1
     for a, b in zip(dec_8, dec_1, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)

@@ -11,24 +11,11 @@ demo's five stages and its V-NIAH grid took 6 min 42 s in all on a 2-core CPU (R
 stage not timed alone.
 """
 
-from longvila_jax.configs import MINIATURES, model_config
-from longvila_jax.configs.stages import set_length
+from longvila_jax.configs.stages import training_stage
 
 
 def get_config(model: str = "qwen2_7b"):
-    config = model_config(model)
-    mini = model in MINIATURES
-    config.train.update(
-        stage="align",
-        trainable="^projector/",  # regular expressions over parameter paths
-        seq_len=256 if mini else 4096,  # tokens per packed row
-        num_frames=4 if mini else 8,  # frames sampled per video
-        max_frames=16 if mini else 64,  # frames per packed row
-        batch_size=4 if mini else 256,  # rows per step
-    )
-    config.optim.learning_rate = 3e-3 if mini else 1e-3
-    set_length(config, 30 if mini else 2000, miniature=mini)
-    config.data.kind = "conversations"
-    config.data.sources = [dict(name="align", jsonl="data/align.jsonl", media_root="data",
-                                weight=1.0)]
-    return config
+    # Pairs are (miniature, at scale); see `training_stage` for what each key means.
+    return training_stage(model, "align", trainable="^projector/", seq_len=(256, 4096),
+                          num_frames=(4, 8), max_frames=(16, 64), batch_size=(4, 256),
+                          learning_rate=(3e-3, 1e-3), steps=(30, 2000))

@@ -15,35 +15,22 @@ stage not timed alone.
 
 import ml_collections
 
-from longvila_jax.configs import MINIATURES, model_config
-from longvila_jax.configs.stages import set_length
+from longvila_jax.configs import MINIATURES
+from longvila_jax.configs.stages import training_stage
+
+POSITIONS = (1024, 65536)  # (miniature, at scale): the length the LLM is extended to
 
 
 def get_config(model: str = "qwen2_7b"):
-    config = model_config(model)
-    mini = model in MINIATURES
-    config.train.update(
-        stage="context",
-        # Regular expressions over parameter paths: the adapters, embeddings and norms.
-        trainable="^llm/.*lora_,^llm/embed_tokens,^llm/.*norm",
-        seq_len=extended_positions(mini),  # tokens per packed row
-        num_frames=1,
-        max_frames=0,  # text only
-        batch_size=2 if mini else 32,  # rows per step
-    )
+    # Pairs are (miniature, at scale); see `training_stage` for what each key means. Text
+    # only; the adapters, embeddings and norms train.
+    config = training_stage(model, "context", seq_len=POSITIONS, num_frames=(1, 1),
+                            trainable="^llm/.*lora_,^llm/embed_tokens,^llm/.*norm",
+                            max_frames=(0, 0), batch_size=(2, 32), learning_rate=(1e-3, 2e-5),
+                            steps=(30, 1000), kind="text")
     config.model.lora.update(rank=8, alpha=16.0, targets="q_proj,k_proj,v_proj,o_proj")
-    extend_rope(config.model.llm, miniature=mini)
-    config.optim.learning_rate = 1e-3 if mini else 2e-5
-    set_length(config, 30 if mini else 1000, miniature=mini)
-    config.data.kind = "text"
-    config.data.sources = [dict(name="context", jsonl="data/context.jsonl", media_root="data",
-                                weight=1.0)]
+    extend_rope(config.model.llm, miniature=model in MINIATURES)
     return config
-
-
-def extended_positions(miniature: bool) -> int:
-    """The positions this stage extends the LLM to: its rows' length."""
-    return 1024 if miniature else 65536
 
 
 def extend_rope(llm: ml_collections.ConfigDict, *, miniature: bool) -> None:
@@ -51,6 +38,6 @@ def extend_rope(llm: ml_collections.ConfigDict, *, miniature: bool) -> None:
     15.3M for 64K positions. The miniature's 1K positions raise tiny's theta a hundredfold:
     with tenfold, needles far before the question in videos longer than long SFT's were
     missed (V-NIAH at 128 frames 83 %, hundredfold 97 %)."""
-    positions = extended_positions(miniature)
+    positions = POSITIONS[not miniature]
     llm.max_position_embeddings = max(positions, llm.max_position_embeddings)
     llm.rope_theta = 1_000_000.0 if miniature else 15_300_000.0

@@ -16,33 +16,23 @@ the README's run); the demo's five stages and its V-NIAH grid took 6 min 42 s in
 2-core CPU (README), this stage not timed alone.
 """
 
-from longvila_jax.configs import MINIATURES, model_config
-from longvila_jax.configs.stages import context, set_length
+from longvila_jax.configs import MINIATURES
+from longvila_jax.configs.stages import context, training_stage
 from longvila_jax.parallel.schemes import host_degrees
 
 HOST_GPUS = 8  # the default mesh: one 8-GPU host
 
 
 def get_config(model: str = "qwen2_7b"):
-    config = model_config(model)
+    # Pairs are (miniature, at scale); see `training_stage` for what each key means.
+    config = training_stage(model, "long_sft", trainable=".*", seq_len=(512, 262144),
+                            num_frames=(32, 256), max_frames=(64, 1024), batch_size=(2, 32),
+                            learning_rate=(5e-4, 2e-5), steps=(600, 1000))
     mini = model in MINIATURES
-    config.train.update(
-        stage="long_sft",
-        trainable=".*",  # regular expressions over parameter paths
-        seq_len=512 if mini else 262144,  # tokens per packed row
-        num_frames=32 if mini else 256,  # frames sampled per video
-        max_frames=64 if mini else 1024,  # frames per packed row
-        batch_size=2 if mini else 32,  # rows per step
-    )
     context.extend_rope(config.model.llm, miniature=mini)  # it starts from stage 4's weights
     if not mini:
         config.model.remat = "full"
         llm = config.model.llm
         node, local = host_degrees(HOST_GPUS, (llm.num_heads, llm.num_kv_heads))
         config.parallel.update(node=node, local=local, attention="auto")
-    config.optim.learning_rate = 5e-4 if mini else 2e-5
-    set_length(config, 600 if mini else 1000, miniature=mini)
-    config.data.kind = "conversations"
-    config.data.sources = [dict(name="long_sft", jsonl="data/long_sft.jsonl",
-                                media_root="data", weight=1.0)]
     return config

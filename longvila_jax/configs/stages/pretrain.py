@@ -10,24 +10,11 @@ is learnt (every caption token depends on the image); the demo's five stages and
 grid took 6 min 42 s in all on a 2-core CPU (README), this stage not timed alone.
 """
 
-from longvila_jax.configs import MINIATURES, model_config
-from longvila_jax.configs.stages import set_length
+from longvila_jax.configs.stages import training_stage
 
 
 def get_config(model: str = "qwen2_7b"):
-    config = model_config(model)
-    mini = model in MINIATURES
-    config.train.update(
-        stage="pretrain",
-        trainable="^projector/,^llm/",  # regular expressions over parameter paths
-        seq_len=256 if mini else 4096,  # tokens per packed row
-        num_frames=4 if mini else 8,  # frames sampled per video
-        max_frames=16 if mini else 64,  # frames per packed row
-        batch_size=4 if mini else 256,  # rows per step
-    )
-    config.optim.learning_rate = 1e-3 if mini else 5e-5
-    set_length(config, 200 if mini else 5000, miniature=mini)
-    config.data.kind = "conversations"
-    config.data.sources = [dict(name="pretrain", jsonl="data/pretrain.jsonl",
-                                media_root="data", weight=1.0)]
-    return config
+    # Pairs are (miniature, at scale); see `training_stage` for what each key means.
+    return training_stage(model, "pretrain", trainable="^projector/,^llm/",
+                          seq_len=(256, 4096), num_frames=(4, 8), max_frames=(16, 64),
+                          batch_size=(4, 256), learning_rate=(1e-3, 5e-5), steps=(200, 5000))
