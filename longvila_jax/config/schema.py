@@ -131,7 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
     train.merge_lora = True  # fold LoRA adapters into the weights of the final checkpoint
     # A step whose loss, gradient norm or new state is not finite is never applied or
     # saved; "stop" ends the run there, "skip" goes on and stops after `nonfinite_limit`
-    # such steps in a row (or at once if an update overflowed the state).
+    # such steps in a row (and a state that an update overflowed is never saved).
     train.nonfinite = "stop"
     train.nonfinite_limit = 10
     # Write the samples each step consumed to <workdir>/samples/ (loop._SampleLog).

@@ -42,7 +42,12 @@ from longvila_jax.parallel.mmsp import loss_fn
 from longvila_jax.train import flops
 from longvila_jax.train.optimizer import schedule
 from longvila_jax.train.run_checkpoint import RunCheckpoints
-from longvila_jax.train.step import make_optimizer_state, make_train_step, trainable_filter
+from longvila_jax.train.step import (
+    make_optimizer_state,
+    make_train_step,
+    state_is_finite,
+    trainable_filter,
+)
 
 # The token that separates long-text documents, per chat family.
 END_OF_TEXT = {"qwen2": "<|endoftext|>", "llama": "<|end_of_text|>"}
@@ -276,7 +281,8 @@ def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> 
     """Steps from `start` to `optim.total_steps`. A step's metrics are read after the next
     step is dispatched, so the host decodes the next batch while the device computes
     instead of waiting for each step to finish; before a checkpoint (the last step always
-    saves) the step being saved is read too, so no save holds a step not yet checked."""
+    saves) the step being saved is read too and the state checked finite, so no save holds
+    a step not yet checked."""
     total = run.config.optim.total_steps
     pending = None
     for step in range(start, total):
@@ -288,7 +294,12 @@ def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> 
         if step + 1 == total or checkpoints.should_save(step + 1):
             reporter.report(*pending, data)
             pending = None
-            checkpoints.save(step + 1, _state(run), data, force=True)
+            state = _state(run)
+            if not state_is_finite(state):
+                raise _NonFinite(f"step {step + 1}: the parameters or optimizer state are not "
+                                 "finite although every step's loss and gradient norm were "
+                                 "(an update overflowed; learning rate too high?)")
+            checkpoints.save(step + 1, state, data, force=True)
             reporter.flush()
 
 
@@ -341,9 +352,6 @@ class _Reporter:
     def _check(self, step: int, out: dict) -> None:
         train = self._run.config.train
         values = f"loss {float(out['loss'])}, gradient norm {float(out['grad_norm'])}"
-        if not out["state_finite"]:
-            raise _NonFinite(f"step {step + 1}: the update made the parameters or optimizer "
-                             f"state non-finite ({values}; learning rate too high?)")
         if out["applied"]:
             self._in_a_row = 0
             return
