@@ -107,7 +107,10 @@ class Generator:
         stop = [s for s in stop if s]
 
         def done(row: int, row_ids: list[int]) -> bool:
-            return bool(stop) and _cut_at_stop(self.tokenizer.decode(row_ids), stop)[1]
+            # A trailing replacement character may be a character whose last bytes are
+            # still to come: it is not matched until it is complete.
+            text = self.tokenizer.decode(row_ids).rstrip("\ufffd")
+            return bool(stop) and _cut_at_stop(text, stop)[1]
 
         answers = self.engine.generate_ids(
             ids, table, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,

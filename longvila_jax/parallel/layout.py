@@ -45,10 +45,10 @@ class Layout:
 
     def lay_out(self, batch: Batch) -> Batch:
         """`batch`'s tokens in the scheme's order (positions keep the global order), frames
-        padded per row to a multiple of the group; host arrays, ready to shard as `SPEC`."""
-        rows = np.shape(batch.input_ids)[0]
-        if rows % self.data:
-            raise ValueError(f"layout: {rows} rows do not split over data={self.data}")
+        padded per row to a multiple of the group; host arrays, ready to shard as `SPEC`.
+
+        Rows are laid out one by one, so `batch` may be a process's share of the global
+        batch; that the global rows split over `data` is checked where they are assembled."""
         perm = self.permutation(np.shape(batch.input_ids)[1])
         tokens = {field.name: _permuted(getattr(batch, field.name), perm)
                   for field in dataclasses.fields(batch) if field.name != "frames"}

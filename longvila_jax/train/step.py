@@ -47,7 +47,7 @@ def make_train_step(loss, trainable=nnx.Param):
     decides whether to stop; reading these one step behind costs no host sync. A finite
     gradient can still overflow the state; `state_is_finite` checks it where it matters,
     before a checkpoint (checking it in the step cost a copy of the parameters: 6 GiB more
-    at Qwen2-1.5B's, bench/guard_probe.py).
+    at Qwen2-1.5B's: docs/benchmarks.md, "Non-finite guard").
 
     The model's and optimizer's arrays are donated: the step writes their new values over
     the old buffers, so float32 parameters and Adam moments (12 bytes per parameter) are

@@ -108,12 +108,17 @@ def test_bfloat16_embeddings_round_trip_through_disk(world, tmp_path):
     np.testing.assert_array_equal(np.asarray(again), np.asarray(first))
 
 
-def test_stop_strings_cut_the_answer(world):
+def test_stop_strings_cut_the_answer(world, monkeypatch):
+    """A random model may end its turn at once, so the end-of-turn tokens are off here and
+    every answer runs the full 24 tokens; the stop string is two decoded characters of it
+    (not a replacement character, which a later byte may still complete)."""
     generator, video = world["generator"], world["videos"][0]
+    monkeypatch.setattr(generator, "stop_ids", ())
     full = generator.generate("What colour is the shape?", video=video, num_frames=4,
                               max_new_tokens=24)[0]
-    assert len(full) > 6, full
-    stop = full[3:5]
+    starts = [i for i in range(1, len(full) - 1) if "\ufffd" not in full[i:i + 2]]
+    assert starts, repr(full)
+    stop = full[starts[0]:starts[0] + 2]
     cut = generator.generate("What colour is the shape?", video=video, num_frames=4,
                              max_new_tokens=24, stop=[stop])[0]
     assert cut == full[: full.index(stop)]
