@@ -67,7 +67,7 @@ def sweep(seq=32768):
     for name, configs in SWEEP.items():
         best = None
         for config in configs:
-            setattr(kernels, name, config)
+            setattr(kernels, name, kernels.Blocks(*config))
             fwd, fwd_bwd = functions("triton", {})
             try:
                 t = timed(fwd, q, k, v, reps=3) if name == "FWD" else timed(

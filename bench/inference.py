@@ -6,10 +6,20 @@ library's own engine (`infer/engine.py`) on the devices given by `--mesh`:
 
 - encode: vision tower + projector over every frame, frames spread over the devices;
 - prefill: the whole prompt through the LLM (KV cache kept, sharded), first token sampled;
-- decode: tokens/s of greedy cached decoding after that prompt (batch 1);
+- decode, `--decode-tokens` tokens after the first, in three shapes: one answer (greedy);
+  n = 8 sampled answers sharing the prompt's cache; B = 4 prompts (four videos' worth of
+  cache) x n = 8 answers. Tokens/s over all answers, and the fraction of the memory bound:
+  each step reads the LLM's weights and the prompts' KV caches once, at the device-to-device
+  copy bandwidth measured in the same run;
 - with `--questions Q`, at the first frame count only: answering Q questions (16 new tokens
   each) about one video with the embeddings cached (encode once) and without (encode per
   question).
+
+`--hf-dir DIR` also writes the model's LLM as a Hugging Face folder (`interop.write_hf`,
+the same random weights) and the first frame count's prompt embeddings there; `--hf DIR`,
+run next as its own process (so that torch has the GPU's memory), times Hugging Face
+transformers `generate` from those embeddings, batch 1 greedy and 8 sampled answers
+(`num_return_sequences`), the baseline a PyTorch user would pick.
 
 Each phase runs once to compile and is then timed once (a 2048-frame prefill on one GPU
 takes minutes). Rows are appended to `--json` as they finish, so a run cut short keeps what
@@ -22,9 +32,9 @@ memory analysis of the prefill fits `--memory-gib` per device, and runs each cou
 extrapolated quadratically from the last, still ends within SECONDS. It stops at whichever
 limit comes first and says which.
 
+  python bench/inference.py --model qwen2_7b --frames 256,1024 --json r.jsonl --hf-dir hf
+  python bench/inference.py --hf hf --json r.jsonl
   python bench/inference.py --model qwen2_7b --frames 256,1024,2048 --mesh 1,1,4 --json r.jsonl
-  CUDA_VISIBLE_DEVICES=0 python bench/inference.py --model qwen2_7b --frames 256,1024,2048 \
-      --mesh 1,1,1 --json r.jsonl
   python bench/inference.py --model qwen2_7b --frames 2048 --mesh 1,2,4 --longest 480
 """
 
@@ -33,13 +43,19 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from longvila_jax.checkpoint import build_model
 from longvila_jax.configs import model_config
+from longvila_jax.data.media import media_rows
 from longvila_jax.infer.engine import InferenceEngine
+from longvila_jax.interop.hf_export import write_hf
+from longvila_jax.models.longvila import splice_media
 from longvila_jax.parallel.mesh import make_mesh
 
 GIB = 1 << 30
@@ -60,7 +76,48 @@ def prompt(config, engine, frames: int, rng) -> np.ndarray:
                            text[1]]).astype(np.int32)
 
 
-def measure(engine, config, frames: int, args, questions: int, rng) -> dict:
+def copy_bandwidth() -> float:
+    """Bytes/s of a device-to-device copy on one device (a read and a write per byte): 4 GiB
+    on a GPU, far past its caches; 64 MiB elsewhere (tests on CPU)."""
+    gib = 4.0 if jax.default_backend() == "gpu" else 1 / 16
+    x = jnp.ones((int(gib * GIB) // 2,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(copy(x))
+    start = time.perf_counter()
+    for _ in range(5):
+        y = copy(x)
+    jax.block_until_ready(y)
+    return 2 * x.nbytes * 5 / (time.perf_counter() - start)
+
+
+def step_bytes(config, tokens: int, group: int) -> float:
+    """Bytes one decoding step reads per device: the LLM's weights (bf16; the embedding
+    table only a row per token, so not counted) and its share of `tokens` cached tokens."""
+    llm = config.model.llm
+    attention = llm.hidden_size * (llm.num_heads + 2 * llm.num_kv_heads) * llm.head_dim \
+        + llm.num_heads * llm.head_dim * llm.hidden_size
+    mlp = 3 * llm.hidden_size * llm.intermediate_size
+    head = 0 if llm.tie_embeddings else llm.hidden_size * llm.vocab_size
+    weights = 2 * (llm.num_layers * (attention + mlp) + head)
+    cache = 2 * 2 * llm.num_layers * llm.num_kv_heads * llm.head_dim * tokens / group
+    return weights + cache
+
+
+def decoding(engine, config, ids, prefilled, tokens: int, n: int, bandwidth):
+    """Tokens/s of `n` answers to each prompt of `prefilled` (from one prefill), and the
+    fraction of the bound: the time of `tokens + 1` new tokens less that of 1 (the first
+    comes from the prefill)."""
+    prompts = prefilled[0].shape[0]
+    hot = dict(temperature=1.0) if n > 1 else {}
+    times = [once(lambda new=new: engine.generate_ids_after(
+        prefilled, n=n, max_new_tokens=new, **hot))[0] for new in (1, tokens + 1)]
+    rate = prompts * n * tokens / (times[1] - times[0])
+    bound = prompts * n * bandwidth / step_bytes(config, prompts * len(ids), engine.group)
+    return {f"decode_{prompts}x{n}_tokens_per_s": rate,
+            f"decode_{prompts}x{n}_of_bound": rate / bound}
+
+
+def measure(engine, config, frames: int, args, questions: int, rng, bandwidth) -> dict:
     """One frame count's row (an error, out of memory included, is recorded as a result)."""
     size = config.model.vision.image_size
     pixels = rng.uniform(-1, 1, (frames, size, size, 3)).astype(np.float32)
@@ -70,9 +127,15 @@ def measure(engine, config, frames: int, args, questions: int, rng) -> dict:
         row["encode_s"], table = once(lambda: engine.encode(pixels))
         row["prefill_s"], _ = once(lambda: engine.generate_ids([ids], table, max_new_tokens=1))
         if args.decode_tokens:
-            n = args.decode_tokens + 1
-            total, _ = once(lambda: engine.generate_ids([ids], table, max_new_tokens=n))
-            row["decode_tokens_per_s"] = args.decode_tokens / (total - row["prefill_s"])
+            # B = 4 prompts, each reading its own copy of the video's embedding rows.
+            rows = table.shape[0] * table.shape[1]
+            for prompts, answers in ((1, (1, 8)), (4, (8,))):
+                prefilled = engine.prefill([ids] * prompts, jnp.concatenate([table] * prompts),
+                                           [i * rows for i in range(prompts)])
+                for n in answers:
+                    row.update(decoding(engine, config, ids, prefilled, args.decode_tokens, n,
+                                        bandwidth))
+                del prefilled
         if questions:
             asked = [prompt(config, engine, frames, rng) for _ in range(questions)]
 
@@ -88,7 +151,48 @@ def measure(engine, config, frames: int, args, questions: int, rng) -> dict:
             row["uncached_s"], _ = once(lambda: answer(False))
     except Exception as err:
         row["error"] = str(err).splitlines()[0][:200]
-    return row
+    return row, ids, (table if "encode_s" in row else None)
+
+
+def hf_baseline(folder: Path, tokens: int) -> list[dict]:
+    """Hugging Face transformers `generate` from the saved embeddings: batch 1 greedy and 8
+    sampled answers, decode tokens/s after the prefill (each timed on its second call)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder / "export" / "llm", dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    embeds = torch.from_numpy(np.load(folder / "prompt_embeds.npy")).to("cuda", torch.bfloat16)
+    with torch.inference_mode():  # CUDA and cuBLAS set-up, outside the timings
+        model.generate(inputs_embeds=embeds[:, :64], max_new_tokens=2, pad_token_id=0)
+    rows = []
+    for n in (1, 8):
+        def run(new, n=n):
+            with torch.inference_mode():
+                model.generate(inputs_embeds=embeds, max_new_tokens=new, min_new_tokens=new,
+                               do_sample=n > 1, temperature=1.0, top_p=1.0,
+                               num_return_sequences=n, eos_token_id=None, pad_token_id=0)
+            torch.cuda.synchronize()
+
+        row = {"bench": "inference_hf", "device": torch.cuda.get_device_name(),
+               "transformers": transformers.__version__, "torch": torch.__version__,
+               "tokens": embeds.shape[1], "answers": n}
+        try:  # one timed call each (a batch-8 prefill of a long prompt takes many seconds)
+            timings = []
+            for new in (1, tokens + 1):
+                start = time.perf_counter()
+                run(new)
+                timings.append(time.perf_counter() - start)
+            row["decode_tokens_per_s"] = n * tokens / (timings[1] - timings[0])
+            row["peak_gib"] = torch.cuda.max_memory_allocated() / GIB
+        except torch.OutOfMemoryError as err:
+            row["error"] = str(err).splitlines()[0][:200]
+        torch.cuda.empty_cache()
+        print(f"transformers {transformers.__version__}, {row['tokens']} tokens, {n} answers: "
+              + (f"{row['decode_tokens_per_s']:.1f} tok/s" if "error" not in row
+                 else row["error"]), flush=True)
+        rows.append(row)
+    return rows
 
 
 def run_once(engine, config, ids: np.ndarray, frames: int, rng) -> dict:
@@ -160,38 +264,64 @@ def main():
                         help="find the longest video that runs within SECONDS")
     parser.add_argument("--memory-gib", type=float, default=None,
                         help="per-device budget for --longest (default: device memory)")
+    parser.add_argument("--hf-dir", type=Path, default=None,
+                        help="write the HF baseline's weights and prompt here")
+    parser.add_argument("--hf", type=Path, default=None,
+                        help="time transformers generate from an --hf-dir folder (only)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+
+    def record(rows):
+        if args.json:
+            with open(args.json, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    if args.hf is not None:
+        record(hf_baseline(args.hf, args.decode_tokens))
+        return
     rng = np.random.default_rng(0)
     config = model_config(args.model)
     config.model.update(dtype="bfloat16", param_dtype="bfloat16")
     mesh = make_mesh(*map(int, args.mesh.split(",")))
-    engine = InferenceEngine(build_model(config), mesh=mesh, scheme=args.attention)
+    model = build_model(config)
+    if args.hf_dir is not None:  # the stacked weights, before the engine unstacks them
+        args.hf_dir.mkdir(parents=True, exist_ok=True)
+        write_hf(config, {path: np.asarray(value) for path, value in
+                          nnx.to_flat_state(nnx.state(model, nnx.Param))},
+                 args.hf_dir / "export", progress=False)
+    engine = InferenceEngine(model, mesh=mesh, scheme=args.attention)
     device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
-    print(f"{device}, jax {jax.__version__}, scheme {engine.scheme}, mesh {args.mesh}")
+    bandwidth = copy_bandwidth()
+    print(f"{device}, jax {jax.__version__}, scheme {engine.scheme}, mesh {args.mesh}, "
+          f"copy {bandwidth / 1e9:.0f} GB/s")
     meta = {"bench": "inference", "device": device, "jax": jax.__version__,
-            "model": args.model, "mesh": args.mesh, "scheme": engine.scheme}
+            "model": args.model, "mesh": args.mesh, "scheme": engine.scheme,
+            "copy_gb_s": bandwidth / 1e9, "decode_tokens": args.decode_tokens}
     if args.longest is not None:
         print(f"{'frames':>7} {'tokens':>9} {'prefill memory':>14}")
-        rows = [{**meta, "longest": True, **r} for r in longest(engine, config, args, rng)]
-        if args.json:
-            with open(args.json, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+        record([{**meta, "longest": True, **r} for r in longest(engine, config, args, rng)])
         return
-    print(f"{'frames':>7} {'tokens':>8} {'encode s':>9} {'prefill s':>10} {'decode tok/s':>13}")
     counts = [int(f) for f in args.frames.split(",")]
     for frames in counts:
-        row = {**meta, **measure(engine, config, frames, args,
-                         args.questions if frames == counts[0] else 0, rng)}
-        print(f"{frames:>7} {row['tokens']:>8} {row.get('encode_s', float('nan')):>9.2f} "
-              f"{row.get('prefill_s', float('nan')):>10.2f} "
-              f"{row.get('decode_tokens_per_s', float('nan')):>13.1f}"
+        row, ids, table = measure(engine, config, frames, args,
+                                  args.questions if frames == counts[0] else 0, rng, bandwidth)
+        row = {**meta, **row}
+        if args.hf_dir is not None and frames == counts[0] and table is not None:
+            embeds = splice_media(model.llm.embed(jnp.asarray(ids)[None]),
+                                  table.reshape(-1, table.shape[-1]),
+                                  jnp.asarray(media_rows(ids[None], model.media_token_id)))
+            np.save(args.hf_dir / "prompt_embeds.npy", np.asarray(embeds, np.float32))
+        decode = "  ".join(f"{p}x{n}: {row[f'decode_{p}x{n}_tokens_per_s']:.1f} tok/s "
+                           f"({row[f'decode_{p}x{n}_of_bound']:.0%} of bound)"
+                           for p, n in ((1, 1), (1, 8), (4, 8))
+                           if f"decode_{p}x{n}_tokens_per_s" in row)
+        print(f"{frames:>7} frames {row['tokens']:>8} tokens  encode "
+              f"{row.get('encode_s', float('nan')):.2f} s  prefill "
+              f"{row.get('prefill_s', float('nan')):.2f} s  {decode}"
               + (f"  {args.questions} questions: cached {row['cached_s']:.1f} s, uncached "
                  f"{row['uncached_s']:.1f} s" if "cached_s" in row else "")
               + (f"  {row['error']}" if "error" in row else ""), flush=True)
-        if args.json:
-            with open(args.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        record([row])
 
 
 if __name__ == "__main__":

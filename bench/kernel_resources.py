@@ -33,8 +33,8 @@ _F32 = {"lse", "lse2", "delta"}
 
 def compile_report(name: str, config, *, seq=32768, heads=32, kv_heads=8, head_dim=128,
                    causal=True) -> dict:
-    """ptxas facts for kernel `name` ('FWD', 'BWD_KV', 'BWD_Q') at `config` =
-    (BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    """ptxas facts for kernel `name` ('FWD', 'BWD_KV', 'BWD_Q') at `config`, a `Blocks` or a
+    plain (block_m, block_n, num_warps, num_stages) tuple."""
     fn = KERNELS[name]
     bm, bn, warps, stages = config
     const = dict(NB=1, SQ=seq, SKV=seq, H=heads, KH=kv_heads, D=head_dim,
@@ -82,7 +82,7 @@ def main():
 
     print(f"{'kernel':>7} {'config':>20} {'smem KB':>8} {'regs':>5} {'spill B':>8}  warnings")
     for name in KERNELS:
-        chosen = getattr(kernels, name)
+        chosen = tuple(getattr(kernels, name))  # plain, to print like the sweep's
         for config in dict.fromkeys([chosen, *SWEEP[name]]):
             r = compile_report(name, config)
             mark = "*" if config == chosen else " "

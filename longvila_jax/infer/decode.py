@@ -1,21 +1,29 @@
-"""Decoding with a KV cache: a chunk of tokens per call, the prompt cache staying sharded.
+"""Decoding with a KV cache: `n` answers per prompt from one prefilled cache, stopping on the
+device.
 
-The prompt's cache (`prefill.PromptCache`) is read-only and stays where prefill left it,
-sharded over the sequence group: each device attends the new token's query to its own shard
-and the partial results are merged exactly (`merge_over`). Generated tokens' keys and values
-go to a small replicated `tail` `[layers, batch, max_new, kv_heads, head_dim]`; writing them
-into the sharded cache instead would make every step move the whole cache. Everything else
-in a step (one token per row) is replicated.
+The prompts' cache (`prefill.PromptCache`, one row per prompt) is read-only and stays where
+prefill left it, sharded over the sequence group: each device attends the new tokens'
+queries to its own shard and the partial results are merged exactly (`merge_over`). A
+prompt's `n` answers are `n` query rows of that prompt's cache row (its positions and
+segment decide what they see), so they share it without copies. Each answer's generated
+keys and values go to its own small replicated tail, one `[rows, slots, kv_heads,
+head_dim]` array per layer; writing them into the sharded cache would make every step
+move the whole cache. Everything else in a step (one token per answer) is replicated.
 
-A call runs `steps` tokens in one `lax.scan`, so the host syncs once per chunk (to check stop
-strings), not once per token.
+A call decodes in a `lax.while_loop` until a given step or until every answer has emitted a
+stop id (checked on the device), so the host syncs once per call: once per generation, or
+once per chunk when it checks stop strings.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.infer.prefill import CACHE_SPECS
@@ -24,81 +32,172 @@ from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import merge, merge_over
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Where `n` answers to each of `batch` prompts stand (all replicated).
+
+    `step` tokens have been generated; `tokens` `[batch, n]` are the last of them, the next
+    step's inputs. `ids` and `logprobs` `[slots, batch, n]` hold every generated token and
+    its log-probability under the model (the full softmax of its logits, temperature 1:
+    what a policy-gradient update needs, whatever the sampler's temperature and top-p);
+    `logits` `[slots, batch, n, vocab]` the logits themselves when asked for (tests), else
+    None. `done` `[batch, n]`: the answer has ended (a stop id on the device, a stop string
+    by the host). `tail_k`/`tail_v`: per layer, the generated tokens' keys and values,
+    `[batch * n, slots, kv_heads, head_dim]`, slot i holding generated token i.
+    """
+
+    tokens: jax.Array
+    done: jax.Array
+    step: jax.Array
+    key: jax.Array
+    ids: jax.Array
+    logprobs: jax.Array
+    logits: jax.Array | None
+    tail_k: list[jax.Array]
+    tail_v: list[jax.Array]
+
+
 def sample(logits, key, temperature, top_p, banned: tuple[int, ...] = ()):
-    """Next tokens `[batch]` from float32 `logits` `[batch, vocab]`, never a `banned` id.
+    """Next tokens `[...]` from float32 `logits` `[..., vocab]`, never a `banned` id.
 
     `temperature` 0 is greedy (argmax); otherwise the logits are divided by it and the
     smallest set of most likely tokens whose probability reaches `top_p` is sampled from
     (nucleus sampling; `top_p` 1 keeps every token). Banned ids' logits are -inf first, so
-    the others share their probability as if the vocabulary lacked them.
+    the others share their probability as if the vocabulary lacked them. Only the branch
+    the scalars pick runs: greedy decoding never sorts the vocabulary.
     """
     if banned:
-        logits = logits.at[:, jnp.asarray(banned)].set(-jnp.inf)
-    greedy = jnp.argmax(logits, axis=-1)
-    scaled = logits / jnp.maximum(temperature, 1e-6)
-    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]
-    probs = jax.nn.softmax(ordered, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    # The most likely token is always kept; a token is kept while the mass before it < top_p.
-    kept = jnp.where(before < top_p, ordered, jnp.inf).min(axis=-1, keepdims=True)
-    drawn = jax.random.categorical(key, jnp.where(scaled >= kept, scaled, -jnp.inf), axis=-1)
-    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+        logits = logits.at[..., jnp.asarray(banned)].set(-jnp.inf)
+
+    def nucleus(scaled):
+        ordered = jnp.sort(scaled, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs
+        # The most likely token is always kept; a token is kept while the mass before it
+        # is below top_p.
+        kept = jnp.where(before < top_p, ordered, jnp.inf).min(axis=-1, keepdims=True)
+        return jnp.where(scaled >= kept, scaled, -jnp.inf)
+
+    def hot():
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        scaled = jax.lax.cond(top_p < 1, nucleus, lambda s: s, scaled)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature > 0, hot,
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
 
 
-def make_decode(graphdef, mesh, steps: int, with_logits: bool = False,
-                banned: tuple[int, ...] = ()):
-    """Jitted `decode(params, cache, tail_k, tail_v, tokens, start, key, temperature, top_p)`.
+def token_logprobs(logits, tokens):
+    """log softmax(`logits`)[`tokens`]: float32 `[...]` from `[..., vocab]` and `[...]`."""
+    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    `tokens` `[batch]` sit at positions `cache.lengths + start`; their keys and values go to
-    tail slot `start`, and so on for `steps` tokens, each `sample`d without the `banned` ids.
-    Returns `(tokens [steps, batch] sampled after each step, logits, tail_k, tail_v, key)`;
-    the tails are donated. `logits` are the model's float32 `[steps, batch, vocab]` for each
-    step with `with_logits` (banned ids' logits as the model gave them), else None (a 152K
-    vocabulary makes them the largest output of a step; only tests read them).
+
+def make_start(mesh, banned: tuple[int, ...] = ()):
+    """Jitted `start(logits, key, temperature, top_p, stop_ids, *, n, slots, kv_shape,
+    with_logits) -> DecodeState`: each prompt's first `n` tokens sampled from its prefill
+    `logits` `[batch, 1, vocab]`, with empty tails of `slots` slots (`kv_shape`: layers,
+    kv_heads, head_dim, dtype)."""
+
+    @functools.partial(jax.jit, static_argnames=("n", "slots", "kv_shape", "with_logits"),
+                       out_shardings=NamedSharding(mesh, P()))
+    def start(logits, key, temperature, top_p, stop_ids, *, n, slots, kv_shape, with_logits):
+        batch, vocab = logits.shape[0], logits.shape[-1]
+        logits = jnp.broadcast_to(logits[:, :1], (batch, n, vocab))
+        key, draw = jax.random.split(key)
+        tokens = sample(logits, draw, temperature, top_p, banned)
+        layers, kv_heads, head_dim, dtype = kv_shape
+        tail = [jnp.zeros((batch * n, slots, kv_heads, head_dim), dtype)
+                for _ in range(layers)]
+        return DecodeState(
+            tokens=tokens, done=jnp.isin(tokens, stop_ids), step=jnp.int32(1), key=key,
+            ids=jnp.zeros((slots, batch, n), jnp.int32).at[0].set(tokens),
+            logprobs=jnp.zeros((slots, batch, n), jnp.float32).at[0].set(
+                token_logprobs(logits, tokens)),
+            logits=jnp.zeros((slots, batch, n, vocab), jnp.float32).at[0].set(logits)
+            if with_logits else None,
+            tail_k=tail, tail_v=[jnp.zeros_like(t) for t in tail])
+
+    return start
+
+
+def make_decode(graphdef, mesh, banned: tuple[int, ...] = ()):
+    """Jitted `decode(params, cache, state, until, temperature, top_p, stop_ids) -> state`.
+
+    Generates tokens from `state` (donated) until `state.step` reaches `until` or every
+    answer is done: each step feeds the last tokens at positions `cache.lengths + step - 1`,
+    writes their keys and values to tail slot `step - 1` and samples the next (never a
+    `banned` id); an answer is done once it emits one of `stop_ids`.
     """
 
-    def local(params, cache, tail_k, tail_v, tokens, start, key, temperature, top_p):
+    def decode_chunk(params, cache, state, until, temperature, top_p, stop_ids):
         model = nnx.merge(graphdef, params)
-        batch, slots = tokens.shape[0], tail_k.shape[2]
-        # The tail's slots: generated tokens in order, each at its own position.
-        tail = Tokens(cache.lengths[:, None] + jnp.arange(slots, dtype=jnp.int32),
-                      jnp.zeros((batch, slots), jnp.int32))
+        batch, n = state.tokens.shape
+        rows = batch * n
+        slots = state.ids.shape[0]
         # Padding slots of the prompt cache get their own segment, so nothing sees them.
-        padding = (cache.positions >= cache.lengths[:, None]).astype(jnp.int32)
-        own_segment = jnp.zeros((batch, 1), jnp.int32)
+        prompt = Tokens(cache.positions,
+                        (cache.positions >= cache.lengths[:, None]).astype(jnp.int32))
+        row_lengths = jnp.repeat(cache.lengths, n)[:, None]
+        slot_ids = jnp.arange(slots, dtype=jnp.int32)[None]
+        zeros = jnp.zeros((rows, 1), jnp.int32)
 
-        def step(carry, _):
-            tail_k, tail_v, tokens, t, key = carry
-            new = Tokens((cache.lengths + t)[:, None], own_segment)
+        def step(state):
+            t = state.step - 1  # the input tokens' tail slot
+            positions = jnp.broadcast_to(cache.lengths[:, None] + t, (batch, n))
+            new = Tokens(positions, jnp.zeros((batch, n), jnp.int32))
+            row_q = Tokens(positions.reshape(rows, 1), zeros)
+            # Slots from t on are not written yet: a segment of their own hides them.
+            past = Tokens(row_lengths + slot_ids,
+                          jnp.broadcast_to((slot_ids >= t).astype(jnp.int32), (rows, slots)))
 
             def attend(q, k, v, mask, spec, layer_cache):
                 prompt_k, prompt_v, past_k, past_v = layer_cache
-                out, lse = flash_attention(q, prompt_k, prompt_v,
-                                           Mask(mask.q, Tokens(cache.positions, padding)), spec)
-                out, lse = merge_over(out, lse, SEQUENCE_AXES)
-                past_k = jax.lax.dynamic_update_slice_in_dim(past_k, k, t, axis=1)
-                past_v = jax.lax.dynamic_update_slice_in_dim(past_v, v, t, axis=1)
-                new_out, new_lse = flash_attention(q, past_k, past_v, Mask(mask.q, tail), spec)
-                return merge(out, lse, new_out, new_lse)[0].astype(q.dtype)
+                with jax.named_scope("prompt_attention"):
+                    out, lse = flash_attention(q, prompt_k, prompt_v, Mask(mask.q, prompt),
+                                               spec)
+                with jax.named_scope("merge"):
+                    out, lse = merge_over(out, lse, SEQUENCE_AXES)
+                with jax.named_scope("tail_attention"):
+                    per_row = [x.reshape(rows, 1, *x.shape[2:]) for x in (q, k, v)]
+                    past_out, past_lse = flash_attention(per_row[0], past_k, past_v,
+                                                         Mask(row_q, past), spec)
+                    own_out, own_lse = flash_attention(*per_row, Mask(row_q, row_q), spec)
+                    tail_out, tail_lse = merge(past_out, past_lse, own_out, own_lse)
+                    tail_out = tail_out.reshape(q.shape)
+                    tail_lse = tail_lse.reshape(batch, n, -1).transpose(0, 2, 1)
+                    return merge(out, lse, tail_out, tail_lse)[0].astype(q.dtype)
 
-            h, (k, v) = model.llm.hidden_states_and_kv(
-                model.llm.embed(tokens[:, None]), Mask(new, new), attend,
-                cache=(cache.k, cache.v, tail_k, tail_v))
-            tail_k = jax.lax.dynamic_update_slice_in_dim(tail_k, k.astype(tail_k.dtype), t, 2)
-            tail_v = jax.lax.dynamic_update_slice_in_dim(tail_v, v.astype(tail_v.dtype), t, 2)
-            logits = model.llm.logits(h[:, 0])
-            key, draw = jax.random.split(key)
-            tokens = sample(logits, draw, temperature, top_p, banned)
-            return (tail_k, tail_v, tokens, t + 1, key), (tokens,
-                                                          logits if with_logits else None)
+            layer_caches = list(zip(cache.k, cache.v, state.tail_k, state.tail_v, strict=True))
+            h, (ks, vs) = model.llm.hidden_states_and_kv(
+                model.llm.embed(state.tokens), Mask(new, new), attend, cache=layer_caches)
 
-        carry = (tail_k, tail_v, tokens, start, key)
-        (tail_k, tail_v, _, _, key), (out, logits) = jax.lax.scan(step, carry, length=steps)
-        return out, logits, tail_k, tail_v, key
+            def written(tails, news):
+                return [jax.lax.dynamic_update_slice_in_dim(
+                    tail, new_kv.reshape(rows, 1, *new_kv.shape[2:]).astype(tail.dtype), t, 1)
+                    for tail, new_kv in zip(tails, news, strict=True)]
 
-    sharded = jax.shard_map(
-        local, mesh=mesh,
-        in_specs=(P(), CACHE_SPECS, P(), P(), P(), P(), P(), P(), P()),
-        out_specs=(P(), P(), P(), P(), P()))
-    return jax.jit(sharded, donate_argnums=(2, 3))
+            with jax.named_scope("logits"):
+                logits = model.llm.logits(h)
+            key, draw = jax.random.split(state.key)
+            with jax.named_scope("sample"):
+                tokens = sample(logits, draw, temperature, top_p, banned)
+                logprobs = token_logprobs(logits, tokens)
+            g = state.step
+            return DecodeState(
+                tokens=tokens, done=state.done | jnp.isin(tokens, stop_ids), step=g + 1,
+                key=key, ids=state.ids.at[g].set(tokens),
+                logprobs=state.logprobs.at[g].set(logprobs),
+                logits=None if state.logits is None else state.logits.at[g].set(logits),
+                tail_k=written(state.tail_k, ks), tail_v=written(state.tail_v, vs))
 
+        def running(state):
+            return (state.step < until) & ~state.done.all()
+
+        return jax.lax.while_loop(running, step, state)
+
+    sharded = jax.shard_map(decode_chunk, mesh=mesh,
+                            in_specs=(P(), CACHE_SPECS, P(), P(), P(), P(), P()),
+                            out_specs=P())
+    return jax.jit(sharded, donate_argnums=(2,))

@@ -12,7 +12,7 @@ Everything here takes token ids and embedding tables; text, chat templates and v
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 
@@ -25,21 +25,34 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.data.batch import Batch
 from longvila_jax.data.media import media_rows
-from longvila_jax.infer.decode import make_decode, sample
+from longvila_jax.infer.decode import DecodeState, make_decode, make_start
 from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill, make_window_logits
 from longvila_jax.memory import planned_bytes
+from longvila_jax.models.layers import unstack
 from longvila_jax.models.longvila import LongVILA
 from longvila_jax.parallel.layout import Layout
 from longvila_jax.parallel.mesh import AXES, make_mesh
 from longvila_jax.parallel.schemes import resolve_scheme
 
 # Prompts are right-padded to a multiple of this times twice the group size (the zigzag
-# layout's unit), so prompts of similar length share one compiled prefill.
+# layout's unit), so prompts of similar length share one compiled prefill. Past
+# LONG_PROMPT tokens per device, to a multiple of LONG_BUCKET instead: each device's cache
+# shard is then a multiple of 512 tokens, which XLA's split-K products over the cache in
+# a decoding step need (at 50,560 tokens it padded a copy of every layer's values on each
+# step: 0.9 of 15.7 ms per token on one H200).
 SEQ_BUCKET = 64
+LONG_PROMPT = 8192
+LONG_BUCKET = 256
 
 
 class InferenceEngine:
-    """`model` replicated on `mesh` (default: every device in one Ulysses/ring group)."""
+    """`model` replicated on `mesh` (default: every device in one Ulysses/ring group).
+
+    The engine takes the model over: its LLM's stacked decoder layers become a list of
+    layers with weights of their own (`models.layers.unstack`; same function, so the model
+    stays usable), which decoding reads in place instead of copying each layer's slice of
+    the stack on every token.
+    """
 
     def __init__(self, model: LongVILA, *, mesh=None, scheme: str = "auto",
                  decode_chunk: int = 16):
@@ -49,13 +62,18 @@ class InferenceEngine:
                              f"{self.mesh.shape['data']} (prompts share one sequence group)")
         self.node, self.local = self.mesh.shape["node"], self.mesh.shape["local"]
         llm = model.llm.layers
+        if not isinstance(llm, nnx.List):
+            model.llm.layers = llm = unstack(llm)
+        layer = llm[0]
         self.scheme = resolve_scheme(scheme, self.node, self.local,
-                                     (llm.num_heads, llm.num_kv_heads))
+                                     (layer.num_heads, layer.num_kv_heads))
         self.layout = Layout(self.scheme, 1, self.node, self.local)
         self.media_token_id = model.media_token_id
         self.tokens_per_frame = model.media_tokens_per_frame if model.projector else 0
         self.hidden = model.llm.embed_tokens.shape[1]
         self.dtype = model.llm.dtype
+        # (layers, kv_heads, head_dim, dtype) of a KV cache
+        self.kv_shape = (len(llm), layer.num_kv_heads, layer.head_dim, jnp.dtype(self.dtype))
         self.decode_chunk = decode_chunk
         graphdef, params = nnx.split(model)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
@@ -65,9 +83,8 @@ class InferenceEngine:
         # A generated media placeholder would mean nothing (no frame fills it, and a later
         # pass over the text would take it for one), so decoding never emits it.
         banned = (self.media_token_id,)
-        self._decode = {logits: make_decode(graphdef, self.mesh, decode_chunk, logits, banned)
-                        for logits in (True, False)}
-        self._sample = jax.jit(functools.partial(sample, banned=banned))
+        self._start = make_start(self.mesh, banned)
+        self._decode = make_decode(graphdef, self.mesh, banned)
         frames = NamedSharding(self.mesh, P(AXES))
         self._encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_frames(x),
                                out_shardings=frames)
@@ -78,7 +95,8 @@ class InferenceEngine:
         return self.node * self.local
 
     def _padded_length(self, length: int) -> int:
-        unit = 2 * self.group * SEQ_BUCKET
+        long = length > LONG_PROMPT * self.group
+        unit = 2 * self.group * (LONG_BUCKET if long else SEQ_BUCKET)
         return math.ceil(length / unit) * unit
 
     def encode(self, frames: np.ndarray, frames_per_device: int = 64) -> jax.Array:
@@ -169,74 +187,113 @@ class InferenceEngine:
         return planned_bytes(self._prefill.lower(self.params, prompts, table, window).compile())
 
     def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
-                     media_offsets: Sequence[int] | None = None, *, max_new_tokens: int,
-                     temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                     stop_ids: Sequence[int] = (),
+                     media_offsets: Sequence[int] | None = None, *, n: int = 1,
+                     max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                     seed: int = 0, stop_ids: Sequence[int] = (),
                      done: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
-        """New token ids per prompt (prefill, then cached decoding, `decode_chunk` at a time).
+        """New token ids: `n` answers per prompt, prompt-major (answer j of prompt i is row
+        `i * n + j`), all `n` from the prompt's one prefilled cache.
 
         A row ends at its first `stop_ids` token (not included), when `done(row, ids)` says
         so (stop strings), or after `max_new_tokens`. No token is ever the media placeholder
-        id.
+        id. Greedy decoding (`temperature` 0) gives `n` equal answers.
         """
-        return self._generate(prompts, table, media_offsets, max_new_tokens, temperature,
-                              top_p, seed, stop_ids, done, keep_logits=False)[0]
+        return self._generate(self.prefill(prompts, table, media_offsets), n, max_new_tokens,
+                              temperature, top_p, seed, stop_ids, done, with_logits=False)[0]
+
+    def generate_ids_after(self, prefilled: tuple[jax.Array, PromptCache], *, n: int = 1,
+                           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                           seed: int = 0, stop_ids: Sequence[int] = (),
+                           done: Callable[[int, list[int]], bool] | None = None
+                           ) -> list[list[int]]:
+        """`generate_ids` from prompts already prefilled (`prefill`'s logits and cache, which
+        decoding only reads): sample them again without a second prefill."""
+        return self._generate(prefilled, n, max_new_tokens, temperature, top_p, seed,
+                              stop_ids, done, with_logits=False)[0]
+
+    def generate_ids_and_logprobs(self, prompts: Sequence[np.ndarray], table=None,
+                                  media_offsets: Sequence[int] | None = None, *, n: int = 1,
+                                  max_new_tokens: int, temperature: float = 0.0,
+                                  top_p: float = 1.0, seed: int = 0,
+                                  stop_ids: Sequence[int] = (),
+                                  done: Callable[[int, list[int]], bool] | None = None):
+        """`generate_ids` and each row's float32 log-probabilities of its tokens under the
+        model (log-softmax of its logits over the whole vocabulary at temperature 1, the
+        sampler's temperature, top-p and banned id aside): what RL's update compares."""
+        ids, logprobs, _ = self._generate(self.prefill(prompts, table, media_offsets), n,
+                                          max_new_tokens, temperature, top_p, seed, stop_ids,
+                                          done, with_logits=False)
+        return ids, logprobs
 
     def generate_ids_and_logits(self, prompts: Sequence[np.ndarray], table=None,
-                                media_offsets: Sequence[int] | None = None, *,
+                                media_offsets: Sequence[int] | None = None, *, n: int = 1,
                                 max_new_tokens: int, temperature: float = 0.0,
                                 top_p: float = 1.0, seed: int = 0,
                                 stop_ids: Sequence[int] = (),
                                 done: Callable[[int, list[int]], bool] | None = None):
-        """`generate_ids` and each row's float32 logits `[n, vocab]`: the model's at each of
-        its n tokens, unmasked; the token was drawn from them with the media placeholder's
-        logit at -inf (greedy: their argmax over every other id)."""
-        ids, steps = self._generate(prompts, table, media_offsets, max_new_tokens, temperature,
-                                    top_p, seed, stop_ids, done, keep_logits=True)
-        logits = np.concatenate(steps).transpose(1, 0, 2)
-        return ids, [logits[row, : len(r)] for row, r in enumerate(ids)]
+        """`generate_ids` and each row's float32 logits `[tokens, vocab]`: the model's at each
+        of its tokens, unmasked; the token was drawn from them with the media placeholder's
+        logit at -inf (greedy: their argmax over every other id). Tests compare them with
+        the full forward pass; a 152K vocabulary makes them too big to keep otherwise."""
+        ids, _, logits = self._generate(self.prefill(prompts, table, media_offsets), n,
+                                        max_new_tokens, temperature, top_p, seed, stop_ids,
+                                        done, with_logits=True)
+        return ids, logits
 
-    def _generate(self, prompts, table, media_offsets, max_new_tokens, temperature, top_p,
-                  seed, stop_ids, done, *, keep_logits: bool):
-        """(ids per row, the logits of every step when `keep_logits`)."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    def _generate(self, prefilled, n, max_new_tokens, temperature, top_p, seed, stop_ids,
+                  done, *, with_logits: bool):
+        """(ids, logprobs, logits or None) per row: from the prompts' prefill, sample each
+        one's `n` first tokens, then decode on the device; with `done`, a chunk at a time so
+        that the host can check stop strings, else in one call."""
+        if max_new_tokens < 1 or n < 1:
+            raise ValueError(f"need max_new_tokens >= 1 and n >= 1, got {max_new_tokens}, {n}")
         if temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
                              f"{top_p}")
-        logits, cache = self.prefill(prompts, table, media_offsets)
-        key, draw = jax.random.split(jax.random.key(seed))
+        logits, cache = prefilled
         temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
-        token = self._sample(logits[:, 0], draw, temperature, top_p)
+        stops = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
         slots = math.ceil(max_new_tokens / self.decode_chunk) * self.decode_chunk
-        tail_shape = (cache.k.shape[0], len(prompts), slots, *cache.k.shape[3:])
-        replicated = NamedSharding(self.mesh, P())
-        tail_k = jax.device_put(jnp.zeros(tail_shape, cache.k.dtype), replicated)
-        tail_v = jax.device_put(jnp.zeros(tail_shape, cache.k.dtype), replicated)
-        tokens = [np.asarray(token)[None]]
-        steps = [np.asarray(logits[:, 0])[None]] if keep_logits else []
-        produced, stop_ids = 1, set(stop_ids)
-        finished = np.zeros(len(prompts), bool)
+        state = self._start(logits, jax.random.key(seed), temperature, top_p, stops, n=n,
+                            slots=slots, kv_shape=self.kv_shape, with_logits=with_logits)
+        rows = logits.shape[0] * n
+        finished = np.zeros(rows, bool)
         while True:
-            ids = np.concatenate(tokens).T  # [batch, produced]
-            for row in np.flatnonzero(~finished):
-                row_ids = ids[row].tolist()
-                finished[row] = bool(stop_ids.intersection(row_ids)) or (
-                    done is not None and done(int(row), row_ids))
+            produced = int(state.step)
+            finished |= np.asarray(state.done).reshape(rows)
+            if done is not None:
+                ids = np.asarray(state.ids)[:produced].reshape(produced, rows).T
+                for row in np.flatnonzero(~finished):
+                    finished[row] = done(int(row), _until_stop(ids[row].tolist(), stop_ids))
             if finished.all() or produced >= max_new_tokens:
                 break
-            out, chunk_logits, tail_k, tail_v, key = self._decode[keep_logits](
-                self.params, cache, tail_k, tail_v, token, jnp.int32(produced - 1), key,
-                temperature, top_p)
-            token = out[-1]
-            tokens.append(np.asarray(out))
-            if keep_logits:
-                steps.append(np.asarray(chunk_logits))
-            produced += self.decode_chunk
-        ids = np.concatenate(tokens).T[:, :max_new_tokens]
-        results = []
-        for row in range(len(prompts)):
-            row_ids = ids[row].tolist()
-            cut = next((i for i, t in enumerate(row_ids) if t in stop_ids), len(row_ids))
-            results.append(row_ids[:cut])
-        return results, steps
+            if done is not None:
+                state = dataclasses.replace(state, done=jax.device_put(
+                    finished.reshape(state.done.shape), NamedSharding(self.mesh, P())))
+            until = max_new_tokens if done is None else min(produced + self.decode_chunk,
+                                                            max_new_tokens)
+            state = self._decode(self.params, cache, state, jnp.int32(until), temperature,
+                                 top_p, stops)
+        return self._rows(state, rows, produced, stop_ids, with_logits)
+
+    @staticmethod
+    def _rows(state: DecodeState, rows: int, produced: int, stop_ids, with_logits: bool):
+        """Per row: ids up to its first stop id, their log-probabilities, their logits."""
+        ids = np.asarray(state.ids)[:produced].reshape(produced, rows).T
+        logprobs = np.asarray(state.logprobs)[:produced].reshape(produced, rows).T
+        logits = np.asarray(state.logits)[:produced].reshape(produced, rows, -1) \
+            .transpose(1, 0, 2) if with_logits else None
+        out_ids, out_logprobs, out_logits = [], [], []
+        for row in range(rows):
+            kept = _until_stop(ids[row].tolist(), stop_ids)
+            out_ids.append(kept)
+            out_logprobs.append(logprobs[row, : len(kept)])
+            if with_logits:
+                out_logits.append(logits[row, : len(kept)])
+        return out_ids, out_logprobs, out_logits if with_logits else None
+
+
+def _until_stop(ids: list[int], stop_ids) -> list[int]:
+    """`ids` before the first of `stop_ids`."""
+    stops = set(stop_ids)
+    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)

@@ -1,12 +1,13 @@
-"""Answer text prompts about a video: what `longvila-jax generate` and the evaluations call.
+"""Answer text prompts about videos: what `longvila-jax generate` and the evaluations call.
 
     gen = Generator.from_checkpoint("demo/5_long_sft/final")
     gen.generate(["What colour is the shape shown in the video?"], video="clip.mp4",
                  num_frames=64)
 
-The video is sampled and encoded once (`VideoEmbeddingCache`, optionally on disk); each
-prompt becomes the model's chat template with the video's frames before the question,
-and the batch is prefilled over the mesh and decoded with the KV cache (`engine.py`).
+Each video is sampled and encoded once (`VideoEmbeddingCache`, optionally on disk); each
+prompt becomes the model's chat template with its video's frames before the question, and
+the batch, one video per prompt or one for all, is prefilled over the mesh once and decoded
+with the KV cache, `n` answers per prompt (`engine.py`).
 A row stops at the template's end-of-turn token, at any of the `stop` strings (cut off
 before it), or after `max_new_tokens`.
 """
@@ -17,6 +18,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import tokenizers
 
@@ -88,22 +90,42 @@ class Generator:
             frames_per_media=[num_frames] if num_frames else [], add_generation_prompt=True)
         return ids
 
-    def generate(self, prompts: str | Sequence[str], *, video: str | os.PathLike | None = None,
-                 num_frames: int = 8, fps: float | None = None, max_new_tokens: int = 128,
-                 temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (),
-                 seed: int = 0) -> list[str]:
-        """One answer per prompt (a single string is a batch of one), all about `video`
-        (sampled to `num_frames` frames; with `fps`, at that rate and at most that many)."""
+    def generate(self, prompts: str | Sequence[str], *,
+                 video: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                 num_frames: int = 8, fps: float | None = None, n: int = 1,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+                 stop: Sequence[str] = (), seed: int = 0) -> list[str]:
+        """`n` answers per prompt (a single string is a batch of one), prompt-major, all in
+        one prefill and one decoding: answer j of prompt i is item `i * n + j`.
+
+        `video` is one video for every prompt or a list with one per prompt (each sampled to
+        `num_frames` frames; with `fps`, at that rate and at most that many, and encoded
+        once however many prompts ask about it).
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise ValueError("generate: no prompts")
-        table, frames = None, 0
-        if video is not None:
-            if self.embeddings is None:
-                raise ValueError("generate: a video was given to a model without a vision tower")
-            table = self.embeddings.get(video, num_frames, fps)
-            frames = table.shape[0]
-        ids = [self.prompt_ids(p, frames) for p in prompts]
+        videos = [video] * len(prompts) if video is None or isinstance(video, str | os.PathLike) \
+            else list(video)
+        if len(videos) != len(prompts):
+            raise ValueError(f"generate: {len(videos)} videos for {len(prompts)} prompts")
+        tables, offsets, ids, rows, seen = [], [], [], 0, {}
+        for prompt, path in zip(prompts, videos, strict=True):
+            frames = 0
+            if path is not None:
+                if self.embeddings is None:
+                    raise ValueError("generate: a video was given to a model without a "
+                                     "vision tower")
+                if path not in seen:  # each video's rows once in the table
+                    table = self.embeddings.get(path, num_frames, fps)
+                    seen[path] = (rows, table.shape[0])
+                    tables.append(table)
+                    rows += table.shape[0] * table.shape[1]
+                frames = seen[path][1]
+            offsets.append(seen[path][0] if path is not None else 0)
+            ids.append(self.prompt_ids(prompt, frames))
+        table = None if not tables else tables[0] if len(tables) == 1 else jnp.concatenate(
+            [t.reshape(-1, t.shape[-1]) for t in tables])
         stop = [s for s in stop if s]
 
         def done(row: int, row_ids: list[int]) -> bool:
@@ -113,6 +135,6 @@ class Generator:
             return bool(stop) and _cut_at_stop(text, stop)[1]
 
         answers = self.engine.generate_ids(
-            ids, table, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, stop_ids=self.stop_ids, done=done)
+            ids, table, offsets, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, stop_ids=self.stop_ids, done=done if stop else None)
         return [_cut_at_stop(self.tokenizer.decode(a), stop)[0] for a in answers]

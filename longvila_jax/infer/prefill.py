@@ -29,8 +29,9 @@ from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.schemes import sequence_parallel_attention
 
 # Inference shares one sequence group among its prompts (no `data` axis over them).
-TOKENS = P(None, SEQUENCE_AXES)  # [batch, seq] sharded over the sequence group
-KV = P(None, None, SEQUENCE_AXES)  # [layers, batch, seq, kv_heads, head_dim]
+# [batch, seq] tokens, and each layer's [batch, seq, kv_heads, head_dim] keys and values,
+# sharded over the sequence group on seq.
+TOKENS = P(None, SEQUENCE_AXES)
 
 
 @jax.tree_util.register_dataclass
@@ -38,18 +39,19 @@ KV = P(None, None, SEQUENCE_AXES)  # [layers, batch, seq, kv_heads, head_dim]
 class PromptCache:
     """Keys and values of a prefilled batch of prompts, in the scheme's token layout.
 
-    `k`/`v` `[layers, batch, seq, kv_heads, head_dim]` and `positions` `[batch, seq]` (each
-    slot's global position) are sharded over the sequence group on `seq`; `lengths` `[batch]`
+    `k`/`v` hold one `[batch, seq, kv_heads, head_dim]` array per layer (each read in place
+    by decoding, see `models.layers.unstack`), `positions` `[batch, seq]` each slot's
+    global position; all are sharded over the sequence group on `seq`. `lengths` `[batch]`
     are the prompt lengths, so slots at positions >= length are padding.
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: list[jax.Array]
+    v: list[jax.Array]
     positions: jax.Array
     lengths: jax.Array
 
 
-CACHE_SPECS = PromptCache(k=KV, v=KV, positions=TOKENS, lengths=P())
+CACHE_SPECS = PromptCache(k=TOKENS, v=TOKENS, positions=TOKENS, lengths=P())
 
 
 def make_prefill(graphdef, mesh, scheme: str):
@@ -58,11 +60,12 @@ def make_prefill(graphdef, mesh, scheme: str):
     `batch` is a laid-out `data.batch.Batch` (its `media_rows` index `table`, no targets, no
     frames), sharded as `TOKENS`; `table` `[rows, hidden]` holds frame embeddings
     (replicated); `window` `[batch, w]` global positions whose logits are returned, float32
-    `[batch, w, vocab]`; k/v are sharded as `KV`. `params` are replicated over `mesh`.
+    `[batch, w, vocab]`; k/v (lists over layers) are sharded as `TOKENS`. `params` are
+    replicated over `mesh`, with the LLM's layers `unstack`ed.
     `scheme` is a resolved scheme ('none' for a group of one).
     """
     return jax.jit(jax.shard_map(_pass(graphdef, scheme), mesh=mesh, in_specs=IN_SPECS,
-                                 out_specs=(P(), KV, KV)))
+                                 out_specs=(P(), TOKENS, TOKENS)))
 
 
 def make_window_logits(graphdef, mesh, scheme: str):

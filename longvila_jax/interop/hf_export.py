@@ -36,9 +36,8 @@ def _write_json(path: Path, data: dict):
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _copy_tokenizer(ckpt: Path, dst: Path):
-    src = ckpt / "tokenizer"
-    if src.is_dir():
+def _copy_tokenizer(src: Path | None, dst: Path):
+    if src is not None and src.is_dir():
         for file in src.iterdir():
             shutil.copy2(file, dst / file.name)
 
@@ -50,13 +49,23 @@ def export_hf(ckpt, out, *, fmt: str = "longvila", max_shard_bytes: int = SHARD_
         raise ValueError(f"export format {fmt!r}: expected one of {FORMATS}")
     ckpt = Path(ckpt)
     ensure_new_path(out)
-    config = load_config(ckpt)
+    return write_hf(load_config(ckpt), load_params(ckpt), out, fmt=fmt,
+                    tokenizer=ckpt / "tokenizer", max_shard_bytes=max_shard_bytes,
+                    progress=progress, source=str(ckpt))
+
+
+def write_hf(config, params: dict, out, *, fmt: str = "longvila", tokenizer: Path | None = None,
+             max_shard_bytes: int = SHARD_BYTES, progress: bool = True,
+             source: str = "model") -> Path:
+    """`export_hf` of parameters in memory (`{path tuple: array}` as `load_params` gives
+    them, layers stacked) under `config`: the same random weights in both frameworks for a
+    baseline, without writing our checkpoint first."""
+    ensure_new_path(out)
     model = config.model
     if fmt == "llava" and (not model.vision.enabled or model.projector.type != "mlp2x_gelu"):
-        raise CheckpointError(f"{ckpt}: --format llava needs a vision model with an "
+        raise CheckpointError(f"{source}: --format llava needs a vision model with an "
                               f"mlp2x_gelu projector (this one: {model.projector.type!r}, "
                               f"vision enabled={model.vision.enabled})")
-    params = load_params(ckpt)
     dtype = str(next(iter(params.values())).dtype)
     llm_cfg = {**L.llm_config_to_hf(model.llm), "dtype": dtype, "torch_dtype": dtype}
     vis_cfg = {**L.vision_config_to_hf(model.vision), "dtype": dtype, "torch_dtype": dtype}
@@ -78,7 +87,7 @@ def export_hf(ckpt, out, *, fmt: str = "longvila", max_shard_bytes: int = SHARD_
         if not model.vision.enabled:
             write_sharded(llm_tensors("model.", ""), tmp, **shard)
             _write_json(tmp / "config.json", llm_cfg)
-            _copy_tokenizer(ckpt, tmp)
+            _copy_tokenizer(tokenizer, tmp)
         elif fmt == "longvila":
             for sub in ("llm", "vision_tower", "mm_projector"):
                 (tmp / sub).mkdir()
@@ -103,7 +112,7 @@ def export_hf(ckpt, out, *, fmt: str = "longvila", max_shard_bytes: int = SHARD_
                 "longvila_jax": {"media_token_id": model.media.media_token_id,
                                  "newline_token_id": model.media.newline_token_id},
             })
-            _copy_tokenizer(ckpt, tmp / "llm")
+            _copy_tokenizer(tokenizer, tmp / "llm")
         else:
             tensors = [llm_tensors("language_model.model.", "language_model."),
                        _tensors(params, *groups[1], "vision_tower.", patch, bar),
@@ -120,6 +129,6 @@ def export_hf(ckpt, out, *, fmt: str = "longvila", max_shard_bytes: int = SHARD_
                 "multimodal_projector_bias": True,
                 "tie_word_embeddings": model.llm.tie_embeddings, "dtype": dtype,
             })
-            _copy_tokenizer(ckpt, tmp)
+            _copy_tokenizer(tokenizer, tmp)
         bar.close()
     return Path(out)

@@ -6,7 +6,8 @@ hidden, fully visible or partial, and give each program three loop ranges: a mas
 a branch-free middle of fully visible tiles (which Triton can software-pipeline), and a
 masked tail. Hidden tiles inside the masked ranges are skipped by a per-tile test. So causal
 attention costs about half of dense, and packed short documents close to the sum of their
-own squares.
+own squares. One driver, `_walk`, runs those three loops for every kernel; each kernel
+gives it only its per-tile body.
 
 Layouts match the API: q/out/dq `[b, sq, h, d]`, k/v/dk/dv `[b, skv, kh, d]`, lse `[b, h, sq]`.
 GQA: query head h reads K/V head h // (h // kh); dK/dV programs loop over the group's query
@@ -16,6 +17,7 @@ heads, so K/V are never repeated and no atomics are needed.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,22 @@ import triton.language as tl
 from longvila_jax.kernels.tiles import schedule
 
 LOG2E = math.log2(math.e)
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel, for head_dim 64/128 on Hopper.
-# Picked by `bench/attention.py --sweep` at 32K on an H200 (bench/NOTES.md).
-FWD = (128, 128, 8, 3)
-BWD_KV = (64, 128, 8, 2)
-BWD_Q = (128, 128, 8, 2)
+
+
+class Blocks(NamedTuple):
+    """One kernel's launch shape: a [block_m q rows, block_n kv rows] tile, warps, stages."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Per kernel, for head_dim 64/128 on Hopper. Picked by `bench/attention.py --sweep` at 32K on
+# an H200 (bench/NOTES.md).
+FWD = Blocks(block_m=128, block_n=128, num_warps=8, num_stages=3)
+BWD_KV = Blocks(block_m=64, block_n=128, num_warps=8, num_stages=2)
+BWD_Q = Blocks(block_m=128, block_n=128, num_warps=8, num_stages=2)
 
 
 @triton.jit
@@ -60,22 +73,46 @@ def _plan(ranges, b, r, n, NB: tl.constexpr):
 
 
 @triton.jit
-def _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB: tl.constexpr,
-                    CAUSAL: tl.constexpr):
-    """The first kv tile >= j that q tile i may see (a scalar search: no matrix work in the
-    loop, so the tile loops that call it stay free of branches around wgmma)."""
-    while _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-        j += 1
-    return j
+def _next_visible(q_stats, kv_stats, b, fixed, t, nq, nk, NB: tl.constexpr,
+                  CAUSAL: tl.constexpr, OVER_Q: tl.constexpr):
+    """The first tile t' >= t that meets tile `fixed`: q tiles with OVER_Q, else kv tiles (a
+    scalar search: no matrix work in the loop, so the tile loops stay free of branches around
+    wgmma)."""
+    if OVER_Q:
+        while _hidden(q_stats, kv_stats, b, t, fixed, nq, nk, NB, CAUSAL):
+            t += 1
+    else:
+        while _hidden(q_stats, kv_stats, b, fixed, t, nq, nk, NB, CAUSAL):
+            t += 1
+    return t
 
 
 @triton.jit
-def _next_kv_visible(q_stats, kv_stats, b, i, j, nq, nk, NB: tl.constexpr,
-                     CAUSAL: tl.constexpr):
-    """The first q tile >= i that may see kv tile j."""
-    while _hidden(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL):
-        i += 1
-    return i
+def _walk(TILE: tl.constexpr, state, ctx, plan, q_stats, kv_stats, b, fixed, nq, nk,
+          NB: tl.constexpr, CAUSAL: tl.constexpr, OVER_Q: tl.constexpr):
+    """Fold `state = TILE(state, t, MASKED, *ctx)` over the tiles t that tile `fixed` meets:
+    kv tiles of q tile `fixed`, or with OVER_Q q tiles of kv tile `fixed`; `plan` is its row
+    of `_plan`. Callers write `ctx` as a tuple literal: assigned to a name first, its
+    constexprs would become tensors.
+
+    MASKED is a compile-time constant per loop, so the middle loop of fully visible tiles
+    has no branch around its matrix products and Triton software-pipelines it (a runtime
+    branch there serialised every wgmma: bench/NOTES.md, v6).
+    """
+    lo, full_lo, full_hi, n_head, n_tail = plan
+    t = lo
+    for _ in range(n_head):
+        t = _next_visible(q_stats, kv_stats, b, fixed, t, nq, nk, NB, CAUSAL, OVER_Q)
+        state = TILE(state, t, True, *ctx)
+        t += 1
+    for t in range(full_lo, full_hi):
+        state = TILE(state, t, False, *ctx)
+    t = full_hi
+    for _ in range(n_tail):
+        t = _next_visible(q_stats, kv_stats, b, fixed, t, nq, nk, NB, CAUSAL, OVER_Q)
+        state = TILE(state, t, True, *ctx)
+        t += 1
+    return state
 
 
 @triton.jit
@@ -111,10 +148,12 @@ def _visibility(qp, qs, kp, ks, n_ok, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d, d_ok,
-              scale_log2, SKV: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
-              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-              EVEN_D: tl.constexpr, WIDE_KV: tl.constexpr):
+def _fwd_tile(state, j, MASKED: tl.constexpr, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, offs_d,
+              d_ok, scale_log2, SKV: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
+              BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+              WIDE_KV: tl.constexpr):
+    """Online softmax of q tile `qt` over kv tile j: state (m_i, l_i, acc) -> updated."""
+    m_i, l_i, acc = state
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < SKV
     kv_rows = _offsets(b * SKV + j * BLOCK_N, BLOCK_N, KH * D, kh * D, offs_d, WIDE_KV)
@@ -138,7 +177,7 @@ def _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d,
     l_i = l_i * alpha + tl.sum(p, 1)
     # Accumulate in the matrix unit's accumulator (no separate add of two register tiles).
     acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None])
-    return acc, m_new, l_i
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -167,25 +206,11 @@ def _fwd_kernel(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_stats, kv_stats, ranges
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, n_head, n_tail = _plan(ranges, b, i, nq, NB)
-    j = lo
-    for _ in range(n_head):
-        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
-                                  offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
-                                  EVEN_D, WIDE_KV)
-        j += 1
-    for j in range(full_lo, full_hi):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
-                                  offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, False, CAUSAL,
-                                  EVEN_D, WIDE_KV)
-    j = full_hi
-    for _ in range(n_tail):
-        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
-                                  offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL,
-                                  EVEN_D, WIDE_KV)
-        j += 1
+    m_i, l_i, acc = _walk(_fwd_tile, (m_i, l_i, acc),
+                          (qt, qp, qs, k, v, kv_pos, kv_seg, b, kh, offs_d, d_ok, scale_log2,
+                           SKV, KH, D, BLOCK_N, CAUSAL, EVEN_D, WIDE_KV),
+                          _plan(ranges, b, i, nq, NB), q_stats, kv_stats, b, i, nq, nk, NB,
+                          CAUSAL, False)
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     o = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
@@ -206,7 +231,7 @@ def _common(q, k, causal, scale):
 def forward(q, k, v, mask, spec):
     b, sq, h, _ = q.shape
     causal, scale = spec.causal, spec.scale
-    bm, bn, warps, stages = FWD
+    bm, bn = FWD.block_m, FWD.block_n
     ints = [x.astype(jnp.int32) for x in mask.arrays()]
     q_stats, kv_stats, ranges = schedule(*ints, causal, bm, bn, over_q=False)
     return jt.triton_call(
@@ -214,7 +239,7 @@ def forward(q, k, v, mask, spec):
         kernel=_fwd_kernel,
         out_shape=(jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((b, h, sq), jnp.float32)),
-        grid=(triton.cdiv(sq, bm), b * h), num_warps=warps, num_stages=stages,
+        grid=(triton.cdiv(sq, bm), b * h), num_warps=FWD.num_warps, num_stages=FWD.num_stages,
         BLOCK_M=bm, BLOCK_N=bn, **_common(q, k, causal, scale))
 
 
@@ -222,10 +247,12 @@ def forward(q, k, v, mask, spec):
 
 
 @triton.jit
-def _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta, q_pos, q_seg, b, h, i,
-                 offs_d, d_ok, n_ok, scale_log2, SQ: tl.constexpr, H: tl.constexpr,
-                 D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+def _bwd_kv_tile(state, i, MASKED: tl.constexpr, kt, vt, kp, ks, q, do, lse2, delta, q_pos,
+                 q_seg, b, h, offs_d, d_ok, n_ok, scale_log2, SQ: tl.constexpr,
+                 H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                  CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, WIDE_Q: tl.constexpr):
+    """Gradients of kv tile (kt, vt) from q tile i of head h: state (dk_acc, dv_acc)."""
+    dk_acc, dv_acc = state
     offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < SQ
     q_rows = _offsets(b * SQ + i * BLOCK_M, BLOCK_M, H * D, h * D, offs_d, WIDE_Q)
@@ -277,40 +304,25 @@ def _bwd_kv_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_sta
     ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
     dk_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, n_head, n_tail = _plan(ranges, b, j, nk, NB)
+    plan = _plan(ranges, b, j, nk, NB)
     for g in range(G):
-        h = kh * G + g
-        i = lo
-        for _ in range(n_head):
-            i = _next_kv_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-            dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta,
-                                          q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
-                                          scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D,
-                                          WIDE_Q)
-            i += 1
-        for i in range(full_lo, full_hi):
-            dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta,
-                                          q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
-                                          scale_log2, SQ, H, D, BLOCK_M, False, CAUSAL, EVEN_D,
-                                          WIDE_Q)
-        i = full_hi
-        for _ in range(n_tail):
-            i = _next_kv_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-            dk_acc, dv_acc = _bwd_kv_tile(dk_acc, dv_acc, kt, vt, kp, ks, q, do, lse2, delta,
-                                          q_pos, q_seg, b, h, i, offs_d, d_ok, n_ok,
-                                          scale_log2, SQ, H, D, BLOCK_M, True, CAUSAL, EVEN_D,
-                                          WIDE_Q)
-            i += 1
+        dk_acc, dv_acc = _walk(_bwd_kv_tile, (dk_acc, dv_acc),
+                               (kt, vt, kp, ks, q, do, lse2, delta, q_pos, q_seg, b, kh * G + g,
+                                offs_d, d_ok, n_ok, scale_log2, SQ, H, D, BLOCK_M, CAUSAL,
+                                EVEN_D, WIDE_Q),
+                               plan, q_stats, kv_stats, b, j, nq, nk, NB, CAUSAL, True)
     mask = n_ok[:, None] & d_ok[None, :]
     tl.store(dk + kv_rows, (dk_acc * scale).to(dk.dtype.element_ty), mask=mask)
     tl.store(dv + kv_rows, dv_acc.to(dv.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j, offs_d, d_ok,
-                scale_log2, SKV: tl.constexpr, KH: tl.constexpr, D: tl.constexpr,
-                BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+def _bwd_q_tile(state, j, MASKED: tl.constexpr, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg,
+                b, kh, offs_d, d_ok, scale_log2, SKV: tl.constexpr, KH: tl.constexpr,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
                 EVEN_D: tl.constexpr, WIDE_KV: tl.constexpr):
+    """Gradient of q tile `qt` from kv tile j: state (dq_acc,)."""
+    (dq_acc,) = state
     offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < SKV
     kv_rows = _offsets(b * SKV + j * BLOCK_N, BLOCK_N, KH * D, kh * D, offs_d, WIDE_KV)
@@ -322,7 +334,7 @@ def _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j
         ks = tl.load(kv_seg + b * SKV + offs_n, mask=n_ok, other=0)
         p = tl.where(_visibility(qp, qs, kp, ks, n_ok, CAUSAL), p, 0.0)
     ds = p * (tl.dot(dot_, tl.trans(vt)) - dl[:, None])
-    return tl.dot(ds.to(kt.dtype), kt, dq_acc)
+    return (tl.dot(ds.to(kt.dtype), kt, dq_acc),)
 
 
 @triton.jit
@@ -352,25 +364,11 @@ def _bwd_q_kernel(q, k, v, do, lse2, delta, q_pos, kv_pos, q_seg, kv_seg, q_stat
     qp = tl.load(q_pos + b * SQ + offs_m, mask=m_ok, other=0)
     qs = tl.load(q_seg + b * SQ + offs_m, mask=m_ok, other=0)
     dq_acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    lo, full_lo, full_hi, n_head, n_tail = _plan(ranges, b, i, nq, NB)
-    j = lo
-    for _ in range(n_head):
-        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-        dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
-                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL, EVEN_D,
-                             WIDE_KV)
-        j += 1
-    for j in range(full_lo, full_hi):
-        dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
-                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, False, CAUSAL, EVEN_D,
-                             WIDE_KV)
-    j = full_hi
-    for _ in range(n_tail):
-        j = _next_q_visible(q_stats, kv_stats, b, i, j, nq, nk, NB, CAUSAL)
-        dq_acc = _bwd_q_tile(dq_acc, qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, j,
-                             offs_d, d_ok, scale_log2, SKV, KH, D, BLOCK_N, True, CAUSAL, EVEN_D,
-                             WIDE_KV)
-        j += 1
+    (dq_acc,) = _walk(_bwd_q_tile, (dq_acc,),
+                      (qt, dot_, l2, dl, qp, qs, k, v, kv_pos, kv_seg, b, kh, offs_d, d_ok,
+                       scale_log2, SKV, KH, D, BLOCK_N, CAUSAL, EVEN_D, WIDE_KV),
+                      _plan(ranges, b, i, nq, NB), q_stats, kv_stats, b, i, nq, nk, NB, CAUSAL,
+                      False)
     tl.store(dq + q_rows, (dq_acc * scale).to(dq.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
@@ -390,19 +388,19 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     common = dict(**_common(q, k, causal, scale), scale=float(scale))
     inputs = (q, k, v, d_out, lse2, delta, *ints)
 
-    bm, bn, warps, stages = BWD_KV
+    bm, bn = BWD_KV.block_m, BWD_KV.block_n
     dk, dv = jt.triton_call(
         *inputs, *schedule(*ints, causal, bm, bn, over_q=True),
         kernel=_bwd_kv_kernel,
         out_shape=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(triton.cdiv(skv, bn), b * kh), num_warps=warps, num_stages=stages,
-        BLOCK_M=bm, BLOCK_N=bn, **common)
+        grid=(triton.cdiv(skv, bn), b * kh), num_warps=BWD_KV.num_warps,
+        num_stages=BWD_KV.num_stages, BLOCK_M=bm, BLOCK_N=bn, **common)
 
-    bm, bn, warps, stages = BWD_Q
+    bm, bn = BWD_Q.block_m, BWD_Q.block_n
     dq = jt.triton_call(
         *inputs, *schedule(*ints, causal, bm, bn, over_q=False),
         kernel=_bwd_q_kernel,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(triton.cdiv(sq, bm), b * h), num_warps=warps, num_stages=stages,
-        BLOCK_M=bm, BLOCK_N=bn, **common)
+        grid=(triton.cdiv(sq, bm), b * h), num_warps=BWD_Q.num_warps,
+        num_stages=BWD_Q.num_stages, BLOCK_M=bm, BLOCK_N=bn, **common)
     return dq, dk, dv

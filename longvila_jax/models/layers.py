@@ -122,7 +122,21 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = 
     given, maps one layer's parameter state (sharded, FSDP) to the full state inside the
     scanned step, so only one layer is ever gathered, and under remat the backward gathers
     it again instead of keeping it.
+
+    Layers `unstack`ed for inference run in a Python loop instead: `xs` and `ys` are then
+    lists with one entry per layer.
     """
+    policy = remat_policy(remat)
+    if isinstance(layers, nnx.List):
+        if gather is not None:
+            raise ValueError("scan_layers: unstacked layers are for inference (no gather)")
+        step = body if policy is None else jax.checkpoint(body, prevent_cse=False,
+                                                          policy=policy)
+        ys = []
+        for i, layer in enumerate(layers[:count]):
+            x, y = step(layer, x, None if xs is None else xs[i])
+            ys.append(y)
+        return x, ys
     graphdef, state = nnx.split(layers)
     if count is not None:
         state = jax.tree.map(lambda a: a[:count], state)
@@ -133,10 +147,29 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = 
             layer_state = gather(layer_state)
         return body(nnx.merge(graphdef, layer_state), carry, layer_xs)
 
-    policy = remat_policy(remat)
     if policy is not None:
         step = jax.checkpoint(step, prevent_cse=False, policy=policy)
     return jax.lax.scan(step, x, (state, xs))
+
+
+def unstack(layers: nnx.Module) -> nnx.List:
+    """A stacked module's layers as a list of modules, each with parameters of its own.
+
+    For decoding: a scan over stacked weights slices each layer's weights out of the stack
+    on every step, and XLA copies the slice before the matrix product reads it (measured on
+    one H200 with Qwen2-7B: 6.5 of 15.7 ms per token). Separate arrays are read in place.
+    """
+    graphdef, state = nnx.split(layers)
+    count = jax.tree.leaves(state)[0].shape[0]
+    modules = [nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+               for i in range(count)]
+    for module in modules:  # the layer axis is gone from every parameter's names too
+        for _, variable in nnx.iter_graph(module):
+            names = variable.get_metadata().get("out_sharding") \
+                if isinstance(variable, nnx.Variable) else None
+            if names and names[0] == STACKED:
+                variable.set_metadata(out_sharding=names[1:])
+    return nnx.List(modules)
 
 
 def stacked(num_layers: int, make, rngs: nnx.Rngs):

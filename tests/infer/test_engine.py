@@ -136,12 +136,73 @@ def test_sequence_parallel_prefill_and_decoding_match_one_device(world, mesh, sc
             sharded = np.asarray(getattr(cache_8, name))[:, row, order[:n]]
             single = np.asarray(getattr(cache_1, name))[:, row, :n]
             np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-4)
-    assert len(cache_8.k.sharding.device_set) == 8
+    assert len(cache_8.k[0].sharding.device_set) == 8
     ids_1, dec_1 = one.generate_ids_and_logits(prompts, table, max_new_tokens=18)
     ids_8, dec_8 = sp.generate_ids_and_logits(prompts, table, max_new_tokens=18)
     assert ids_8 == ids_1
     for a, b in zip(dec_8, dec_1, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
+    # Two sampled answers per prompt from the sharded cache: the full forward pass's logits.
+    sampled, logits = sp.generate_ids_and_logits(prompts, table, n=2, max_new_tokens=8,
+                                                 temperature=1.0, seed=heads)
+    for row, (got, got_logits) in enumerate(zip(sampled, logits, strict=True)):
+        full = _teacher_forced(model, prompts[row // 2], world["frames"], got)
+        np.testing.assert_allclose(got_logits, full, rtol=2e-4, atol=2e-4)
+
+
+def _teacher_forced(model, prompt, frames, got) -> np.ndarray:
+    """The full forward pass's float32 logits at each of `got`'s steps after `prompt` (its
+    media positions filled from `frames`; generated ids embedded as text)."""
+    x = jnp.concatenate([model.embed(jnp.asarray(prompt)[None], jnp.asarray(frames)),
+                         model.llm.embed(jnp.asarray(got, jnp.int32)[None])], axis=1)
+    return np.asarray(model.llm.from_embeddings(x)[0])[len(prompt) - 1:][: len(got)]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    return z - z.max(-1, keepdims=True) - np.log(np.exp(z - z.max(-1, keepdims=True))
+                                                 .sum(-1, keepdims=True))
+
+
+def test_answers_sharing_a_prompt_each_see_their_own_tokens(world, rng):
+    """n = 3 sampled answers per prompt from one cache: each answer's logits are the full
+    forward pass over its prompt and its own tokens (so no answer sees another's), and its
+    log-probabilities are that pass's log-softmax (temperature 1) at its tokens; greedy
+    answers sharing a prompt are the prompt's greedy answer."""
+    one, prompts, table, model = world["one"], world["prompts"], world["table"], world["model"]
+    hot = dict(n=3, max_new_tokens=10, temperature=2.0, top_p=0.9,
+               seed=int(rng.integers(1 << 30)))
+    ids, logits = one.generate_ids_and_logits(prompts, table, **hot)
+    same, logprobs = one.generate_ids_and_logprobs(prompts, table, **hot)
+    assert same == ids and len(ids) == 6
+    assert any(len({tuple(a) for a in ids[3 * i: 3 * i + 3]}) > 1 for i in range(2)), ids
+    for row, (got, got_logits, got_logprobs) in enumerate(zip(ids, logits, logprobs,
+                                                              strict=True)):
+        full = _teacher_forced(model, prompts[row // 3], world["frames"], got)
+        np.testing.assert_allclose(got_logits, full, rtol=2e-4, atol=2e-4)
+        want = _log_softmax(full)[np.arange(len(got)), got]
+        np.testing.assert_allclose(got_logprobs, want, rtol=1e-4, atol=1e-4)
+    greedy = one.generate_ids(prompts, table, n=3, max_new_tokens=12)
+    for row, answer in enumerate(greedy):
+        assert answer == world["greedy"][0][row // 3][:12]
+
+
+def test_prompts_about_different_videos_in_one_call_equal_each_alone(world, rng):
+    """Two videos' embeddings in one table, each prompt reading its own rows: the batch's
+    answers and logits are each prompt's alone."""
+    one = world["one"]
+    other = rng.normal(size=world["frames"].shape).astype(np.float32)
+    tables = [world["table"], one.encode(other)]
+    rows = tables[0].shape[0] * tables[0].shape[1]
+    both_ids, both_logits = one.generate_ids_and_logits(
+        world["prompts"], jnp.concatenate(tables), media_offsets=[0, rows], n=2,
+        max_new_tokens=8)
+    for i, (prompt, table) in enumerate(zip(world["prompts"], tables, strict=True)):
+        alone_ids, alone_logits = one.generate_ids_and_logits([prompt], table, n=2,
+                                                              max_new_tokens=8)
+        assert both_ids[2 * i: 2 * i + 2] == alone_ids
+        for a, b in zip(both_logits[2 * i: 2 * i + 2], alone_logits, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_stop_ids_and_sampling_seeds(world):

@@ -125,13 +125,21 @@ def test_stop_strings_cut_the_answer(world, monkeypatch):
 
 
 def test_a_batch_equals_its_prompts_one_by_one(world):
-    generator, video = world["generator"], world["videos"][1]
+    """Prompts about one video, and about a video each, in one call: each answer is its
+    prompt's alone; each video is encoded once; `n` answers per prompt come prompt-major."""
+    generator, videos = world["generator"], world["videos"]
     prompts = ["What colour is the shape?", "Describe the video in a few words, please."]
     misses = generator.embeddings.misses
-    batch = generator.generate(prompts, video=video, num_frames=5, max_new_tokens=12)
-    alone = [generator.generate(p, video=video, num_frames=5, max_new_tokens=12)[0]
+    batch = generator.generate(prompts, video=videos[1], num_frames=5, max_new_tokens=12)
+    alone = [generator.generate(p, video=videos[1], num_frames=5, max_new_tokens=12)[0]
              for p in prompts]
     assert batch == alone
     assert generator.embeddings.misses == misses + 1  # encoded once for all three
+    each = generator.generate(prompts, video=videos, num_frames=5, max_new_tokens=12, n=2)
+    assert each[2:] == [alone[1]] * 2
+    assert each[:2] == generator.generate(prompts[0], video=videos[0], num_frames=5,
+                                          max_new_tokens=12) * 2
+    with pytest.raises(ValueError, match="2 videos for 1 prompts"):
+        generator.generate(prompts[:1], video=videos, max_new_tokens=2)
     text_only = generator.generate("Say something.", max_new_tokens=5)
     assert isinstance(text_only[0], str)
