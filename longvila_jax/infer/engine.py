@@ -48,10 +48,11 @@ LONG_BUCKET = 256
 class InferenceEngine:
     """`model` replicated on `mesh` (default: every device in one Ulysses/ring group).
 
-    The engine takes the model over: its LLM's stacked decoder layers become a list of
-    layers with weights of their own (`models.layers.unstack`; same function, so the model
-    stays usable), which decoding reads in place instead of copying each layer's slice of
-    the stack on every token.
+    The engine runs its own view of the model, `self.model`: the same arrays but the LLM's
+    stacked decoder layers, which become a list of layers with weights of their own
+    (`models.layers.unstack`), read in place by decoding instead of copied out of the stack
+    on every token. The caller's model is left as it was (training and checkpoints use the
+    stacked layout); drop it to keep one copy of the layers' weights on the device.
     """
 
     def __init__(self, model: LongVILA, *, mesh=None, scheme: str = "auto",
@@ -61,9 +62,11 @@ class InferenceEngine:
             raise ValueError(f"inference: the mesh's data axis must be 1, got "
                              f"{self.mesh.shape['data']} (prompts share one sequence group)")
         self.node, self.local = self.mesh.shape["node"], self.mesh.shape["local"]
+        if not isinstance(model.llm.layers, nnx.List):
+            model = nnx.merge(*nnx.split(model))  # new modules over the same arrays
+            model.llm.layers = unstack(model.llm.layers)
+        self.model = model
         llm = model.llm.layers
-        if not isinstance(llm, nnx.List):
-            model.llm.layers = llm = unstack(llm)
         layer = llm[0]
         self.scheme = resolve_scheme(scheme, self.node, self.local,
                                      (layer.num_heads, layer.num_kv_heads))

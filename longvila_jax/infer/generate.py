@@ -55,10 +55,11 @@ class Generator:
     def __init__(self, model: LongVILA, tokenizer: str | os.PathLike, *, family: str,
                  mesh=None, scheme: str = "auto", cache_dir: str | os.PathLike | None = None,
                  decode_chunk: int = 16):
-        self.model, self.family, self.tokenizer_path = model, family, tokenizer
+        self.family, self.tokenizer_path = family, tokenizer
         self.tokenizer = load_tokenizer(tokenizer)
         self.stop_ids = end_of_turn_ids(self.tokenizer, family)
         self.engine = InferenceEngine(model, mesh=mesh, scheme=scheme, decode_chunk=decode_chunk)
+        self.model = self.engine.model  # the engine's view: no second copy of the layers
         self.embeddings = None if model.vision_tower is None else VideoEmbeddingCache(
             self.engine, model, directory=cache_dir)
 

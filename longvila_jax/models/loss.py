@@ -44,6 +44,37 @@ def chunked_token_nll(h, weight, targets, chunk: int):
     return jax.lax.scan(one, zero, pieces)[0]
 
 
+def token_logprobs(logits, targets):
+    """float32 `[..., t]`: log softmax(`logits[..., t, :]`)[`targets[..., t]`], 0 where the
+    target is IGNORE_INDEX."""
+    logits = logits.astype(jnp.float32)
+    valid = targets != IGNORE_INDEX
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
+    return jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
+
+
+def chunked_token_logprobs(h, weight, targets, chunk: int):
+    """`token_logprobs(h @ weight, targets)` `[b, s]`, the logits formed `chunk` positions
+    at a time and recomputed in the backward (see `chunked_token_nll`): RL's per-token
+    log-probabilities of the sampled answers."""
+    b, s, d = h.shape
+    if s <= chunk:
+        return token_logprobs(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
+    pad = -s % chunk
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    pieces = (h.reshape(b, -1, chunk, d).swapaxes(0, 1),
+              targets.reshape(b, -1, chunk).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def one(_, piece):
+        logits = jnp.dot(piece[0], weight, preferred_element_type=jnp.float32)
+        return None, token_logprobs(logits, piece[1])
+
+    out = jax.lax.scan(one, None, pieces)[1]  # [pieces, b, chunk]
+    return out.swapaxes(0, 1).reshape(b, -1)[:, :s]
+
+
 def next_token_loss(logits, labels):
     """Mean cross-entropy of `logits[:, t]` against `labels[:, t+1]`, skipping IGNORE_INDEX.
 

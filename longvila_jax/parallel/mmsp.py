@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 from longvila_jax.data.batch import Batch
 from longvila_jax.kernels import Mask
 from longvila_jax.models.longvila import splice_media
-from longvila_jax.models.loss import chunked_token_nll
+from longvila_jax.models.loss import chunked_token_logprobs, chunked_token_nll
 from longvila_jax.parallel import fsdp
 from longvila_jax.parallel.layout import SPEC
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
@@ -46,36 +46,77 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
     """
     axes = ("data", *SEQUENCE_AXES)
 
-    def attend(q, k, v, mask, spec, _):
-        return sequence_parallel_attention(q, k, v, mask, spec, scheme=scheme)[0]
-
-    if scheme == "none":  # a sequence group of one: the layer's own attention
-        attend = None
-
-    def local(graphdef, params, dims, batch: Batch):
-        now, later = fsdp.split_stacked(dims)
-        model = nnx.merge(graphdef, fsdp.gather(params, now))
-
-        def per_layer(stack):
-            return lambda layer: fsdp.gather(layer, later[stack]["layers"], offset=-1)
-
-        x = model.llm.embed(batch.input_ids)
-        if batch.frames is not None:
-            x = splice_media(x, *_frame_table(model, batch, per_layer("vision_tower")))
-        mask = Mask.self_attention(batch.positions, batch.segment_ids)
-        h = model.llm.hidden_states(x, mask, attend, per_layer("llm"))
+    def local(model, batch: Batch, gather):
+        h = _hidden_states(model, batch, None, _attend(scheme), gather)
         nll, count = chunked_token_nll(h, model.llm.output_weight(), batch.targets, loss_chunk)
         return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(count, axes), 1)
 
-    def loss(model, batch: Batch):
+    return _sharded(mesh, local, P())
+
+
+def logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048):
+    """`logprobs(model, batch, table) -> [rows, seq]`: each target token's log-probability
+    (0 where there is none), laid out and sharded as the batch (`SPEC`).
+
+    The media positions take rows of `table` `[rows, hidden]` (replicated: embeddings
+    computed once, e.g. by the inference engine, and reused by every pass, as RL's rollouts
+    and updates reuse a video's), so the vision tower does not run. Otherwise `loss_fn`'s
+    forward: FSDP-gathered parameters, the scheme's attention, chunked logits.
+    """
+
+    def local(model, batch: Batch, table, gather):
+        h = _hidden_states(model, batch, table, _attend(scheme), gather)
+        return chunked_token_logprobs(h, model.llm.output_weight(), batch.targets, loss_chunk)
+
+    return _sharded(mesh, local, SPEC, P())
+
+
+def _attend(scheme: str):
+    """The attend hook of `scheme`; None (the layer's own attention) for a group of one."""
+    if scheme == "none":
+        return None
+
+    def attend(q, k, v, mask, spec, _):
+        return sequence_parallel_attention(q, k, v, mask, spec, scheme=scheme)[0]
+
+    return attend
+
+
+def _hidden_states(model, batch: Batch, table, attend, gather):
+    """The final hidden states of this device's token shard; media positions from `table`
+    when given, else from the batch's frames through the tower (stage one), if any."""
+    x = model.llm.embed(batch.input_ids)
+    if table is not None:
+        x = splice_media(x, table, batch.media_rows)
+    elif batch.frames is not None:
+        x = splice_media(x, *_frame_table(model, batch, gather("vision_tower")))
+    mask = Mask.self_attention(batch.positions, batch.segment_ids)
+    return model.llm.hidden_states(x, mask, attend, gather("llm"))
+
+
+def _sharded(mesh, local, out_spec, *extra_specs):
+    """`f(model, batch, *extra)`: `local(model, batch, *extra, gather)` in a shard_map over
+    `mesh`, the model's parameters entering with their FSDP specs and gathered inside
+    (`gather(stack)` gathers one scanned layer of `stack` at a time), the batch as `SPEC`."""
+
+    def f(model, batch: Batch, *extra):
         graphdef, params = nnx.split(model)
         dims = fsdp.shard_dims(params, mesh.devices.size)
         specs = fsdp.partition_specs(params, dims)
-        sharded = jax.shard_map(lambda p, b: local(graphdef, p, dims, b), mesh=mesh,
-                                in_specs=(specs, SPEC), out_specs=P())
-        return sharded(params, batch)
 
-    return loss
+        def inner(params, batch, *extra):
+            now, later = fsdp.split_stacked(dims)
+            model = nnx.merge(graphdef, fsdp.gather(params, now))
+
+            def gather(stack):
+                return lambda layer: fsdp.gather(layer, later[stack]["layers"], offset=-1)
+
+            return local(model, batch, *extra, gather)
+
+        return jax.shard_map(inner, mesh=mesh, in_specs=(specs, SPEC, *extra_specs),
+                             out_specs=out_spec)(params, batch, *extra)
+
+    return f
 
 
 def _frame_table(model, batch: Batch, gather):

@@ -1,0 +1,1 @@
+"""Reinforcement learning on long videos: GRPO with rollouts from one prefilled prompt."""

@@ -1,0 +1,90 @@
+"""Rewards of sampled answers: named functions, weighted and summed.
+
+An answer is scored against its sample (`question`, `options`, `answer`: the JSONL row of
+eval-mcq's format). The built-in functions:
+
+- `mcq_accuracy`: 1 when the chosen option letter is the correct one. The choice is the one
+  letter inside the last `<answer>...</answer>` span, or, with no such span, an answer that
+  ends in a bare letter ("... so it is (C)."). Several different letters, or none, choose
+  nothing: an answer that hedges earns no credit, and a missing tag is not a miss when the
+  letter is plain (lmms-eval PR 1488 reports a scorer that missed those).
+- `format`: 1 when the whole answer is `<think>...</think>` then `<answer>...</answer>`.
+
+A user's function is named by import path, `module:function`, and called the same way,
+`function(answer: str, sample: dict) -> float`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import string
+from collections.abc import Callable, Mapping, Sequence
+
+RewardFn = Callable[[str, Mapping], float]
+
+_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+_FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
+
+
+def option_letters(sample: Mapping) -> str:
+    """The letters of `sample`'s options: 'ABCD' for four (at least 'AB')."""
+    return string.ascii_uppercase[: max(2, len(sample.get("options") or ()))]
+
+
+def chosen_letter(answer: str, letters: str) -> str | None:
+    """The option letter `answer` chooses, or None (see the module docstring)."""
+    spans = _ANSWER.findall(answer)
+    if spans:
+        found = set(re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", spans[-1]))
+        return found.pop() if len(found) == 1 else None
+    words = _THINK.sub(" ", answer).split()
+    last = words[-1].strip("().,:;!?*'\"[]") if words else ""
+    return last if len(last) == 1 and last in letters else None
+
+
+def mcq_accuracy(answer: str, sample: Mapping) -> float:
+    gold = str(sample["answer"]).strip().strip("().").upper()
+    return float(chosen_letter(answer, option_letters(sample)) == gold)
+
+
+def format_reward(answer: str, sample: Mapping) -> float:
+    return float(_FORMAT.fullmatch(answer) is not None)
+
+
+BUILT_IN: dict[str, RewardFn] = {"mcq_accuracy": mcq_accuracy, "format": format_reward}
+
+
+def reward_function(name: str) -> RewardFn:
+    """A built-in reward by name, or a user's by `module:function`."""
+    if name in BUILT_IN:
+        return BUILT_IN[name]
+    module, sep, attribute = name.partition(":")
+    if not sep or not module or not attribute:
+        raise ValueError(f"reward {name!r}: not one of {sorted(BUILT_IN)} nor module:function")
+    try:
+        function = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward {name!r}: cannot import it ({err})") from None
+    if not callable(function):
+        raise ValueError(f"reward {name!r}: {module}.{attribute} is not callable")
+    return function
+
+
+class Rewards:
+    """Weighted sum of named reward functions; `scores` keeps each one's value too."""
+
+    def __init__(self, weights: Mapping[str, float]):
+        if not weights:
+            raise ValueError("rewards: no reward functions given")
+        self.functions = {name: reward_function(name) for name in weights}
+        self.weights = {name: float(w) for name, w in weights.items()}
+
+    def scores(self, answers: Sequence[str], samples: Sequence[Mapping]) -> dict[str, list]:
+        """Per function, its value for each (answer, sample); `total`, the weighted sum."""
+        out = {name: [float(fn(a, s)) for a, s in zip(answers, samples, strict=True)]
+               for name, fn in self.functions.items()}
+        out["total"] = [sum(self.weights[name] * out[name][i] for name in self.functions)
+                        for i in range(len(answers))]
+        return out

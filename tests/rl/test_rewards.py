@@ -1,0 +1,63 @@
+"""Reward functions on hand-written answers: tags present, absent, malformed, hedged."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from longvila_jax.rl.rewards import Rewards, chosen_letter, format_reward, mcq_accuracy
+
+SAMPLE = {"question": "What shape?", "options": ["circle", "square", "star", "cross"],
+          "answer": "C"}
+
+# (answer, chosen letter, format)
+TABLE = [
+    ("<think>The third frame shows a star.</think> <answer>C</answer>", "C", 1.0),
+    ("<think>star</think>\n<answer>(C) star</answer>\n", "C", 1.0),
+    ("<think>hmm</think><answer>The answer is B.</answer>", "B", 1.0),
+    ("<think>A or C?</think><answer>C</answer>", "C", 1.0),  # letters in the thought: ignored
+    ("<answer>C</answer>", "C", 0.0),  # no thought: right letter, wrong format
+    ("<think>...</think><answer>A or C</answer>", None, 1.0),  # hedged: no choice
+    ("<think>...</think><answer>star</answer>", None, 1.0),  # no letter at all
+    ("<answer>A</answer> then <answer>C</answer>", "C", 0.0),  # the last span counts
+    ("It must be the star, so (C).", "C", 0.0),  # no tag, a bare final letter
+    ("Answer: C", "C", 0.0),
+    ("A star is shown in the video", None, 0.0),  # an article is not a choice
+    ("<think>star</think><answer>C", None, 0.0),  # malformed: unclosed answer tag
+    ("<think>star<answer>C</answer>", "C", 0.0),  # malformed: unclosed thought
+    ("The answer is E.", None, 0.0),  # not an option
+    ("", None, 0.0),
+]
+
+
+@pytest.mark.parametrize(("answer", "letter", "formatted"), TABLE)
+def test_answers_are_scored(answer, letter, formatted):
+    assert chosen_letter(answer, "ABCD") == letter
+    assert mcq_accuracy(answer, SAMPLE) == float(letter == "C")
+    assert format_reward(answer, SAMPLE) == formatted
+
+
+def length_bonus(answer, sample):
+    """A user's reward, imported by path."""
+    return len(answer) / 100
+
+
+def test_weighted_sum_and_a_users_function():
+    sys.modules.setdefault("reward_module_for_test", sys.modules[__name__])
+    rewards = Rewards({"mcq_accuracy": 0.9, "format": 0.1,
+                       "reward_module_for_test:length_bonus": 0.5})
+    answers = [TABLE[0][0], TABLE[4][0], TABLE[10][0]]
+    scores = rewards.scores(answers, [SAMPLE] * 3)
+    assert scores["mcq_accuracy"] == [1.0, 1.0, 0.0] and scores["format"] == [1.0, 0.0, 0.0]
+    want = [0.9 * m + 0.1 * f + 0.5 * len(a) / 100 for m, f, a in
+            zip(scores["mcq_accuracy"], scores["format"], answers, strict=True)]
+    assert scores["total"] == pytest.approx(want)
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("accuracy", "not one of"), ("no_such_module_xyz:f", "cannot import"),
+    ("math:pi", "not callable")])
+def test_unknown_rewards_are_named(name, message):
+    with pytest.raises(ValueError, match=message):
+        Rewards({name: 1.0})
