@@ -21,6 +21,7 @@ import glob
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -97,8 +98,9 @@ def main():
     rng = np.random.default_rng(0)
     config = model_config(args.model)
     config.model.update(dtype="bfloat16", param_dtype="bfloat16")
-    model = build_model(config)
-    engine = InferenceEngine(model, mesh=make_mesh(*map(int, args.mesh.split(","))))
+    engine = InferenceEngine(build_model(config),
+                             mesh=make_mesh(*map(int, args.mesh.split(","))))
+    model = engine.model
     media = model.media_token_id
     rows = args.frames * engine.tokens_per_frame
     ids = np.concatenate([rng.integers(0, media - 1, 16), np.full(rows, media),
@@ -116,6 +118,8 @@ def main():
     with jax.profiler.trace(trace):
         engine.generate_ids([ids], table, max_new_tokens=n)
     ops, times = hlo_ops(DUMP), kernel_times(trace)
+    for folder in (DUMP, trace):  # read: the dumps and the trace are not kept
+        shutil.rmtree(folder, ignore_errors=True)
     by_category = collections.Counter()
     for op, seconds in times.items():
         by_category[category(op, *ops.get(op, ("", "")))] += seconds

@@ -284,12 +284,13 @@ def main():
     config.model.update(dtype="bfloat16", param_dtype="bfloat16")
     mesh = make_mesh(*map(int, args.mesh.split(",")))
     model = build_model(config)
-    if args.hf_dir is not None:  # the stacked weights, before the engine unstacks them
+    if args.hf_dir is not None:  # the stacked weights, as checkpoints hold them
         args.hf_dir.mkdir(parents=True, exist_ok=True)
         write_hf(config, {path: np.asarray(value) for path, value in
                           nnx.to_flat_state(nnx.state(model, nnx.Param))},
                  args.hf_dir / "export", progress=False)
     engine = InferenceEngine(model, mesh=mesh, scheme=args.attention)
+    model = engine.model  # one copy of the layers' weights on the device, the engine's
     device = f"{jax.device_count()}x {jax.devices()[0].device_kind}"
     bandwidth = copy_bandwidth()
     print(f"{device}, jax {jax.__version__}, scheme {engine.scheme}, mesh {args.mesh}, "
