@@ -23,14 +23,9 @@ def chunked_token_nll(h, weight, targets, chunk: int):
     """`token_nll(h @ weight, targets)` without holding all logits: positions in chunks of
     `chunk`, each chunk's float32 logits recomputed in the backward. At long context the
     logits are the largest activation (32K tokens x 152K vocab x 4 B = 20 GB)."""
-    b, s, d = h.shape
-    if s <= chunk:
+    if h.shape[1] <= chunk:
         return token_nll(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
-    pad = -s % chunk
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    pieces = (h.reshape(b, -1, chunk, d).swapaxes(0, 1),
-              targets.reshape(b, -1, chunk).swapaxes(0, 1))
+    pieces = _pieces(h, targets, chunk)
 
     @jax.checkpoint
     def one(carry, piece):
@@ -57,22 +52,28 @@ def chunked_token_logprobs(h, weight, targets, chunk: int):
     """`token_logprobs(h @ weight, targets)` `[b, s]`, the logits formed `chunk` positions
     at a time and recomputed in the backward (see `chunked_token_nll`): RL's per-token
     log-probabilities of the sampled answers."""
-    b, s, d = h.shape
+    b, s, _ = h.shape
     if s <= chunk:
         return token_logprobs(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
-    pad = -s % chunk
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
-    pieces = (h.reshape(b, -1, chunk, d).swapaxes(0, 1),
-              targets.reshape(b, -1, chunk).swapaxes(0, 1))
 
     @jax.checkpoint
     def one(_, piece):
         logits = jnp.dot(piece[0], weight, preferred_element_type=jnp.float32)
         return None, token_logprobs(logits, piece[1])
 
-    out = jax.lax.scan(one, None, pieces)[1]  # [pieces, b, chunk]
+    out = jax.lax.scan(one, None, _pieces(h, targets, chunk))[1]  # [pieces, b, chunk]
     return out.swapaxes(0, 1).reshape(b, -1)[:, :s]
+
+
+def _pieces(h, targets, chunk: int):
+    """`h` `[b, s, d]` and `targets` `[b, s]` padded to whole chunks (padding ignored),
+    chunk index first: `([n, b, chunk, d], [n, b, chunk])`, for a scan over chunks."""
+    b, s, d = h.shape
+    pad = -s % chunk
+    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    return (h.reshape(b, -1, chunk, d).swapaxes(0, 1),
+            targets.reshape(b, -1, chunk).swapaxes(0, 1))
 
 
 def next_token_loss(logits, labels):
