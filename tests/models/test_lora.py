@@ -94,7 +94,11 @@ def test_fresh_adapters_leave_the_model_unchanged(rng, random_model):
         var = getattr(model.llm.layers, name).lora_b
         assert var.get_metadata()["out_sharding"] == ("layers", None, None)  # FSDP: never axis 0
     assert len(adapters(model)) == 8
-    np.testing.assert_array_equal(np.asarray(forward(model, ids, positions, segments)), want)
+    # x @ A @ B adds exact zeros, but the compiled forward may fuse and round the base
+    # products differently once the adapters are in it: equal to float32 rounding (seed
+    # 1774979948 differed by 7e-7 on the base commit too).
+    np.testing.assert_allclose(np.asarray(forward(model, ids, positions, segments)), want,
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_apply_lora_rank_zero_is_a_no_op(rng, random_model):
@@ -206,7 +210,8 @@ def test_load_base_checkpoint_with_lora_config(rng, random_model, tmp_path):
     # Fresh adapters come from config.seed: reloading draws the same ones.
     again = adapters(load_model(ckpt, cfg))
     assert all(np.array_equal(np.asarray(again[k]), np.asarray(v)) for k, v in fresh.items())
-    np.testing.assert_array_equal(np.asarray(forward(loaded, ids, positions, segments)), want)
+    np.testing.assert_allclose(np.asarray(forward(loaded, ids, positions, segments)), want,
+                               rtol=1e-5, atol=1e-6)  # rounding only (see above)
 
 
 def test_lora_checkpoint_round_trip_and_merged_export(rng, random_model, tmp_path):
@@ -217,7 +222,8 @@ def test_lora_checkpoint_round_trip_and_merged_export(rng, random_model, tmp_pat
     params = model_params(model)
     ckpt = save_checkpoint(tmp_path / "lora", cfg, params)
     loaded = load_model(ckpt)
-    np.testing.assert_array_equal(np.asarray(forward(loaded, ids, positions, segments)), want)
+    np.testing.assert_allclose(np.asarray(forward(loaded, ids, positions, segments)), want,
+                               rtol=1e-5, atol=1e-6)  # rounding only (see above)
     # Trained adapters are never silently dropped by a config without them.
     with pytest.raises(KeyError, match="lora_a"):
         load_model(ckpt, base_of(cfg))
