@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.infer.prefill import CACHE_SPECS
 from longvila_jax.kernels import Mask, Tokens, flash_attention
+from longvila_jax.models.loss import token_logprobs
 from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import merge, merge_over
 
@@ -86,12 +87,6 @@ def sample(logits, key, temperature, top_p, banned: tuple[int, ...] = ()):
 
     return jax.lax.cond(temperature > 0, hot,
                         lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
-
-
-def token_logprobs(logits, tokens):
-    """log softmax(`logits`)[`tokens`]: float32 `[...]` from `[..., vocab]` and `[...]`."""
-    picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1)
 
 
 def make_start(mesh, banned: tuple[int, ...] = ()):

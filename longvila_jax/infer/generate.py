@@ -132,8 +132,7 @@ class Generator:
         def done(row: int, row_ids: list[int]) -> bool:
             # A trailing replacement character may be a character whose last bytes are
             # still to come: it is not matched until it is complete.
-            text = self.tokenizer.decode(row_ids).rstrip("\ufffd")
-            return bool(stop) and _cut_at_stop(text, stop)[1]
+            return _cut_at_stop(self.tokenizer.decode(row_ids).rstrip("\ufffd"), stop)[1]
 
         answers = self.engine.generate_ids(
             ids, table, offsets, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
