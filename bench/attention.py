@@ -68,7 +68,7 @@ def sweep(seq=32768):
         best = None
         for config in configs:
             setattr(kernels, name, kernels.Blocks(*config))
-            fwd, fwd_bwd = functions("triton", {})
+            fwd, fwd_bwd = functions("triton", None)
             try:
                 t = timed(fwd, q, k, v, reps=3) if name == "FWD" else timed(
                     fwd_bwd, q, k, v, do, reps=2)
@@ -77,14 +77,14 @@ def sweep(seq=32768):
                 continue
             print(f"  {name} {config}: {t * 1e3:.3f} ms", flush=True)
             best = min(best or (t, config), (t, config))
-        setattr(kernels, name, best[1])
+        setattr(kernels, name, kernels.Blocks(*best[1]))
         print(f"  -> {name} = {best[1]}")
 
 
 def interleave(seq, rounds):
     """Alternate Triton and cuDNN forward timings; print each ratio and the median."""
     q, k, v, _ = inputs(seq, jax.random.key(0))
-    fns = {b: functions(b, {})[0] for b in ("triton", "cudnn")}
+    fns = {b: functions(b, None)[0] for b in ("triton", "cudnn")}
     ratios = []
     for r in range(rounds):
         t = {b: timed(f, q, k, v, reps=10) for b, f in fns.items()}
