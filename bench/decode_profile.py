@@ -41,6 +41,7 @@ from jax.profiler import ProfileData  # noqa: E402
 
 from longvila_jax.checkpoint import build_model  # noqa: E402
 from longvila_jax.configs import model_config  # noqa: E402
+from longvila_jax.infer.decode import Sampling  # noqa: E402
 from longvila_jax.infer.engine import InferenceEngine  # noqa: E402
 from longvila_jax.parallel.mesh import make_mesh  # noqa: E402
 
@@ -107,16 +108,16 @@ def main():
                           rng.integers(0, media - 1, 32)]).astype(np.int32)
     table = jnp.asarray(rng.normal(size=(rows, engine.hidden)) * 0.02, engine.dtype)
     n = args.tokens + 1
-    engine.generate_ids([ids], table, max_new_tokens=n)  # compile
+    engine.generate_ids([ids], table, sampling=Sampling(n))  # compile
     one = time.perf_counter()
-    engine.generate_ids([ids], table, max_new_tokens=1)
+    engine.generate_ids([ids], table, sampling=Sampling(1))
     one = time.perf_counter() - one
     start = time.perf_counter()
-    engine.generate_ids([ids], table, max_new_tokens=n)
+    engine.generate_ids([ids], table, sampling=Sampling(n))
     per_token = (time.perf_counter() - start - one) / args.tokens
     trace = tempfile.mkdtemp(prefix="decode_trace_")
     with jax.profiler.trace(trace):
-        engine.generate_ids([ids], table, max_new_tokens=n)
+        engine.generate_ids([ids], table, sampling=Sampling(n))
     ops, times = hlo_ops(DUMP), kernel_times(trace)
     for folder in (DUMP, trace):  # read: the dumps and the trace are not kept
         shutil.rmtree(folder, ignore_errors=True)

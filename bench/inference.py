@@ -53,6 +53,7 @@ from flax import nnx
 from longvila_jax.checkpoint import build_model
 from longvila_jax.configs import model_config
 from longvila_jax.data.media import media_rows
+from longvila_jax.infer.decode import Sampling
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.interop.hf_export import write_hf
 from longvila_jax.models.longvila import splice_media
@@ -108,9 +109,9 @@ def decoding(engine, config, ids, prefilled, tokens: int, n: int, bandwidth):
     fraction of the bound: the time of `tokens + 1` new tokens less that of 1 (the first
     comes from the prefill)."""
     prompts = prefilled[0].shape[0]
-    hot = dict(temperature=1.0) if n > 1 else {}
     times = [once(lambda new=new: engine.generate_ids_after(
-        prefilled, n=n, max_new_tokens=new, **hot))[0] for new in (1, tokens + 1)]
+        prefilled, sampling=Sampling(new, n, temperature=float(n > 1))))[0]
+        for new in (1, tokens + 1)]
     rate = prompts * n * tokens / (times[1] - times[0])
     bound = prompts * n * bandwidth / step_bytes(config, prompts * len(ids), engine.group)
     return {f"decode_{prompts}x{n}_tokens_per_s": rate,
@@ -125,7 +126,7 @@ def measure(engine, config, frames: int, args, questions: int, rng, bandwidth) -
     row = {"frames": frames, "tokens": len(ids)}
     try:
         row["encode_s"], table = once(lambda: engine.encode(pixels))
-        row["prefill_s"], _ = once(lambda: engine.generate_ids([ids], table, max_new_tokens=1))
+        row["prefill_s"], _ = once(lambda: engine.generate_ids([ids], table, sampling=Sampling(1)))
         if args.decode_tokens:
             # B = 4 prompts, each reading its own copy of the video's embedding rows.
             rows = table.shape[0] * table.shape[1]
@@ -143,7 +144,7 @@ def measure(engine, config, frames: int, args, questions: int, rng, bandwidth) -
                 shared = engine.encode(pixels) if cached else None
                 for q in asked:
                     out = engine.generate_ids([q], shared if cached else engine.encode(pixels),
-                                              max_new_tokens=16)
+                                              sampling=Sampling(16))
                 return out
 
             row["questions"] = questions
@@ -205,7 +206,7 @@ def run_once(engine, config, ids: np.ndarray, frames: int, rng) -> dict:
     start = time.perf_counter()
     table = jax.block_until_ready(engine.encode(pixels))
     encoded = time.perf_counter()
-    engine.generate_ids([ids], table, max_new_tokens=2)
+    engine.generate_ids([ids], table, sampling=Sampling(2))
     return {"encode_s": encoded - start, "generate_s": time.perf_counter() - encoded}
 
 

@@ -11,6 +11,7 @@ import pytest
 from longvila_jax.checkpoint import build_model
 from longvila_jax.configs import model_config
 from longvila_jax.data.batch import from_rows
+from longvila_jax.infer.decode import Sampling
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.kernels import attention
 from longvila_jax.parallel.layout import Layout
@@ -57,5 +58,5 @@ def test_prefill_and_decoding_ask_for_the_configured_backend(model, requested, r
     table = engine.encode(rng.normal(size=(1, 56, 56, 3)).astype(np.float32))
     media = [model.media_token_id] * model.media_tokens_per_frame
     prompt = np.asarray(media + list(rng.integers(0, 500, 9)), np.int32)
-    engine.generate_ids([prompt], table, max_new_tokens=2)
+    engine.generate_ids([prompt], table, sampling=Sampling(2))
     assert requested and set(requested) == {"xla"}, sorted(set(requested))

@@ -46,6 +46,7 @@ from longvila_jax.data.templates import place_media, tokenize_messages
 from longvila_jax.data.text_sources import jsonl_records
 from longvila_jax.data.tokenizer import load_tokenizer
 from longvila_jax.data.video import frame_to_model_input, load_frames
+from longvila_jax.infer.decode import Sampling
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.infer.generate import end_of_turn_ids
 from longvila_jax.models.longvila import LongVILA
@@ -358,8 +359,8 @@ class NeedleScorer:
             answers = self.engine.generate_ids(
                 [p.input_ids[: p.first_answer] for p in prompts], batch.table,
                 [r * frame_rows for r in range(len(prompts))],
-                max_new_tokens=max(len(p.answer_ids) for p in prompts) + GENERATION_SLACK,
-                stop_ids=stop_ids)
+                sampling=Sampling(max(len(p.answer_ids) for p in prompts) + GENERATION_SLACK,
+                                  stop_ids=stop_ids))
             for r, k in enumerate(batch.rows[: batch.count]):
                 text = self.tokenizer.decode(answers[r])
                 right = normalize_answer(text) == normalize_answer(inputs.grid.needles[k].answer)

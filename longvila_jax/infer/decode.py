@@ -33,6 +33,30 @@ from longvila_jax.parallel.mesh import SEQUENCE_AXES
 from longvila_jax.parallel.ring import merge, merge_over
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How answers are drawn (vLLM's `SamplingParams`, the parts decoding has): `n` answers
+    per prompt, each at most `max_new_tokens` long and ending before its first `stop_ids`
+    token; `temperature` 0 is greedy (then the `n` answers are equal), else softmax at
+    `temperature` restricted to the `top_p` nucleus; `seed` makes a draw repeatable."""
+
+    max_new_tokens: int
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ValueError(f"need max_new_tokens >= 1 and n >= 1, got "
+                             f"{self.max_new_tokens}, {self.n}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got "
+                             f"{self.temperature}, {self.top_p}")
+        object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeState:

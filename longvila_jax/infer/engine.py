@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 
 from longvila_jax.data.batch import Batch
 from longvila_jax.data.media import media_rows
-from longvila_jax.infer.decode import DecodeState, make_decode, make_start
+from longvila_jax.infer.decode import DecodeState, Sampling, make_decode, make_start
 from longvila_jax.infer.prefill import TOKENS, PromptCache, make_prefill, make_window_logits
 from longvila_jax.memory import planned_bytes
 from longvila_jax.models.layers import unstack
@@ -190,75 +190,57 @@ class InferenceEngine:
         return planned_bytes(self._prefill.lower(self.params, prompts, table, window).compile())
 
     def generate_ids(self, prompts: Sequence[np.ndarray], table=None,
-                     media_offsets: Sequence[int] | None = None, *, n: int = 1,
-                     max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                     seed: int = 0, stop_ids: Sequence[int] = (),
+                     media_offsets: Sequence[int] | None = None, *, sampling: Sampling,
                      done: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
-        """New token ids: `n` answers per prompt, prompt-major (answer j of prompt i is row
-        `i * n + j`), all `n` from the prompt's one prefilled cache.
+        """New token ids: `sampling.n` answers per prompt, prompt-major (answer j of prompt
+        i is row `i * n + j`), all from the prompt's one prefilled cache.
 
-        A row ends at its first `stop_ids` token (not included), when `done(row, ids)` says
-        so (stop strings), or after `max_new_tokens`. No token is ever the media placeholder
-        id. Greedy decoding (`temperature` 0) gives `n` equal answers.
+        A row ends at its first stop id (not included), when `done(row, ids)` says so (stop
+        strings), or after `max_new_tokens`. No token is ever the media placeholder id.
         """
-        return self._generate(self.prefill(prompts, table, media_offsets), n, max_new_tokens,
-                              temperature, top_p, seed, stop_ids, done, with_logits=False)[0]
+        return self._generate(self.prefill(prompts, table, media_offsets), sampling, done,
+                              with_logits=False)[0]
 
-    def generate_ids_after(self, prefilled: tuple[jax.Array, PromptCache], *, n: int = 1,
-                           max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                           seed: int = 0, stop_ids: Sequence[int] = (),
+    def generate_ids_after(self, prefilled: tuple[jax.Array, PromptCache], *,
+                           sampling: Sampling,
                            done: Callable[[int, list[int]], bool] | None = None
                            ) -> list[list[int]]:
         """`generate_ids` from prompts already prefilled (`prefill`'s logits and cache, which
         decoding only reads): sample them again without a second prefill."""
-        return self._generate(prefilled, n, max_new_tokens, temperature, top_p, seed,
-                              stop_ids, done, with_logits=False)[0]
+        return self._generate(prefilled, sampling, done, with_logits=False)[0]
 
     def generate_ids_and_logprobs(self, prompts: Sequence[np.ndarray], table=None,
-                                  media_offsets: Sequence[int] | None = None, *, n: int = 1,
-                                  max_new_tokens: int, temperature: float = 0.0,
-                                  top_p: float = 1.0, seed: int = 0,
-                                  stop_ids: Sequence[int] = (),
-                                  done: Callable[[int, list[int]], bool] | None = None):
+                                  media_offsets: Sequence[int] | None = None, *,
+                                  sampling: Sampling):
         """`generate_ids` and each row's float32 log-probabilities of its tokens under the
         model (log-softmax of its logits over the whole vocabulary at temperature 1, the
         sampler's temperature, top-p and banned id aside): what RL's update compares."""
-        ids, logprobs, _ = self._generate(self.prefill(prompts, table, media_offsets), n,
-                                          max_new_tokens, temperature, top_p, seed, stop_ids,
-                                          done, with_logits=False)
+        ids, logprobs, _ = self._generate(self.prefill(prompts, table, media_offsets),
+                                          sampling, None, with_logits=False)
         return ids, logprobs
 
     def generate_ids_and_logits(self, prompts: Sequence[np.ndarray], table=None,
-                                media_offsets: Sequence[int] | None = None, *, n: int = 1,
-                                max_new_tokens: int, temperature: float = 0.0,
-                                top_p: float = 1.0, seed: int = 0,
-                                stop_ids: Sequence[int] = (),
-                                done: Callable[[int, list[int]], bool] | None = None):
+                                media_offsets: Sequence[int] | None = None, *,
+                                sampling: Sampling):
         """`generate_ids` and each row's float32 logits `[tokens, vocab]`: the model's at each
         of its tokens, unmasked; the token was drawn from them with the media placeholder's
         logit at -inf (greedy: their argmax over every other id). Tests compare them with
         the full forward pass; a 152K vocabulary makes them too big to keep otherwise."""
-        ids, _, logits = self._generate(self.prefill(prompts, table, media_offsets), n,
-                                        max_new_tokens, temperature, top_p, seed, stop_ids,
-                                        done, with_logits=True)
+        ids, _, logits = self._generate(self.prefill(prompts, table, media_offsets),
+                                        sampling, None, with_logits=True)
         return ids, logits
 
-    def _generate(self, prefilled, n, max_new_tokens, temperature, top_p, seed, stop_ids,
-                  done, *, with_logits: bool):
+    def _generate(self, prefilled, sampling: Sampling, done, *, with_logits: bool):
         """(ids, logprobs, logits or None) per row: from the prompts' prefill, sample each
         one's `n` first tokens, then decode on the device; with `done`, a chunk at a time so
         that the host can check stop strings, else in one call."""
-        if max_new_tokens < 1 or n < 1:
-            raise ValueError(f"need max_new_tokens >= 1 and n >= 1, got {max_new_tokens}, {n}")
-        if temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, "
-                             f"{top_p}")
         logits, cache = prefilled
-        temperature, top_p = jnp.float32(temperature), jnp.float32(top_p)
+        n, max_new_tokens, stop_ids = sampling.n, sampling.max_new_tokens, sampling.stop_ids
+        temperature, top_p = jnp.float32(sampling.temperature), jnp.float32(sampling.top_p)
         stops = jnp.asarray(sorted(set(stop_ids)) or [-1], jnp.int32)
         slots = math.ceil(max_new_tokens / self.decode_chunk) * self.decode_chunk
-        state = self._start(logits, jax.random.key(seed), temperature, top_p, stops, n=n,
-                            slots=slots, kv_shape=self.kv_shape, with_logits=with_logits)
+        state = self._start(logits, jax.random.key(sampling.seed), temperature, top_p, stops,
+                            n=n, slots=slots, kv_shape=self.kv_shape, with_logits=with_logits)
         rows = logits.shape[0] * n
         finished = np.zeros(rows, bool)
         while True:

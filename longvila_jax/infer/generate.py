@@ -24,6 +24,7 @@ import tokenizers
 
 from longvila_jax.data.templates import place_media, tokenize_messages
 from longvila_jax.data.tokenizer import load_tokenizer
+from longvila_jax.infer.decode import Sampling
 from longvila_jax.infer.embeddings import VideoEmbeddingCache
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.models.longvila import LongVILA
@@ -134,7 +135,7 @@ class Generator:
             # still to come: it is not matched until it is complete.
             return _cut_at_stop(self.tokenizer.decode(row_ids).rstrip("\ufffd"), stop)[1]
 
-        answers = self.engine.generate_ids(
-            ids, table, offsets, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, stop_ids=self.stop_ids, done=done if stop else None)
+        sampling = Sampling(max_new_tokens, n, temperature, top_p, seed, self.stop_ids)
+        answers = self.engine.generate_ids(ids, table, offsets, sampling=sampling,
+                                           done=done if stop else None)
         return [_cut_at_stop(self.tokenizer.decode(a), stop)[0] for a in answers]

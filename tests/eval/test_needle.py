@@ -273,8 +273,9 @@ class _Engine:
     def __init__(self, answers: list[list[list[int]]]):
         self.answers, self.calls = iter(answers), []
 
-    def generate_ids(self, prompts, table, media_offsets, *, max_new_tokens, stop_ids):
-        self.calls.append((prompts, np.asarray(table), media_offsets, max_new_tokens, stop_ids))
+    def generate_ids(self, prompts, table, media_offsets, *, sampling):
+        self.calls.append((prompts, np.asarray(table), media_offsets, sampling.max_new_tokens,
+                           list(sampling.stop_ids)))
         return next(self.answers)
 
 

@@ -12,7 +12,7 @@ from flax import nnx
 
 from longvila_jax.checkpoint import build_model
 from longvila_jax.configs import model_config
-from longvila_jax.infer.decode import sample
+from longvila_jax.infer.decode import Sampling, sample
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.parallel.mesh import make_mesh
 
@@ -40,7 +40,8 @@ def _draw_world(rng):
                .astype(np.int32) for n in (5, 23)]
     one = InferenceEngine(model, mesh=make_mesh(1, 1, 1, jax.devices()[:1]))
     table = one.encode(frames)
-    greedy = one.generate_ids_and_logits(prompts, table, max_new_tokens=NEW_TOKENS)
+    greedy = one.generate_ids_and_logits(prompts, table,
+                                            sampling=Sampling(NEW_TOKENS))
     return {"model": model, "frames": frames, "prompts": prompts, "one": one, "table": table,
             "greedy": greedy}
 
@@ -105,7 +106,7 @@ def test_decoding_never_emits_the_media_placeholder(world, rng):
     media = model.media_token_id
     for hot in (dict(), dict(temperature=1.0), dict(temperature=1.5, top_p=0.9)):
         ids, logits = engine.generate_ids_and_logits(world["prompts"], table,
-                                                     max_new_tokens=18, **hot)
+                                                     sampling=Sampling(18, **hot))
         for got, got_logits in zip(ids, logits, strict=True):
             assert len(got) == 18 and media not in got, (hot, got)
             assert (got_logits.argmax(axis=-1) == media).all(), hot
@@ -137,14 +138,14 @@ def test_sequence_parallel_prefill_and_decoding_match_one_device(world, mesh, sc
             single = np.asarray(getattr(cache_1, name))[:, row, :n]
             np.testing.assert_allclose(sharded, single, rtol=1e-4, atol=1e-4)
     assert len(cache_8.k[0].sharding.device_set) == 8
-    ids_1, dec_1 = one.generate_ids_and_logits(prompts, table, max_new_tokens=18)
-    ids_8, dec_8 = sp.generate_ids_and_logits(prompts, table, max_new_tokens=18)
+    ids_1, dec_1 = one.generate_ids_and_logits(prompts, table, sampling=Sampling(18))
+    ids_8, dec_8 = sp.generate_ids_and_logits(prompts, table, sampling=Sampling(18))
     assert ids_8 == ids_1
     for a, b in zip(dec_8, dec_1, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4)
     # Two sampled answers per prompt from the sharded cache: the full forward pass's logits.
-    sampled, logits = sp.generate_ids_and_logits(prompts, table, n=2, max_new_tokens=8,
-                                                 temperature=1.0, seed=heads)
+    sampled, logits = sp.generate_ids_and_logits(
+        prompts, table, sampling=Sampling(8, n=2, temperature=1.0, seed=heads))
     for row, (got, got_logits) in enumerate(zip(sampled, logits, strict=True)):
         full = _teacher_forced(model, prompts[row // 2], world["frames"], got)
         np.testing.assert_allclose(got_logits, full, rtol=2e-4, atol=2e-4)
@@ -170,10 +171,9 @@ def test_answers_sharing_a_prompt_each_see_their_own_tokens(world, rng):
     log-probabilities are that pass's log-softmax (temperature 1) at its tokens; greedy
     answers sharing a prompt are the prompt's greedy answer."""
     one, prompts, table, model = world["one"], world["prompts"], world["table"], world["model"]
-    hot = dict(n=3, max_new_tokens=10, temperature=2.0, top_p=0.9,
-               seed=int(rng.integers(1 << 30)))
-    ids, logits = one.generate_ids_and_logits(prompts, table, **hot)
-    same, logprobs = one.generate_ids_and_logprobs(prompts, table, **hot)
+    hot = Sampling(10, n=3, temperature=2.0, top_p=0.9, seed=int(rng.integers(1 << 30)))
+    ids, logits = one.generate_ids_and_logits(prompts, table, sampling=hot)
+    same, logprobs = one.generate_ids_and_logprobs(prompts, table, sampling=hot)
     assert same == ids and len(ids) == 6
     assert any(len({tuple(a) for a in ids[3 * i: 3 * i + 3]}) > 1 for i in range(2)), ids
     for row, (got, got_logits, got_logprobs) in enumerate(zip(ids, logits, logprobs,
@@ -182,7 +182,7 @@ def test_answers_sharing_a_prompt_each_see_their_own_tokens(world, rng):
         np.testing.assert_allclose(got_logits, full, rtol=2e-4, atol=2e-4)
         want = _log_softmax(full)[np.arange(len(got)), got]
         np.testing.assert_allclose(got_logprobs, want, rtol=1e-4, atol=1e-4)
-    greedy = one.generate_ids(prompts, table, n=3, max_new_tokens=12)
+    greedy = one.generate_ids(prompts, table, sampling=Sampling(12, n=3))
     for row, answer in enumerate(greedy):
         assert answer == world["greedy"][0][row // 3][:12]
 
@@ -195,11 +195,11 @@ def test_prompts_about_different_videos_in_one_call_equal_each_alone(world, rng)
     tables = [world["table"], one.encode(other)]
     rows = tables[0].shape[0] * tables[0].shape[1]
     both_ids, both_logits = one.generate_ids_and_logits(
-        world["prompts"], jnp.concatenate(tables), media_offsets=[0, rows], n=2,
-        max_new_tokens=8)
+        world["prompts"], jnp.concatenate(tables), media_offsets=[0, rows],
+        sampling=Sampling(8, n=2))
     for i, (prompt, table) in enumerate(zip(world["prompts"], tables, strict=True)):
-        alone_ids, alone_logits = one.generate_ids_and_logits([prompt], table, n=2,
-                                                              max_new_tokens=8)
+        alone_ids, alone_logits = one.generate_ids_and_logits([prompt], table,
+                                                              sampling=Sampling(8, n=2))
         assert both_ids[2 * i: 2 * i + 2] == alone_ids
         for a, b in zip(both_logits[2 * i: 2 * i + 2], alone_logits, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
@@ -207,18 +207,18 @@ def test_prompts_about_different_videos_in_one_call_equal_each_alone(world, rng)
 
 def test_stop_ids_and_sampling_seeds(world):
     one, prompts, table = world["one"], world["prompts"], world["table"]
-    greedy = one.generate_ids(prompts, table, max_new_tokens=12)
+    greedy = one.generate_ids(prompts, table, sampling=Sampling(12))
     stop = greedy[1][5]
-    cut = one.generate_ids(prompts, table, max_new_tokens=12, stop_ids=[stop])
+    cut = one.generate_ids(prompts, table, sampling=Sampling(12, stop_ids=[stop]))
     for full, short in zip(greedy, cut, strict=True):
         expected = full[: full.index(stop)] if stop in full else full
         assert short == expected
     hot = dict(max_new_tokens=12, temperature=1.5, top_p=0.9)
-    a = one.generate_ids(prompts, table, seed=1, **hot)
-    assert a == one.generate_ids(prompts, table, seed=1, **hot)
-    assert a != one.generate_ids(prompts, table, seed=2, **hot)
+    a = one.generate_ids(prompts, table, sampling=Sampling(seed=1, **hot))
+    assert a == one.generate_ids(prompts, table, sampling=Sampling(seed=1, **hot))
+    assert a != one.generate_ids(prompts, table, sampling=Sampling(seed=2, **hot))
     with pytest.raises(ValueError, match="top_p"):
-        one.generate_ids(prompts, table, max_new_tokens=4, top_p=0.0)
+        Sampling(4, top_p=0.0)
 
 
 def _reference_nucleus(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:

@@ -14,6 +14,7 @@ from longvila_jax.checkpoint import build_model
 from longvila_jax.configs import model_config
 from longvila_jax.data.batch import from_rows
 from longvila_jax.data.media import IGNORE_INDEX
+from longvila_jax.infer.decode import Sampling
 from longvila_jax.infer.engine import InferenceEngine
 from longvila_jax.parallel.layout import SPEC, Layout
 from longvila_jax.parallel.mesh import make_mesh
@@ -46,8 +47,8 @@ def rollouts(module_rng):
                                module_rng.integers(0, 500, n)]).astype(np.int32)
                for n in (5, 11)]
     ids, logprobs = engine.generate_ids_and_logprobs(
-        prompts, table, n=2, max_new_tokens=10, temperature=1.0,
-        seed=int(module_rng.integers(1 << 30)))
+        prompts, table, sampling=Sampling(10, n=2, temperature=1.0,
+                                          seed=int(module_rng.integers(1 << 30))))
     width = 96
     rows = np.zeros((4, width), np.int32)
     labels = np.full((4, width), IGNORE_INDEX, np.int32)
