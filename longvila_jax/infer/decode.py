@@ -38,7 +38,8 @@ class Sampling:
     """How answers are drawn (vLLM's `SamplingParams`, the parts decoding has): `n` answers
     per prompt, each at most `max_new_tokens` long and ending before its first `stop_ids`
     token; `temperature` 0 is greedy (then the `n` answers are equal), else softmax at
-    `temperature` restricted to the `top_p` nucleus; `seed` makes a draw repeatable."""
+    `temperature` restricted to the `top_p` nucleus; `seed` makes a draw repeatable. With
+    `keep_stop`, an answer's stop id stays at its end (RL trains the policy to stop)."""
 
     max_new_tokens: int
     n: int = 1
@@ -46,6 +47,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int = 0
     stop_ids: tuple[int, ...] = ()
+    keep_stop: bool = False
 
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.n < 1:

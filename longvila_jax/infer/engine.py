@@ -62,10 +62,7 @@ class InferenceEngine:
             raise ValueError(f"inference: the mesh's data axis must be 1, got "
                              f"{self.mesh.shape['data']} (prompts share one sequence group)")
         self.node, self.local = self.mesh.shape["node"], self.mesh.shape["local"]
-        if not isinstance(model.llm.layers, nnx.List):
-            model = nnx.merge(*nnx.split(model))  # new modules over the same arrays
-            model.llm.layers = unstack(model.llm.layers)
-        self.model = model
+        self.model = model = _unstacked(model)
         llm = model.llm.layers
         layer = llm[0]
         self.scheme = resolve_scheme(scheme, self.node, self.local,
@@ -92,6 +89,16 @@ class InferenceEngine:
         self._encode = jax.jit(lambda p, x: nnx.merge(graphdef, p).encode_frames(x),
                                out_shardings=frames)
         self._frames = frames
+
+    def update_weights(self, model: LongVILA) -> None:
+        """Decode with `model`'s current weights from now on: RL's trained parameters (FSDP-
+        sharded, layers stacked, the structure this engine was built from) laid out as the
+        engine's view, replicated and unstacked, on the same devices; nothing is compiled
+        again (the shapes do not change)."""
+        params = nnx.state(_unstacked(model))
+        if jax.tree.structure(params) != jax.tree.structure(self.params):
+            raise ValueError("update_weights: the model's structure differs from the engine's")
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
 
     @property
     def group(self) -> int:
@@ -259,18 +266,20 @@ class InferenceEngine:
                                                             max_new_tokens)
             state = self._decode(self.params, cache, state, jnp.int32(until), temperature,
                                  top_p, stops)
-        return self._rows(state, rows, produced, stop_ids, with_logits)
+        return self._rows(state, rows, produced, sampling, with_logits)
 
     @staticmethod
-    def _rows(state: DecodeState, rows: int, produced: int, stop_ids, with_logits: bool):
-        """Per row: ids up to its first stop id, their log-probabilities, their logits."""
+    def _rows(state: DecodeState, rows: int, produced: int, sampling: Sampling,
+              with_logits: bool):
+        """Per row: ids up to its first stop id (and it, with `sampling.keep_stop`), their
+        log-probabilities, their logits."""
         ids = np.asarray(state.ids)[:produced].reshape(produced, rows).T
         logprobs = np.asarray(state.logprobs)[:produced].reshape(produced, rows).T
         logits = np.asarray(state.logits)[:produced].reshape(produced, rows, -1) \
             .transpose(1, 0, 2) if with_logits else None
         out_ids, out_logprobs, out_logits = [], [], []
         for row in range(rows):
-            kept = _until_stop(ids[row].tolist(), stop_ids)
+            kept = _until_stop(ids[row].tolist(), sampling.stop_ids, sampling.keep_stop)
             out_ids.append(kept)
             out_logprobs.append(logprobs[row, : len(kept)])
             if with_logits:
@@ -278,7 +287,17 @@ class InferenceEngine:
         return out_ids, out_logprobs, out_logits if with_logits else None
 
 
-def _until_stop(ids: list[int], stop_ids) -> list[int]:
-    """`ids` before the first of `stop_ids`."""
+def _unstacked(model: LongVILA) -> LongVILA:
+    """`model` with its LLM's layers as a list of layers (`models.layers.unstack`): new
+    modules over the same arrays; the caller's model is left stacked."""
+    if isinstance(model.llm.layers, nnx.List):
+        return model
+    model = nnx.merge(*nnx.split(model))
+    model.llm.layers = unstack(model.llm.layers)
+    return model
+
+
+def _until_stop(ids: list[int], stop_ids, keep: bool = False) -> list[int]:
+    """`ids` before the first of `stop_ids` (through it with `keep`)."""
     stops = set(stop_ids)
-    return next((ids[:i] for i, t in enumerate(ids) if t in stops), ids)
+    return next((ids[: i + keep] for i, t in enumerate(ids) if t in stops), ids)

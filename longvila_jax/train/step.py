@@ -40,14 +40,16 @@ def make_optimizer_state(model, optim, trainable=nnx.Param) -> nnx.Optimizer:
 def make_train_step(loss, trainable=nnx.Param):
     """`step(model, optimizer, batch) -> metrics` (jitted), updating both in place.
 
-    Metrics (device scalars): `loss` and `grad_norm` (of the trainable parameters, before
-    clipping); `applied`, whether the update was applied: a step whose loss or gradient
-    norm is not finite leaves parameters and optimizer state bit-identical (a `where` on
-    one scalar, fused into the update, so no second copy of the state is held). The caller
-    decides whether to stop; reading these one step behind costs no host sync. A finite
-    gradient can still overflow the state; `state_is_finite` checks it where it matters,
-    before a checkpoint (checking it in the step cost a copy of the parameters: 6 GiB more
-    at Qwen2-1.5B's: docs/benchmarks.md, "Non-finite guard").
+    `loss` returns a scalar, or `(scalar, metrics)` (a dict of device scalars that join
+    the step's, as RL's clip fraction and KL do). Metrics (device scalars): `loss` and
+    `grad_norm` (of the trainable parameters, before clipping); `applied`, whether the
+    update was applied: a step whose loss or gradient norm is not finite leaves parameters
+    and optimizer state bit-identical (a `where` on one scalar, fused into the update, so
+    no second copy of the state is held). The caller decides whether to stop; reading
+    these one step behind costs no host sync. A finite gradient can still overflow the
+    state; `state_is_finite` checks it where it matters, before a checkpoint (checking it
+    in the step cost a copy of the parameters: 6 GiB more at Qwen2-1.5B's:
+    docs/benchmarks.md, "Non-finite guard").
 
     The model's and optimizer's arrays are donated: the step writes their new values over
     the old buffers, so float32 parameters and Adam moments (12 bytes per parameter) are
@@ -56,8 +58,13 @@ def make_train_step(loss, trainable=nnx.Param):
 
     @functools.partial(nnx.jit, donate_argnums=(0, 1))
     def step(model, optimizer, batch):
+        def with_metrics(model, batch):
+            out = loss(model, batch)
+            return out if isinstance(out, tuple) else (out, {})
+
         diff = nnx.DiffState(0, trainable)
-        value, grads = nnx.value_and_grad(loss, argnums=diff)(model, batch)
+        (value, metrics), grads = nnx.value_and_grad(with_metrics, argnums=diff,
+                                                     has_aux=True)(model, batch)
         grad_norm = optax.tree.norm(grads)
         applied = jnp.isfinite(value) & jnp.isfinite(grad_norm)
         # The values, not the Variables: those are updated in place by `update`.
@@ -67,7 +74,7 @@ def make_train_step(loss, trainable=nnx.Param):
         kept = jax.tree.map(lambda new, old: jnp.where(applied, new, old), after, before)
         nnx.update(model, kept[0])
         nnx.update(optimizer, kept[1])
-        return {"loss": value, "grad_norm": grad_norm, "applied": applied}
+        return {**metrics, "loss": value, "grad_norm": grad_norm, "applied": applied}
 
     return step
 
