@@ -266,10 +266,13 @@ def _dispatch(command: str, argv: list[str], primary: bool = True):
         _args(argv, [])
         print(_need_config())
     elif command == "train":
+        from longvila_jax.rl.loop import train_grpo
         from longvila_jax.train.loop import train
 
         _args(argv, [])
-        print(f"final checkpoint: {train(_need_config(), _need_workdir(), progress=progress)}")
+        config = _need_config()
+        run = train_grpo if config.train.objective == "grpo" else train
+        print(f"final checkpoint: {run(config, _need_workdir(), progress=progress)}")
     elif command == "pipeline":
         from longvila_jax.train.stages import run_stages
 

@@ -18,7 +18,8 @@ LAYERS = [
     {"config", "distributed"},  # config checks against the layers below
     {"checkpoint", "configs"},  # models from configs; the packaged recipes
     {"interop", "train", "infer"},
-    {"eval", "rl", "serve"},
+    {"eval", "serve"},
+    {"rl"},  # GRPO: a training run that asks eval's questions
     {"demo"},
     {"cli"},
 ]

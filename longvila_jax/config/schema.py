@@ -27,6 +27,7 @@ REMAT = ("none", "selective", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DATA_KINDS = ("conversations", "text")
 NONFINITE = ("stop", "skip")
+OBJECTIVES = ("next_token", "grpo")
 SOURCE_KEYS = ("name", "jsonl", "media_root", "weight")
 
 
@@ -139,6 +140,35 @@ def base_config() -> ml_collections.ConfigDict:
     # Dense bf16 peak TFLOP/s per device for MFU; 0: known GPUs by name, else no MFU.
     train.peak_tflops = 0.0
 
+    # What a run optimises: "next_token" (the SFT-style stages, train/loop.py) or "grpo"
+    # (reinforcement learning on video questions, rl/loop.py, which reads `rl`).
+    train.objective = "next_token"
+
+    # GRPO (rl/loop.py; defaults from Long-RL's configs). A step asks `prompts_per_step`
+    # questions, samples `answers` answers to each, and makes `num_iterations` passes of
+    # `minibatches` optimizer steps over them.
+    rl = ml_collections.ConfigDict()
+    rl.questions = ""  # JSONL of {video, question, options, answer} (eval-mcq's format)
+    rl.prompts_per_step = 2
+    rl.answers = 8
+    rl.max_new_tokens = 256
+    rl.temperature = 1.0
+    rl.top_p = 1.0
+    # Comma-separated name=weight; a name is a built-in (rl/rewards.py) or module:function.
+    rl.rewards = "mcq_accuracy=0.9,format=0.1"
+    rl.drop_equal_groups = False  # DAPO's filter: groups whose rewards are all equal
+    rl.clip_low = 0.2
+    rl.clip_high = 0.3
+    rl.dual_clip = 3.0
+    rl.log_ratio_clamp = 20.0
+    rl.kl = "low_var_kl"  # or "kl", "mse"
+    rl.beta = 0.01  # KL weight; 0: no reference policy
+    rl.num_iterations = 1
+    rl.minibatches = 1
+    # Old log-probabilities: the sampler's ("sampler") or the training forward's again
+    # ("recompute": one more pass, exact where the sampler's precision differs).
+    rl.old_logprobs = "sampler"
+
     # Training data (data/pipeline.py): conversation JSONL with media, or long text.
     data = ml_collections.ConfigDict()
     data.kind = "conversations"
@@ -153,6 +183,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim = optim
     config.train = train
     config.data = data
+    config.rl = rl
     config.seed = 0
     return config
 
@@ -254,6 +285,8 @@ def _validate_train(train):
            train.max_frames, "must be an integer >= 0")
     _check(train.fps >= 0, "train.fps", train.fps, "must be >= 0 (0: uniform sampling)")
     _check(train.peak_tflops >= 0, "train.peak_tflops", train.peak_tflops, "must be >= 0")
+    _check(train.objective in OBJECTIVES, "train.objective", train.objective,
+           f"one of {OBJECTIVES}")
     patterns = [t for t in train.trainable.split(",") if t]
     _check(bool(patterns), "train.trainable", train.trainable, "needs at least one pattern")
     for pattern in patterns:

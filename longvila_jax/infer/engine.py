@@ -98,7 +98,9 @@ class InferenceEngine:
         params = nnx.state(_unstacked(model))
         if jax.tree.structure(params) != jax.tree.structure(self.params):
             raise ValueError("update_weights: the model's structure differs from the engine's")
-        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        # Copies even of arrays already replicated: the training step donates the model's
+        # buffers, which would delete an aliased engine parameter.
+        self.params = jax.device_put(params, NamedSharding(self.mesh, P()), may_alias=False)
 
     @property
     def group(self) -> int:

@@ -72,6 +72,20 @@ def reward_function(name: str) -> RewardFn:
     return function
 
 
+def parse_weights(text: str) -> dict[str, float]:
+    """`"mcq_accuracy=0.9,format=0.1"` -> `{"mcq_accuracy": 0.9, "format": 0.1}`."""
+    weights = {}
+    for item in (t.strip() for t in text.split(",")):
+        name, sep, value = item.rpartition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"rewards {text!r}: {item!r} is not name=weight")
+    return weights
+
+
 class Rewards:
     """Weighted sum of named reward functions; `scores` keeps each one's value too."""
 

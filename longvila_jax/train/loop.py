@@ -70,7 +70,7 @@ class Run:
     data_groups: tuple[int, int] = (0, 1)
 
 
-def _tokenizer_path(config) -> str:
+def tokenizer_path(config) -> str:
     path = Path(config.data.tokenizer)
     path = path / "tokenizer.json" if path.is_dir() else path
     if not path.is_file():
@@ -120,7 +120,7 @@ def make_data(config, tokens_per_frame: int, data_groups: tuple[int, int] | None
     first, count = data_groups or (0, config.parallel.data)
     rows = train.batch_size // config.parallel.data * count
     shard = (first // count, config.parallel.data // count)
-    tokenizer = _tokenizer_path(config)
+    tokenizer = tokenizer_path(config)
     if data.kind == "text":
         tok = load_tokenizer(tokenizer)
         source = TextJsonlSource(_sources(config)[0].jsonl, tok, train.seq_len,
@@ -167,8 +167,9 @@ def setup(config) -> Run:
     """
     config = validate(config)
     if config.data.tokenizer or config.data.sources:
-        _tokenizer_path(config)
-        _sources(config)
+        tokenizer_path(config)
+        if config.train.objective == "next_token":  # GRPO reads `rl.questions` instead
+            _sources(config)
     init = config.train.init_from
     if init and not Path(init).is_dir():
         raise ConfigError(f"train.init_from: {init!r} is not a checkpoint folder")
@@ -191,17 +192,17 @@ def setup(config) -> Run:
     return Run(config, mesh, layout, model, optimizer, step_fn, trainable, data_groups)
 
 
-def _state(run: Run) -> dict:
+def run_state(run: Run) -> dict:
     return {"params": nnx.to_pure_dict(nnx.state(run.model, nnx.Param)),
             "optimizer": nnx.to_pure_dict(nnx.state(run.optimizer))}
 
 
-def _restore(run: Run, checkpoints: RunCheckpoints) -> int:
+def restore_run(run: Run, checkpoints: RunCheckpoints) -> int:
     """Parameters and optimizer state from the latest run checkpoint; its step (0: none)."""
     step = checkpoints.latest_step()
     if step is None:
         return 0
-    state = _state(run)
+    state = run_state(run)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
     restored = checkpoints.restore(step, abstract)
@@ -249,7 +250,7 @@ def train(config, workdir, *, progress: bool = True) -> Path:
         return final
     # A run reads data: a config naming none fails here, before the model fills the devices
     # (`setup` checks only the data a config names, so that benchmarks run without any).
-    _tokenizer_path(config)
+    tokenizer_path(config)
     _sources(config)
     if jax.process_index() == 0:
         remove_temporaries(workdir)
@@ -257,7 +258,7 @@ def train(config, workdir, *, progress: bool = True) -> Path:
     config = run.config
     with RunCheckpoints(workdir / "checkpoints", keep=config.train.keep,
                         every=config.train.checkpoint_every) as checkpoints:
-        start = _restore(run, checkpoints)
+        start = restore_run(run, checkpoints)
         saved = checkpoints.data_states(start) if start else None
         data = make_data(config, _tokens_per_frame(run.model), run.data_groups, saved)
         if start:
@@ -270,7 +271,7 @@ def train(config, workdir, *, progress: bool = True) -> Path:
                 good = checkpoints.latest_step()
                 where = checkpoints.directory / str(good) if good else "none"
                 raise Diverged(f"{e}; last good checkpoint: {where}") from None
-    return _write_final(run, final)
+    return write_final(run, final)
 
 
 class _NonFinite(Exception):
@@ -294,7 +295,7 @@ def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> 
         if step + 1 == total or checkpoints.should_save(step + 1):
             reporter.report(*pending, data)
             pending = None
-            state = _state(run)
+            state = run_state(run)
             if not state_is_finite(state):
                 raise _NonFinite(f"step {step + 1}: the parameters or optimizer state are not "
                                  "finite although every step's loss and gradient norm were "
@@ -428,7 +429,7 @@ def _postfix(metrics: dict) -> dict:
     return shown
 
 
-def _write_final(run: Run, final: Path) -> Path:
+def write_final(run: Run, final: Path) -> Path:
     """The model checkpoint of a finished run, LoRA merged when `train.merge_lora`."""
     from longvila_jax.models.lora import merge_lora
 
@@ -441,6 +442,6 @@ def _write_final(run: Run, final: Path) -> Path:
     params = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
               for k, v in model_params(model).items()}
     if jax.process_index() == 0:
-        tokenizer = Path(_tokenizer_path(config)).parent
+        tokenizer = Path(tokenizer_path(config)).parent
         save_checkpoint(final, config, params, tokenizer_dir=tokenizer)
     return final

@@ -100,7 +100,7 @@ def test_kill_9_then_resume_gives_bit_identical_parameters(corpus, tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_another_mesh_layout_continues_the_run(corpus, tmp_path):
-    from longvila_jax.train.loop import _restore, make_data, setup, to_model_batch
+    from longvila_jax.train.loop import make_data, restore_run, setup, to_model_batch
     from longvila_jax.train.run_checkpoint import RunCheckpoints
 
     first = stage(corpus, "sft", 2, batch_size=2, parallel=(1, 2, 4))
@@ -109,7 +109,7 @@ def test_resume_on_another_mesh_layout_continues_the_run(corpus, tmp_path):
         config = stage(corpus, "sft", 2, batch_size=2, parallel=layout)
         run = setup(config)
         with RunCheckpoints(tmp_path / "run" / "checkpoints", keep=3, every=2) as ckpts:
-            assert _restore(run, ckpts) == 2
+            assert restore_run(run, ckpts) == 2
             data = make_data(config, run.model.media_tokens_per_frame,
                              saved=ckpts.data_states(2))
         out = run.step_fn(run.model, run.optimizer, to_model_batch(run, next(data)))

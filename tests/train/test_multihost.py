@@ -25,7 +25,7 @@ from runs import cli_train, free_port, local_launch, scalars, stage, write_confi
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(corpus, tmp_path):
     from longvila_jax.checkpoint import load_params
-    from longvila_jax.train.loop import _state, setup
+    from longvila_jax.train.loop import run_state, setup
     from longvila_jax.train.run_checkpoint import RunCheckpoints
 
     config_file = write_config_file(tmp_path, corpus, "sft", 3)
@@ -54,7 +54,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(corpu
     # The run checkpoint both processes wrote restores on this one process's 8 devices.
     run = setup(stage(corpus, "sft", 3, batch_size=2))
     abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), _state(run))
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), run_state(run))
     with RunCheckpoints(tmp_path / "two" / "checkpoints", keep=3, every=2) as checkpoints:
         restored = checkpoints.restore(3, abstract)
     flat = jax.tree_util.tree_flatten_with_path(restored["params"])[0]

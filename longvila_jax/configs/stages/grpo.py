@@ -1,0 +1,42 @@
+"""Stage 6 (LongVILA-R1), GRPO: the LLM learns from its own answers to video questions.
+
+    longvila-jax train --config=stages/grpo:qwen2_7b --workdir=runs/6_grpo \
+        --config.train.init_from=runs/5_long_sft/final \
+        --config.data.tokenizer=runs/5_long_sft/final/tokenizer \
+        --config.rl.questions=data/grpo.jsonl
+
+Questions are eval-mcq's JSONL (`{video, question, options, answer}`); answers are asked
+for as `<think>...</think><answer>LETTER</answer>` and rewarded 0.9 for the right letter
+and 0.1 for the format. Long-RL's settings: AdamW at 1e-6, clipping 1.0, 8 answers per
+question (Long-RL uses 5), temperature 1, KL (low-variance) weight 0.01, clip 0.2 / 0.3,
+dual clip 3; the LLM trains, the vision tower and projector stay frozen (each video is
+encoded once and its embeddings reused). LongVILA-R1 first runs SFT on `<think>`-formatted
+answers: the `sft` or `long_sft` stage on such data. Time at scale: unmeasured.
+"""
+
+from longvila_jax.configs import MINIATURES
+from longvila_jax.configs.stages import context, training_stage
+from longvila_jax.parallel.schemes import host_degrees
+
+HOST_GPUS = 8  # the default mesh: one 8-GPU host
+
+
+def get_config(model: str = "qwen2_7b"):
+    # seq_len and max_frames are not read (a step's rows are its prompts and answers).
+    config = training_stage(model, "grpo", trainable="^llm/", seq_len=(512, 262144),
+                            num_frames=(32, 256), max_frames=(64, 1024), batch_size=(1, 1),
+                            learning_rate=(2e-4, 1e-6), steps=(40, 1000))
+    mini = model in MINIATURES
+    context.extend_rope(config.model.llm, miniature=mini)  # it follows stage 5
+    config.train.objective = "grpo"
+    config.optim.update(warmup_steps=0, end_lr_fraction=1.0)  # a constant rate, as Long-RL
+    config.data.sources = []  # the questions are `rl.questions`
+    config.rl.questions = "data/grpo.jsonl"
+    config.rl.update(prompts_per_step=4 if mini else 2, answers=8,
+                     max_new_tokens=24 if mini else 256)
+    if not mini:
+        config.model.remat = "full"
+        llm = config.model.llm
+        node, local = host_degrees(HOST_GPUS, (llm.num_heads, llm.num_kv_heads))
+        config.parallel.update(node=node, local=local, attention="auto")
+    return config

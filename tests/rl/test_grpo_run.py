@@ -1,0 +1,83 @@
+"""The GRPO stage end to end on the demo model (8 simulated devices): it trains the LLM only,
+logs its metrics and reward curve, and a run resumed from a run checkpoint ends with the
+parameters of one that never stopped, bit for bit; bad `rl` values fail with the key named."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from longvila_jax.checkpoint import build_model, load_params, model_params
+from longvila_jax.config import ConfigError
+from longvila_jax.configs.stages import grpo
+from longvila_jax.data.demo_corpus import write_demo_data
+from longvila_jax.data.synthetic import write_index_video
+from longvila_jax.rl.loop import step_questions, train_grpo
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("grpo")
+    corpus = write_demo_data(root / "corpus", scale=0.02)
+    records = []
+    for i in range(3):
+        video = write_index_video(root / f"v{i}.mp4", 8, width=56, height=56)
+        records.append({"video": str(video), "question": f"Which frame count is {i}?",
+                        "options": ["one", "two", "three", "four"], "answer": "ABC"[i]})
+    questions = root / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"tokenizer": corpus["tokenizer"], "questions": str(questions)}
+
+
+def _config(data, steps: int):
+    config = grpo.get_config("demo")
+    config.data.tokenizer = data["tokenizer"]
+    config.rl.update(questions=data["questions"], prompts_per_step=2, answers=4,
+                     max_new_tokens=6, minibatches=2, beta=0.05)
+    config.train.update(num_frames=4, checkpoint_every=1)
+    config.parallel.update(node=2, local=4)
+    config.optim.total_steps = steps
+    return config
+
+
+def test_a_resumed_grpo_run_ends_bit_identical_and_trains_the_llm_only(data, tmp_path):
+    whole = load_params(train_grpo(_config(data, 2), tmp_path / "whole", progress=False))
+    cut = tmp_path / "cut"
+    train_grpo(_config(data, 1), cut, progress=False)
+    shutil.rmtree(cut / "final")  # as if killed after step 1's checkpoint
+    resumed = load_params(train_grpo(_config(data, 2), cut, progress=False))
+    assert set(whole) == set(resumed)
+    for key in whole:
+        np.testing.assert_array_equal(whole[key], resumed[key], err_msg="/".join(key))
+    lines = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2]
+    for key in ("reward_mean", "reward_mcq_accuracy", "reward_format", "kl", "clip_fraction",
+                "rollout_s", "update_s", "reference_s", "encode_s", "answer_tokens_mean"):
+        assert all(np.isfinite(line[key]) for line in lines), key
+    assert (cut / "rewards.png").stat().st_size > 0
+    initial = {k: np.asarray(v) for k, v in model_params(build_model(_config(data, 1))).items()}
+    moved = {k[0] for k in whole if not np.array_equal(whole[k], initial[k])}
+    assert moved == {"llm"}, moved
+
+
+def test_every_question_is_asked_once_per_epoch():
+    asked = [q for step in range(6) for q in step_questions(5, step, 3, seed=7)]
+    assert sorted(asked[:5]) == list(range(5))
+    assert sorted(asked[5:10]) == list(range(5))
+    assert asked != [q for step in range(6) for q in step_questions(5, step, 3, seed=8)]
+
+
+@pytest.mark.parametrize(("key", "value", "named"), [
+    ("rl.answers", 1, "rl.answers"), ("rl.kl", "kld", "rl.kl"),
+    ("rl.rewards", "mcq_accuracy=high", "rl.rewards"), ("rl.minibatches", 3, "rl.minibatches"),
+    ("rl.old_logprobs", "cached", "rl.old_logprobs"), ("rl.questions", "nope.jsonl",
+                                                       "rl.questions")])
+def test_bad_rl_values_fail_with_the_key_named(data, tmp_path, key, value, named):
+    config = _config(data, 1)
+    section, name = key.split(".")
+    config[section][name] = value
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        train_grpo(config, tmp_path / "bad", progress=False)
