@@ -12,7 +12,7 @@
                         --max-new-tokens=N --temperature=T --top-p=P --stop=S --mesh=N,L]
   longvila-jax eval-needle --checkpoint=DIR --out=DIR [--haystack=FILE --needles=JSONL
                            --frame-counts=32,64 --depths=0,0.2,...,1 --generate --mesh=N,L]
-  longvila-jax eval-mcq --checkpoint=DIR --questions=JSONL --out=DIR [--subtitles
+  longvila-jax eval-mcq --checkpoint=DIR --questions=JSONL --out=DIR [--style=r1] [--subtitles
                         --num-frames=N --limit=N]
 
 `--config=NAME[:ARG]` names a packaged config (longvila_jax/configs/): the models tiny, demo,
@@ -114,6 +114,8 @@ _BATCH = flags.DEFINE_integer("batch_size", 1, "eval-needle: needles per forward
 _QUESTIONS = flags.DEFINE_string("questions", None, "eval-mcq: questions JSONL.")
 _SUBTITLES = flags.DEFINE_bool("subtitles", False, "eval-mcq: prefix each video's subtitles.")
 _LIMIT = flags.DEFINE_integer("limit", None, "eval-mcq: only the first N questions.")
+_STYLE = flags.DEFINE_enum("style", "videomme", ["videomme", "r1"], "eval-mcq: VideoMME's "
+                           "prompt and letter, or LongVILA-R1's <think>/<answer> format.")
 # Multi-host (see longvila_jax/distributed.py; SLURM / Open MPI / Kubernetes are detected).
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's "
                                    "jax.distributed coordinator.")
@@ -224,7 +226,7 @@ def _eval_mcq(progress: bool):
                                   fps=_FPS.value, max_new_tokens=_MAX_NEW.value)
 
     result = evaluate_mcq(questions, answer, out, subtitles=_SUBTITLES.value,
-                          progress=progress, limit=_LIMIT.value)
+                          progress=progress, limit=_LIMIT.value, style=_STYLE.value)
     print(format_table(result))
     print(f"results: {Path(out) / 'mcq.json'}")
 

@@ -37,6 +37,10 @@ SUBTITLE_SUFFIXES = (".srt", ".txt")
 INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the "
                "video. Respond with only the letter ({letters}) of the correct option.")
 POST_PROMPT = "The best answer is:"
+# LongVILA-R1's format: reasoning, then the letter in tags (`build_r1_prompt`).
+R1_INSTRUCTION = ("Think about the question inside <think> </think>, then give the letter of "
+                  "the correct option inside <answer> </answer>.")
+STYLES = ("videomme", "r1")
 SUBTITLES_PREFIX = "This video's subtitles are listed below:\n"
 
 # `answer_fn(video_path, prompts)` -> one generated text per prompt, in order. The prompts are
@@ -52,6 +56,8 @@ _ANSWER_PREFIX = re.compile(
     re.IGNORECASE)
 # A reply that opens with a letter marker: "B", "b.", "(B)", "[b]", "B) apple", "B: apple".
 _LEADING_LETTER = re.compile(r"[(\[]?([A-Za-z])(?:[)\].:]|$)")
+_ANSWER_SPAN = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_THINK_SPAN = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +223,31 @@ def build_prompt(question: Question, subtitles: str | None = None) -> str:
     return prompt if subtitles is None else f"{SUBTITLES_PREFIX}{subtitles}\n{prompt}"
 
 
+def build_r1_prompt(question: Question, subtitles: str | None = None) -> str:
+    """LongVILA-R1's user message: the question, its lettered options, and the request to
+    reason in `<think>` and answer in `<answer>` tags (`R1_INSTRUCTION`)."""
+    prompt = "\n".join([question.question, *question.options, R1_INSTRUCTION])
+    return prompt if subtitles is None else f"{SUBTITLES_PREFIX}{subtitles}\n{prompt}"
+
+
+def extract_tagged_choice(text: str, letters: str) -> str | None:
+    """The letter among `letters` a reply in R1's format chose, or None.
+
+    The choice is the one letter inside the last `<answer>...</answer>` span, or, with no
+    such span, a reply that ends in a bare letter ("... so it is (C)."). Several different
+    letters, or none, choose nothing: a reply that hedges earns nothing, and a missing tag
+    is not a miss when the letter is plain (lmms-eval PR 1488 reports a scorer that missed
+    those)."""
+    spans = _ANSWER_SPAN.findall(text)
+    if spans:
+        found = set(re.findall(rf"(?<![A-Za-z])([{re.escape(letters)}])(?![A-Za-z])",
+                               spans[-1]))
+        return found.pop() if len(found) == 1 else None
+    words = _THINK_SPAN.sub(" ", text).split()
+    last = words[-1].strip("().,:;!?*'\"[]") if words else ""
+    return last if len(last) == 1 and last in letters else None
+
+
 def extract_choice(text: str, letters: str, texts: Sequence[str] = ()) -> str | None:
     """The letter among `letters` that the reply `text` chose, or None when it names none.
 
@@ -254,6 +285,7 @@ def evaluate_mcq(
     subtitles: bool = False,
     progress: bool = True,
     limit: int | None = None,
+    style: str = "videomme",
 ) -> dict:
     """Ask every question of `jsonl_path` through `answer_fn`; score and write `mcq.json`.
 
@@ -262,13 +294,19 @@ def evaluate_mcq(
     the prompts of all that video's questions. `limit` keeps the file's first `limit`
     questions. With `subtitles`, questions that have a subtitle file get its whole text: the
     harness does not know which frames the model samples, so it cannot pick their lines.
+    `style` "videomme" asks with VideoMME's prompt and reads the reply's letter with
+    `extract_choice`; "r1" asks for LongVILA-R1's format (`build_r1_prompt`) and reads the
+    tagged letter (`extract_tagged_choice`).
     Writes `out_dir/mcq.json` atomically and returns its dict: `questions` (the JSONL path),
-    `subtitles`, `accuracy`, `num_questions`, `unanswered`, `per_category` (`{category:
+    `subtitles`, `style`, `accuracy`, `num_questions`, `unanswered`, `per_category` (`{category:
     {"accuracy", "num_questions"}}`, sorted by name; "uncategorized" for records naming none)
     and `per_sample` (in file order).
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    prompt_of = build_prompt if style == "videomme" else build_r1_prompt
     questions = load_questions(jsonl_path)[:limit]
     subtitle_texts = {q.subtitles: read_subtitles(q.subtitles)
                       for q in questions if subtitles and q.subtitles is not None}
@@ -280,7 +318,7 @@ def evaluate_mcq(
     with tqdm(total=len(questions), desc="mcq", unit="question", disable=not progress) as bar:
         for video, indices in by_video.items():
             bar.set_postfix_str(video.name)
-            prompts = [build_prompt(questions[i], subtitle_texts.get(questions[i].subtitles))
+            prompts = [prompt_of(questions[i], subtitle_texts.get(questions[i].subtitles))
                        for i in indices]
             texts = list(answer_fn(os.fspath(video), prompts))
             if len(texts) != len(prompts) or not all(isinstance(t, str) for t in texts):
@@ -292,7 +330,8 @@ def evaluate_mcq(
 
     per_sample = []
     for question, reply in zip(questions, replies, strict=True):
-        choice = extract_choice(reply, question.letters, question.texts)
+        choice = extract_choice(reply, question.letters, question.texts) \
+            if style == "videomme" else extract_tagged_choice(reply, question.letters)
         per_sample.append({
             "video": os.fspath(question.video), "question": question.question,
             "answer": question.answer, "prediction": reply, "choice": choice,
@@ -305,6 +344,7 @@ def evaluate_mcq(
     result = {
         "questions": os.fspath(jsonl_path),
         "subtitles": subtitles,
+        "style": style,
         "accuracy": sum(s["correct"] for s in per_sample) / len(per_sample),
         "num_questions": len(per_sample),
         "unanswered": sum(s["choice"] is None for s in per_sample),

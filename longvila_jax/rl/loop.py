@@ -37,7 +37,7 @@ from longvila_jax.atomic import atomic_file, remove_temporaries
 from longvila_jax.checkpoint import build_model, load_model
 from longvila_jax.config import ConfigError
 from longvila_jax.data.video import load_frames
-from longvila_jax.eval.mcq import Question, load_questions
+from longvila_jax.eval.mcq import Question, build_r1_prompt, load_questions
 from longvila_jax.infer.decode import Sampling
 from longvila_jax.infer.generate import Generator
 from longvila_jax.models.lora import LORA_NAMES
@@ -58,15 +58,6 @@ from longvila_jax.train.loop import (
 )
 from longvila_jax.train.run_checkpoint import RunCheckpoints
 from longvila_jax.train.step import make_train_step, state_is_finite
-
-# LongVILA-R1's answer format, asked for in every prompt.
-INSTRUCTION = ("Think about the question inside <think> </think>, then give the letter of "
-               "the correct option inside <answer> </answer>.")
-
-
-def rl_prompt(question: Question) -> str:
-    """The user turn for `question`: the question, its lettered options, the format."""
-    return "\n".join([question.question, *question.options, INSTRUCTION])
 
 
 def step_questions(count: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -202,7 +193,7 @@ class _Trainer:
                 tables.append(table.reshape(-1, table.shape[-1]))
                 rows += tables[-1].shape[0]
             offsets.append(seen[q.video][0])
-            prompts.append(gen.prompt_ids(rl_prompt(q), seen[q.video][1]))
+            prompts.append(gen.prompt_ids(build_r1_prompt(q), seen[q.video][1]))
         table = jnp.concatenate(tables) if len(tables) > 1 else tables[0]
         times["encode_s"] = time.perf_counter() - began
 

@@ -34,11 +34,13 @@ from longvila_jax.rl.grpo import LossConfig, policy_loss
 @dataclasses.dataclass(frozen=True)
 class PolicyBatch:
     """Answers as training rows on the mesh: `tokens` (laid out, `SPEC`), the embedding
-    `table` `[rows, hidden]` (replicated), per-token `old_logprobs` and `ref_logprobs`
-    (laid out as `tokens`; ref None without a KL term), per-row `advantages`."""
+    `table` `[rows, hidden]` (replicated; None: the tokens' frames go through the tower
+    in every pass, as a loop without MR-SP's reuse does), per-token `old_logprobs` and
+    `ref_logprobs` (laid out as `tokens`; ref None without a KL term), per-row
+    `advantages`."""
 
     tokens: Batch
-    table: jax.Array
+    table: jax.Array | None
     old_logprobs: jax.Array
     ref_logprobs: jax.Array | None
     advantages: jax.Array
@@ -106,8 +108,8 @@ def place(rows: AnswerRows, layout: Layout, mesh, table, old_logprobs, advantage
 
     return PolicyBatch(
         tokens=jax.device_put(layout.lay_out(rows.batch), spec),
-        table=jax.device_put(jnp.asarray(table).reshape(-1, table.shape[-1]),
-                             NamedSharding(mesh, P())),
+        table=None if table is None else jax.device_put(
+            jnp.asarray(table).reshape(-1, table.shape[-1]), NamedSharding(mesh, P())),
         old_logprobs=laid(old_logprobs), ref_logprobs=laid(ref_logprobs),
         advantages=jax.device_put(np.asarray(advantages, np.float32),
                                   NamedSharding(mesh, P("data"))))

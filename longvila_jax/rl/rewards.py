@@ -3,11 +3,9 @@
 An answer is scored against its sample (`question`, `options`, `answer`: the JSONL row of
 eval-mcq's format). The built-in functions:
 
-- `mcq_accuracy`: 1 when the chosen option letter is the correct one. The choice is the one
-  letter inside the last `<answer>...</answer>` span, or, with no such span, an answer that
-  ends in a bare letter ("... so it is (C)."). Several different letters, or none, choose
-  nothing: an answer that hedges earns no credit, and a missing tag is not a miss when the
-  letter is plain (lmms-eval PR 1488 reports a scorer that missed those).
+- `mcq_accuracy`: 1 when the chosen option letter is the correct one, read as eval-mcq's
+  "r1" style reads it (`eval.mcq.extract_tagged_choice`: the one letter in the last
+  `<answer>` span, or a bare final letter; several letters choose nothing).
 - `format`: 1 when the whole answer is `<think>...</think>` then `<answer>...</answer>`.
 
 A user's function is named by import path, `module:function`, and called the same way,
@@ -21,10 +19,10 @@ import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 
+from longvila_jax.eval.mcq import extract_tagged_choice
+
 RewardFn = Callable[[str, Mapping], float]
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
-_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 _FORMAT = re.compile(r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*", re.DOTALL)
 
 
@@ -33,20 +31,9 @@ def option_letters(sample: Mapping) -> str:
     return string.ascii_uppercase[: max(2, len(sample.get("options") or ()))]
 
 
-def chosen_letter(answer: str, letters: str) -> str | None:
-    """The option letter `answer` chooses, or None (see the module docstring)."""
-    spans = _ANSWER.findall(answer)
-    if spans:
-        found = set(re.findall(rf"(?<![A-Za-z])([{letters}])(?![A-Za-z])", spans[-1]))
-        return found.pop() if len(found) == 1 else None
-    words = _THINK.sub(" ", answer).split()
-    last = words[-1].strip("().,:;!?*'\"[]") if words else ""
-    return last if len(last) == 1 and last in letters else None
-
-
 def mcq_accuracy(answer: str, sample: Mapping) -> float:
     gold = str(sample["answer"]).strip().strip("().").upper()
-    return float(chosen_letter(answer, option_letters(sample)) == gold)
+    return float(extract_tagged_choice(answer, option_letters(sample)) == gold)
 
 
 def format_reward(answer: str, sample: Mapping) -> float:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from longvila_jax.eval.mcq import (
+    R1_INSTRUCTION,
     Question,
     build_prompt,
     evaluate_mcq,
@@ -188,6 +189,22 @@ def test_accuracy_by_hand(tmp_path):
         "video": str(tmp_path / "v1.mp4"), "question": "What colour is the car?",
         "answer": "D", "prediction": "I am not sure.", "choice": None, "correct": False,
         "category": "Sports"}
+
+
+def test_r1_style_asks_for_tags_and_reads_the_tagged_letter(tmp_path):
+    touch(tmp_path, "v1.mp4")
+    path = write_jsonl(tmp_path / "q.jsonl", [record("v1.mp4", answer=a) for a in "ABCD"])
+    model = ScriptedModel(["<think>it is red</think><answer>A</answer>",
+                           "<think>A or B?</think><answer>C</answer>",  # wrong letter
+                           "<think>hmm</think> so the answer is (C).",  # no tag, bare letter
+                           "<answer>B or D</answer>"])  # hedges: no choice
+    result = evaluate_mcq(path, model, tmp_path / "out", progress=False, style="r1")
+    [(_, prompts)] = model.calls
+    assert all(p.endswith(R1_INSTRUCTION) and "A. " in p for p in prompts)
+    assert [s["choice"] for s in result["per_sample"]] == ["A", "C", "C", None]
+    assert result["accuracy"] == pytest.approx(2 / 4) and result["style"] == "r1"
+    with pytest.raises(ValueError, match="style"):
+        evaluate_mcq(path, model, tmp_path / "out", progress=False, style="mmmu")
 
 
 def test_each_video_is_asked_once_with_all_its_prompts(tmp_path):

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from longvila_jax.rl.rewards import Rewards, chosen_letter, format_reward, mcq_accuracy
+from longvila_jax.eval.mcq import extract_tagged_choice
+from longvila_jax.rl.rewards import Rewards, format_reward, mcq_accuracy
 
 SAMPLE = {"question": "What shape?", "options": ["circle", "square", "star", "cross"],
           "answer": "C"}
@@ -33,7 +34,7 @@ TABLE = [
 
 @pytest.mark.parametrize(("answer", "letter", "formatted"), TABLE)
 def test_answers_are_scored(answer, letter, formatted):
-    assert chosen_letter(answer, "ABCD") == letter
+    assert extract_tagged_choice(answer, "ABCD") == letter
     assert mcq_accuracy(answer, SAMPLE) == float(letter == "C")
     assert format_reward(answer, SAMPLE) == formatted
 
