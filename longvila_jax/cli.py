@@ -7,7 +7,8 @@
   longvila-jax show-config --config=qwen2_7b:1m
   longvila-jax train --config=stages/sft:qwen2_7b --workdir=DIR [--config.k=v]
   longvila-jax pipeline --config=stages/pipeline:qwen2_7b --workdir=DIR
-  longvila-jax demo [--workdir=demo]   (synthetic data, demo model, all five stages, V-NIAH)
+  longvila-jax demo [--workdir=demo] [--rl]   (synthetic data, demo model, all five stages,
+                    V-NIAH; --rl: then CoT SFT and GRPO, eval-mcq before and after)
   longvila-jax generate --checkpoint=DIR --video=FILE --prompt="..." [--num-frames=N
                         --max-new-tokens=N --temperature=T --top-p=P --stop=S --mesh=N,L]
   longvila-jax eval-needle --checkpoint=DIR --out=DIR [--haystack=FILE --needles=JSONL
@@ -17,8 +18,8 @@
 
 `--config=NAME[:ARG]` names a packaged config (longvila_jax/configs/): the models tiny, demo,
 qwen2_1_5b, qwen2_7b (`:1m`), llama3_8b, and the stages stages/align, stages/pretrain,
-stages/sft, stages/context, stages/long_sft, stages/pipeline, which take the model
-(`stages/sft:tiny`; qwen2_7b if none); `--config=FILE.py[:ARG]` is a config file of your own.
+stages/sft, stages/context, stages/long_sft, stages/cot_sft, stages/grpo, stages/pipeline,
+which take the model (`stages/sft:tiny`; qwen2_7b if none); `--config=FILE.py[:ARG]` is a config file of your own.
 Flags may be spelt with '-' or '_' (`--num-frames`, `--num_frames`). Inference runs on every
 device, the sequence sharded over `--mesh=NODE,LOCAL` (default 1,<all devices>).
 Multi-host: `--coordinator=HOST:PORT --num_processes=N --process_id=I` on every command, or
@@ -80,6 +81,8 @@ _NEWLINE = flags.DEFINE_integer("newline_token_id", None, "import-hf: override t
 _FORMAT = flags.DEFINE_enum("format", "longvila", ["longvila", "llava"], "export-hf: layout.")
 _SHARD_GB = flags.DEFINE_float("max_shard_gb", 5.0, "export-hf: safetensors shard size (GB).")
 _QUIET = flags.DEFINE_bool("quiet", False, "Hide progress bars.")
+_RL = flags.DEFINE_bool("rl", False, "demo: then LongVILA-R1's CoT SFT and GRPO stages, "
+                        "with eval-mcq before and after.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train/pipeline/demo: folder for everything a "
                                "run writes (checkpoints, TensorBoard, final model).")
 # Inference and evaluation.
@@ -288,13 +291,18 @@ def _dispatch(command: str, argv: list[str], primary: bool = True):
 
         _args(argv, [])
         workdir = Path(_WORKDIR.value or "demo").absolute()
-        final, result = run_demo(workdir, progress=progress)
+        final, result, r1 = run_demo(workdir, progress=progress, rl=_RL.value)
         out = workdir / "eval"
         print(f"checkpoints: {final.parent.parent} (final model: {final})")
         print("needle accuracy by frames: " + ", ".join(
             f"{f}: {sum(row) / len(row):.0%}" for f, row in zip(
                 result["frame_counts"], result["accuracy"], strict=True)))
         print(f"heatmap: {out / 'needle_heatmap.png'}  results: {out / 'needle.json'}")
+        if r1 is not None:
+            print(f"R1 (CoT SFT, then GRPO), held-out {r1['questions']} questions at "
+                  f"{r1['frames']} frames: accuracy {r1['accuracy_before']:.0%} -> "
+                  f"{r1['accuracy_after']:.0%}; reward curve: {r1['rewards_png']}; "
+                  f"summary: {workdir / 'r1.json'}")
     elif command == "generate":
         _args(argv, [])
         prompts = _PROMPT.value or []

@@ -14,6 +14,7 @@ from pathlib import Path
 from longvila_jax.configs.stages import STAGES, pipeline
 from longvila_jax.data.demo_corpus import write_demo_data
 from longvila_jax.data.synthetic import write_haystack_video
+from longvila_jax.demo_r1 import run_r1
 from longvila_jax.train.stages import run_stages
 
 EVAL_SEED = 1_000_003  # needles for evaluation: a base seed the corpus never uses
@@ -33,14 +34,16 @@ def demo_config(data: dict, *, parallel: tuple[int, int, int] = (1, 1, 1)):
     return config
 
 
-def run_demo(workdir, *, progress: bool = True, eval_frames: tuple[int, ...] | None = None):
-    """Corpus, five stages, needle evaluation; returns (final checkpoint, eval result)."""
+def run_demo(workdir, *, progress: bool = True, eval_frames: tuple[int, ...] | None = None,
+             rl: bool = False):
+    """Corpus, five stages, needle evaluation, and with `rl` LongVILA-R1's CoT SFT and GRPO
+    stages (`demo_r1.run_r1`); returns (long SFT's final checkpoint, the needle result, the
+    R1 summary or None)."""
     from longvila_jax.checkpoint import load_model
     from longvila_jax.eval.needle import evaluate, make_needles
 
     workdir = Path(workdir).absolute()
-    corpus = workdir / "data"
-    data = write_demo_data(corpus)
+    data = write_demo_data(workdir / "data")
     config = demo_config(data)
     final = run_stages(config, workdir, progress=progress)
     frames = config.long_sft.train.num_frames
@@ -54,4 +57,5 @@ def run_demo(workdir, *, progress: bool = True, eval_frames: tuple[int, ...] | N
                       haystack=str(haystack), frame_counts=list(eval_frames),
                       needles=make_needles(EVAL_NEEDLES, size, size, seed=EVAL_SEED),
                       image_size=size, out_dir=workdir / "eval", progress=progress)
-    return final, result
+    r1 = run_r1(workdir, data, final, progress=progress) if rl else None
+    return final, result, r1

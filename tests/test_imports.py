@@ -20,6 +20,7 @@ LAYERS = [
     {"interop", "train", "infer"},
     {"eval", "serve"},
     {"rl"},  # GRPO: a training run that asks eval's questions
+    {"demo_r1"},  # the demo's R1 stages
     {"demo"},
     {"cli"},
 ]

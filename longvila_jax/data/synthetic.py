@@ -215,6 +215,13 @@ def needle_fact(seed: int) -> dict[str, str]:
     return {"kind": kind, "colour": colour, "shape": _SHAPES[rng.integers(len(_SHAPES))]}
 
 
+def needle_answers(kind: str) -> tuple[str, ...]:
+    """Every answer a needle of `kind` ("colour", "shape", "digit") can have: the options
+    of a multiple-choice question about it."""
+    return {"colour": tuple(_COLOURS), "shape": _SHAPES,
+            "digit": tuple(str(d) for d in range(10))}[kind]
+
+
 def needle_frame(width: int, height: int, *, seed: int) -> tuple[np.ndarray, str, str]:
     """A uint8 RGB `[height, width, 3]` frame showing one fact, and a (question, answer) about it.
 

@@ -7,7 +7,7 @@ import pytest
 
 from longvila_jax.config import ConfigError, check_keys
 from longvila_jax.configs import MODELS, load_file, packaged_names
-from longvila_jax.configs.stages import STAGES, sft
+from longvila_jax.configs.stages import R1_STAGES, STAGES, sft
 
 SFT = "stages/sft"
 
@@ -77,8 +77,8 @@ def test_argument_reaches_get_config():
 
 
 def test_packaged_names_are_the_models_and_the_stages():
-    assert packaged_names() == [*sorted(MODELS),
-                                *sorted(f"stages/{s}" for s in [*STAGES, "pipeline"])]
+    assert packaged_names() == [*sorted(MODELS), *sorted(
+        f"stages/{s}" for s in [*STAGES, *R1_STAGES, "pipeline"])]
 
 
 def test_a_file_of_ones_own_builds_on_a_packaged_config(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""LongVILA's five training stages, one config module each, and their order.
+"""LongVILA's five training stages and LongVILA-R1's two, one config module each, in order.
 
 | stage | trains | data |
 | --- | --- | --- |
@@ -7,6 +7,8 @@
 | `sft` | everything | image + short-video instructions |
 | `context` | LoRA (q/k/v/o), embeddings, norms | long text |
 | `long_sft` | everything | long-video instructions, MM-SP |
+| `cot_sft` (R1) | everything | long-video answers in `<think>`/`<answer>` format |
+| `grpo` (R1) | the LLM | video questions, the model's own answers (GRPO) |
 
 Each module's `get_config(model)` is the whole experiment for one packaged model (`tiny`,
 `demo`, `qwen2_1_5b`, `qwen2_7b`, `llama3_8b`): LongVILA's settings for the real models,
@@ -20,6 +22,8 @@ from __future__ import annotations
 import ml_collections
 
 STAGES = ("align", "pretrain", "sft", "context", "long_sft")  # the order they train in
+# LongVILA-R1's, after long SFT: run by `train` and `demo --rl`, not yet by `pipeline`.
+R1_STAGES = ("cot_sft", "grpo")
 
 
 def training_stage(model: str, stage: str, *, trainable: str, seq_len, num_frames, max_frames,

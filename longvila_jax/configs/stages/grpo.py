@@ -33,7 +33,7 @@ def get_config(model: str = "qwen2_7b"):
     config.data.sources = []  # the questions are `rl.questions`
     config.rl.questions = "data/grpo.jsonl"
     config.rl.update(prompts_per_step=4 if mini else 2, answers=8,
-                     max_new_tokens=24 if mini else 256)
+                     max_new_tokens=40 if mini else 256)
     if not mini:
         config.model.remat = "full"
         llm = config.model.llm
