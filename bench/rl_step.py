@@ -128,7 +128,7 @@ def main():
             row["encode_s"], tables = timed(lambda: [engine.encode(v) for v in videos])
             table = jax.numpy.concatenate([t.reshape(-1, t.shape[-1]) for t in tables])
             offsets = [p * args.frames * engine.tokens_per_frame for p in range(args.prompts)]
-            generate = lambda: engine.generate_ids_and_logprobs(  # noqa: E731
+            generate = lambda: engine.generate_ids_and_logprobs(
                 prompts, table, offsets, sampling=sampling)
             timed(generate)  # compiles
             row["rollout_s"], (ids, sampler) = timed(generate)

@@ -19,7 +19,8 @@
 `--config=NAME[:ARG]` names a packaged config (longvila_jax/configs/): the models tiny, demo,
 qwen2_1_5b, qwen2_7b (`:1m`), llama3_8b, and the stages stages/align, stages/pretrain,
 stages/sft, stages/context, stages/long_sft, stages/cot_sft, stages/grpo, stages/pipeline,
-which take the model (`stages/sft:tiny`; qwen2_7b if none); `--config=FILE.py[:ARG]` is a config file of your own.
+which take the model (`stages/sft:tiny`; qwen2_7b if none); `--config=FILE.py[:ARG]` is a
+config file of your own.
 Flags may be spelt with '-' or '_' (`--num-frames`, `--num_frames`). Inference runs on every
 device, the sequence sharded over `--mesh=NODE,LOCAL` (default 1,<all devices>).
 Multi-host: `--coordinator=HOST:PORT --num_processes=N --process_id=I` on every command, or
