@@ -3,7 +3,7 @@
 On synthetic needle videos asked as multiple-choice questions (the needle's colour, shape
 or digit; up to four options, the right one and others of its kind):
 1. CoT SFT (`6_cot_sft`, from long SFT's final checkpoint): answers written in R1's format,
-   `<think>The video shows red.</think><answer>B</answer>`, on `COT_FRAMES`-frame videos;
+   `<think>red</think><answer>B</answer>`, on `COT_FRAMES`-frame videos;
 2. GRPO (`7_grpo`, `stages/grpo:demo`): the model's own sampled answers to questions about
    `RL_FRAMES`-frame videos, rewarded for the right letter and the format;
 3. eval-mcq (`--style=r1`, greedy) on held-out questions at `RL_FRAMES` frames after each.
@@ -72,8 +72,7 @@ def _conversation(root: Path, record: dict) -> dict:
     answer = record["options"][LETTERS.index(record["answer"])]
     return {"video": record["video"], "conversations": [
         {"from": "human", "value": f"<video>\n{prompt}"},
-        {"from": "gpt", "value": f"<think>The video shows {answer}.</think>"
-                                 f"<answer>{record['answer']}</answer>"}]}
+        {"from": "gpt", "value": f"<think>{answer}</think><answer>{record['answer']}</answer>"}]}
 
 
 def evaluate_r1(checkpoint, tokenizer: str, questions: str, out_dir, *,

@@ -50,6 +50,7 @@ from longvila_jax.rl.rewards import Rewards, parse_weights
 from longvila_jax.train.loop import (
     Diverged,
     Run,
+    finished,
     restore_run,
     run_state,
     setup,
@@ -284,10 +285,8 @@ def train_grpo(config, workdir, *, progress: bool = True) -> Path:
     `rewards.png`, the reward curve, and `metrics.jsonl`, one line per step.
     """
     workdir = Path(workdir).absolute()
-    final = workdir / "final"
-    if final.is_dir():
-        logging.info("%s exists: run finished", final)
-        return final
+    if finished(workdir):
+        return workdir / "final"
     tokenizer_path(config)
     rl_settings(config)
     if not config.rl.questions or not Path(config.rl.questions).is_file():
@@ -329,7 +328,7 @@ def train_grpo(config, workdir, *, progress: bool = True) -> Path:
                     log.flush()
         finally:
             log.close()
-    return write_final(run, final)
+    return write_final(run, workdir / "final")
 
 
 class _MetricsLog:

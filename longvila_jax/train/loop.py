@@ -236,6 +236,14 @@ class Diverged(RuntimeError):
     last good run checkpoint."""
 
 
+def finished(workdir: Path) -> bool:
+    """Whether the run in `workdir` has finished (its `final/` exists); says so."""
+    final = workdir / "final"
+    if final.is_dir():
+        logging.info("%s exists: run finished", final)
+    return final.is_dir()
+
+
 def train(config, workdir, *, progress: bool = True) -> Path:
     """Run (or resume, or skip if finished) one training run; returns its final checkpoint.
 
@@ -245,8 +253,7 @@ def train(config, workdir, *, progress: bool = True) -> Path:
     """
     workdir = Path(workdir).absolute()
     final = workdir / "final"
-    if final.is_dir():
-        logging.info("%s exists: run finished", final)
+    if finished(workdir):
         return final
     # A run reads data: a config naming none fails here, before the model fills the devices
     # (`setup` checks only the data a config names, so that benchmarks run without any).

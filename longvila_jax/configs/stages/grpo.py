@@ -15,28 +15,20 @@ answers: the `sft` or `long_sft` stage on such data. Time at scale: unmeasured.
 """
 
 from longvila_jax.configs import MINIATURES
-from longvila_jax.configs.stages import context, training_stage
-from longvila_jax.parallel.schemes import host_degrees
-
-HOST_GPUS = 8  # the default mesh: one 8-GPU host
+from longvila_jax.configs.stages import long_sft
 
 
 def get_config(model: str = "qwen2_7b"):
-    # seq_len and max_frames are not read (a step's rows are its prompts and answers).
-    config = training_stage(model, "grpo", trainable="^llm/", seq_len=(512, 262144),
-                            num_frames=(32, 256), max_frames=(64, 1024), batch_size=(1, 1),
-                            learning_rate=(2e-4, 1e-6), steps=(40, 1000))
+    config = long_sft.get_config(model)  # stage 5's model, RoPE, remat and mesh
     mini = model in MINIATURES
-    context.extend_rope(config.model.llm, miniature=mini)  # it follows stage 5
-    config.train.objective = "grpo"
-    config.optim.update(warmup_steps=0, end_lr_fraction=1.0)  # a constant rate, as Long-RL
+    steps = 40 if mini else 1000
+    # seq_len and max_frames are not read: a step's rows are its prompts and answers.
+    config.train.update(stage="grpo", objective="grpo", trainable="^llm/",
+                        checkpoint_every=max(1, steps // 10))
+    config.optim.update(learning_rate=2e-4 if mini else 1e-6, total_steps=steps,
+                        warmup_steps=0, end_lr_fraction=1.0)  # a constant rate, as Long-RL
     config.data.sources = []  # the questions are `rl.questions`
     config.rl.questions = "data/grpo.jsonl"
     config.rl.update(prompts_per_step=4 if mini else 2, answers=8,
                      max_new_tokens=40 if mini else 256)
-    if not mini:
-        config.model.remat = "full"
-        llm = config.model.llm
-        node, local = host_degrees(HOST_GPUS, (llm.num_heads, llm.num_kv_heads))
-        config.parallel.update(node=node, local=local, attention="auto")
     return config
