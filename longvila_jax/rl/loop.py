@@ -124,7 +124,7 @@ def check_rl_config(config, run: Run) -> None:
 
 def _reference(config, run: Run):
     """The reference policy's model for the KL term: with LoRA, the trained model itself
-    with its adapters off at evaluation time (`_adapters_off`); else a frozen copy of the
+    with its adapters off at evaluation time (`adapters_off`); else a frozen copy of the
     stage's initial weights, FSDP-sharded like the trained ones."""
     if config.rl.beta == 0:
         return None
@@ -136,7 +136,7 @@ def _reference(config, run: Run):
     return model
 
 
-def _adapters_off(model):
+def adapters_off(model):
     """`model`'s graph over the same arrays but every LoRA `lora_b` zero: the base policy."""
     graphdef, state = nnx.split(model)
 
@@ -147,14 +147,6 @@ def _adapters_off(model):
     pure = off(nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
-
-
-@dataclasses.dataclass
-class _Step:
-    """What one step measured (host values)."""
-
-    metrics: dict
-    rewards: np.ndarray
 
 
 class _Trainer:
@@ -174,7 +166,8 @@ class _Trainer:
         self.logprobs = nnx.jit(logprobs_fn(run.mesh, run.layout.scheme))
         self.reference = _reference(config, run)
 
-    def step(self, step: int) -> _Step:
+    def step(self, step: int) -> dict:
+        """Run step `step`; its metrics (host values)."""
         config, rl, run, gen = self.config, self.config.rl, self.run, self.generator
         times = {}
         began = time.perf_counter()
@@ -224,7 +217,7 @@ class _Trainer:
         times.update(update.pop("times"))
         metrics.update(update)
         metrics.update(times)
-        return _Step(metrics, rewards)
+        return metrics
 
     def _update(self, prompts, offsets, ids, sampler_logprobs, advantages, kept, table):
         """Reference and old log-probabilities, then the optimizer steps; the updates'
@@ -248,7 +241,7 @@ class _Trainer:
                           advantages.reshape(-1)[chunk])
             began = time.perf_counter()
             if self.reference is not None:
-                ref_model = _adapters_off(run.model) if self.reference == "adapters_off" \
+                ref_model = adapters_off(run.model) if self.reference == "adapters_off" \
                     else self.reference
                 batch = dataclasses.replace(batch, ref_logprobs=self.logprobs(
                     ref_model, batch.tokens, batch.table))
@@ -311,14 +304,14 @@ def train_grpo(config, workdir, *, progress: bool = True) -> Path:
         try:
             for step in range(start, total):
                 try:
-                    done = trainer.step(step)
+                    metrics = trainer.step(step)
                 except _NonFinite as e:
                     checkpoints.wait()
                     good = checkpoints.latest_step()
                     raise Diverged(f"step {step + 1}: {e}, not finite; last good checkpoint: "
                                    f"{checkpoints.directory / str(good) if good else 'none'}"
                                    ) from None
-                log.write(step + 1, done.metrics)
+                log.write(step + 1, metrics)
                 if step + 1 == total or checkpoints.should_save(step + 1):
                     state = run_state(run)
                     if not state_is_finite(state):

@@ -8,17 +8,21 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from longvila_jax.checkpoint import build_model
 from longvila_jax.config import base_config
+from longvila_jax.configs import model_config
 from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.parallel import fsdp
 from longvila_jax.parallel.layout import Layout
 from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import KL_KINDS, LossConfig
+from longvila_jax.rl.loop import adapters_off
 from longvila_jax.rl.policy_batch import grpo_loss_fn, place
 from longvila_jax.train.step import make_optimizer_state, make_train_step
 
@@ -97,3 +101,26 @@ def test_sharded_policy_steps_equal_one_device(rollouts, policy_model, rng, data
             np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=key)
     for g, w in zip(_flat(models[1]), _flat(models[0]), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_the_lora_reference_is_the_model_with_itsadapters_off(rollouts, rng):
+    """With LoRA, the KL's reference policy is the trained model with every `lora_b` zero,
+    computed without touching the model's own adapters."""
+    config = model_config("tiny")
+    config.model.lora.update(rank=4, targets="q_proj,v_proj")
+    model = build_model(config, seed=int(rng.integers(1 << 30)))
+    lora_b = nnx.All(nnx.Param, lambda path, _: str(path[-1]) == "lora_b")
+    nnx.update(model, jax.tree.map(lambda b: jnp.asarray(rng.normal(size=b.shape), b.dtype),
+                                   nnx.state(model, lora_b)))
+    mesh = make_mesh(1, 1, 1, jax.devices()[:1])
+    batch = _batch(rollouts, Layout("none"), mesh, rng.normal(size=len(rollouts["ids"])))
+    logprobs = nnx.jit(logprobs_fn(mesh, "none"))
+    before = jax.tree.map(np.asarray, nnx.state(model, lora_b))
+    got = np.asarray(logprobs(adapters_off(model), batch.tokens, batch.table))
+    jax.tree.map(np.testing.assert_array_equal, before,
+                 jax.tree.map(np.asarray, nnx.state(model, lora_b)))
+    with_adapters = np.asarray(logprobs(model, batch.tokens, batch.table))
+    nnx.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, lora_b)))
+    want = np.asarray(logprobs(model, batch.tokens, batch.table))
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(with_adapters - want).max() > 1e-3
