@@ -1,14 +1,19 @@
 """The GRPO stage end to end on the demo model (8 simulated devices): it trains the LLM only,
-logs its metrics and reward curve, and a run resumed from a run checkpoint ends with the
-parameters of one that never stopped, bit for bit; bad `rl` values fail with the key named."""
+logs its metrics and reward curve, and a run killed with SIGKILL and run again ends with
+the parameters of one that never stopped, bit for bit; bad `rl` values and bad question
+lines fail with the key or the file and line named."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import signal
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+from train.runs import cli_train  # tests/train/runs.py: the CLI as a subprocess
 
 from longvila_jax.checkpoint import build_model, load_params, model_params
 from longvila_jax.config import ConfigError
@@ -43,17 +48,37 @@ def _config(data, steps: int):
     return config
 
 
-def test_a_resumed_grpo_run_ends_bit_identical_and_trains_the_llm_only(data, tmp_path):
-    whole = load_params(train_grpo(_config(data, 2), tmp_path / "whole", progress=False))
+def test_kill_9_then_resume_ends_bit_identical_and_trains_the_llm_only(data, tmp_path):
+    """The GRPO stage through the CLI, killed (SIGKILL) after step 1's checkpoint and run
+    again, ends with the parameters of a run that never stopped, bit for bit."""
+    whole = load_params(train_grpo(_config(data, 3), tmp_path / "whole", progress=False))
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    config_file = tmp_path / "grpo_config.py"
+    config_file.write_text(
+        "import json, sys\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
+        "from test_grpo_run import _config\n"
+        "def get_config():\n"
+        f"    return _config(json.loads(open({str(tmp_path / 'data.json')!r}).read()), 3)\n")
     cut = tmp_path / "cut"
-    train_grpo(_config(data, 1), cut, progress=False)
-    shutil.rmtree(cut / "final")  # as if killed after step 1's checkpoint
-    resumed = load_params(train_grpo(_config(data, 2), cut, progress=False))
-    assert set(whole) == set(resumed)
+    killed = cli_train(config_file, cut)
+    deadline = time.time() + 600
+    while not (cut / "checkpoints" / "1").is_dir() and killed.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.2)
+    assert (cut / "checkpoints" / "1").is_dir(), killed.communicate()[1][-3000:]
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+    assert not (cut / "final").exists()
+    resumed = cli_train(config_file, cut)
+    _, err = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, err[-3000:]
+    final = load_params(cut / "final")
+    assert set(whole) == set(final)
     for key in whole:
-        np.testing.assert_array_equal(whole[key], resumed[key], err_msg="/".join(key))
+        np.testing.assert_array_equal(whole[key], final[key], err_msg="/".join(key))
     lines = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
-    assert [line["step"] for line in lines] == [1, 2]
+    assert [line["step"] for line in lines] == [1, 2, 3]
     for key in ("reward_mean", "reward_mcq_accuracy", "reward_format", "kl", "clip_fraction",
                 "rollout_s", "update_s", "reference_s", "encode_s", "answer_tokens_mean"):
         assert all(np.isfinite(line[key]) for line in lines), key
@@ -61,6 +86,17 @@ def test_a_resumed_grpo_run_ends_bit_identical_and_trains_the_llm_only(data, tmp
     initial = {k: np.asarray(v) for k, v in model_params(build_model(_config(data, 1))).items()}
     moved = {k[0] for k in whole if not np.array_equal(whole[k], initial[k])}
     assert moved == {"llm"}, moved
+
+
+def test_a_bad_question_line_fails_with_the_file_and_line_named(data, tmp_path):
+    lines = Path(data["questions"]).read_text().splitlines()
+    bad = json.loads(lines[1])
+    del bad["answer"]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("\n".join([lines[0], json.dumps(bad), lines[2]]) + "\n")
+    config = _config({**data, "questions": str(path)}, 1)
+    with pytest.raises(ConfigError, match=r"questions\.jsonl:2.*answer"):
+        train_grpo(config, tmp_path / "bad", progress=False)
 
 
 def test_every_question_is_asked_once_per_epoch():
