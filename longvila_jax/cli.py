@@ -272,15 +272,13 @@ def _dispatch(command: str, argv: list[str], primary: bool = True):
         _args(argv, [])
         print(_need_config())
     elif command == "train":
-        from longvila_jax.rl.loop import train_grpo
-        from longvila_jax.train.loop import train
+        from longvila_jax.recipe import run_stage
 
         _args(argv, [])
-        config = _need_config()
-        run = train_grpo if config.train.objective == "grpo" else train
-        print(f"final checkpoint: {run(config, _need_workdir(), progress=progress)}")
+        final = run_stage(_need_config(), _need_workdir(), progress=progress)
+        print(f"final checkpoint: {final}")
     elif command == "pipeline":
-        from longvila_jax.train.stages import run_stages
+        from longvila_jax.recipe import run_stages
 
         _args(argv, [])
         if _CONFIG.value is None:

@@ -15,7 +15,7 @@ from longvila_jax.configs.stages import STAGES, pipeline
 from longvila_jax.data.demo_corpus import write_demo_data
 from longvila_jax.data.synthetic import write_haystack_video
 from longvila_jax.demo_r1 import run_r1
-from longvila_jax.train.stages import run_stages
+from longvila_jax.recipe import run_stages
 
 EVAL_SEED = 1_000_003  # needles for evaluation: a base seed the corpus never uses
 EVAL_NEEDLES = 20  # per frame count and depth

@@ -20,6 +20,7 @@ LAYERS = [
     {"interop", "train", "infer"},
     {"eval", "serve"},
     {"rl"},  # GRPO: a training run that asks eval's questions
+    {"recipe"},  # the stages in order, each by its objective
     {"demo_r1"},  # the demo's R1 stages
     {"demo"},
     {"cli"},

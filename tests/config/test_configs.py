@@ -10,7 +10,7 @@ from flax import nnx
 from longvila_jax.checkpoint import build_model
 from longvila_jax.config import ConfigError, validate
 from longvila_jax.configs import load_file
-from longvila_jax.configs.stages import STAGES, long_sft
+from longvila_jax.configs.stages import R1_STAGES, STAGES, long_sft
 from longvila_jax.models.longvila import LongVILA
 
 
@@ -138,3 +138,12 @@ def test_the_miniature_recipe_is_the_one_the_demo_was_measured_with(model):
         assert config.model.llm.rope_theta == (1e6 if later else 1e4), stage
         assert config.model.lora.rank == (8 if stage == "context" else 0), stage
     assert pipeline.long_sft.model.llm.num_layers == (4 if model == "demo" else 2)
+
+
+def test_the_pipeline_with_r1_adds_cot_sft_and_grpo_after_the_five():
+    pipeline = load("stages/pipeline", "demo+r1")
+    assert sorted(pipeline) == sorted([*STAGES, *R1_STAGES])
+    assert pipeline.grpo.train.objective == "grpo" and pipeline.cot_sft.train.stage == "cot_sft"
+    assert pipeline.grpo.model.llm.rope_theta == pipeline.long_sft.model.llm.rope_theta
+    with pytest.raises(ValueError, match="only 'r1'"):
+        load("stages/pipeline", "demo+r2")

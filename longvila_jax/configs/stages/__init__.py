@@ -22,7 +22,7 @@ from __future__ import annotations
 import ml_collections
 
 STAGES = ("align", "pretrain", "sft", "context", "long_sft")  # the order they train in
-# LongVILA-R1's, after long SFT: run by `train` and `demo --rl`, not yet by `pipeline`.
+# LongVILA-R1's, after long SFT: `train`, `stages/pipeline:MODEL+r1` and `demo --rl`.
 R1_STAGES = ("cot_sft", "grpo")
 
 
