@@ -210,9 +210,12 @@ def test_stop_ids_and_sampling_seeds(world):
     greedy = one.generate_ids(prompts, table, sampling=Sampling(12))
     stop = greedy[1][5]
     cut = one.generate_ids(prompts, table, sampling=Sampling(12, stop_ids=[stop]))
-    for full, short in zip(greedy, cut, strict=True):
+    kept = one.generate_ids(prompts, table,
+                            sampling=Sampling(12, stop_ids=[stop], keep_stop=True))
+    for full, short, with_stop in zip(greedy, cut, kept, strict=True):
         expected = full[: full.index(stop)] if stop in full else full
         assert short == expected
+        assert with_stop == (full[: full.index(stop) + 1] if stop in full else full)
     hot = dict(max_new_tokens=12, temperature=1.5, top_p=0.9)
     a = one.generate_ids(prompts, table, sampling=Sampling(seed=1, **hot))
     assert a == one.generate_ids(prompts, table, sampling=Sampling(seed=1, **hot))
