@@ -23,8 +23,7 @@ def test_r1_data_records_load_and_the_cot_answers_match_the_questions(tmp_path):
     for q in held + grpo:
         texts = [o.split(". ", 1)[1] for o in q.options]
         assert 2 <= len(texts) <= MAX_OPTIONS and len(set(texts)) == len(texts)
-        kind = q.category
-        assert set(texts) <= set(needle_answers(kind))
+        assert set(texts) <= set(needle_answers(q.category))
         frames = load_frames(q.video, SPLITS["heldout"][0], image_size=56)
         assert len(frames) == SPLITS["heldout"][0]
     for line in Path(paths["cot_sft"]).read_text().splitlines():
@@ -34,7 +33,7 @@ def test_r1_data_records_load_and_the_cot_answers_match_the_questions(tmp_path):
         lines = human.split("\n")
         options = [o for o in lines if o[:3] in {f"{c}. " for c in "ABCD"}]
         chosen = next(o for o in options if o.startswith(letter))[3:]
-        assert f"The video shows {chosen}." in gpt
+        assert gpt == f"<think>{chosen}</think><answer>{letter}</answer>"
         question = type(held[0])(tmp_path / record["video"], lines[1], tuple(options), letter)
         assert human == "<video>\n" + build_r1_prompt(question)
     assert np.all([(tmp_path / p).exists() for p in paths.values()])
