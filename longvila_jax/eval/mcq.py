@@ -40,7 +40,6 @@ POST_PROMPT = "The best answer is:"
 # LongVILA-R1's format: reasoning, then the letter in tags (`build_r1_prompt`).
 R1_INSTRUCTION = ("Think about the question inside <think> </think>, then give the letter of "
                   "the correct option inside <answer> </answer>.")
-STYLES = ("videomme", "r1")
 SUBTITLES_PREFIX = "This video's subtitles are listed below:\n"
 
 # `answer_fn(video_path, prompts)` -> one generated text per prompt, in order. The prompts are
@@ -277,6 +276,13 @@ def extract_choice(text: str, letters: str, texts: Sequence[str] = ()) -> str | 
     return standalone[0] if standalone else None
 
 
+# eval-mcq's styles: how a question is asked, and how the reply's letter is read.
+STYLES = {
+    "videomme": (build_prompt, lambda reply, q: extract_choice(reply, q.letters, q.texts)),
+    "r1": (build_r1_prompt, lambda reply, q: extract_tagged_choice(reply, q.letters)),
+}
+
+
 def evaluate_mcq(
     jsonl_path: str | os.PathLike,
     answer_fn: AnswerFn,
@@ -305,8 +311,8 @@ def evaluate_mcq(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if style not in STYLES:
-        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
-    prompt_of = build_prompt if style == "videomme" else build_r1_prompt
+        raise ValueError(f"style must be one of {tuple(STYLES)}, got {style!r}")
+    prompt_of, choice_of = STYLES[style]
     questions = load_questions(jsonl_path)[:limit]
     subtitle_texts = {q.subtitles: read_subtitles(q.subtitles)
                       for q in questions if subtitles and q.subtitles is not None}
@@ -330,8 +336,7 @@ def evaluate_mcq(
 
     per_sample = []
     for question, reply in zip(questions, replies, strict=True):
-        choice = extract_choice(reply, question.letters, question.texts) \
-            if style == "videomme" else extract_tagged_choice(reply, question.letters)
+        choice = choice_of(reply, question)
         per_sample.append({
             "video": os.fspath(question.video), "question": question.question,
             "answer": question.answer, "prediction": reply, "choice": choice,

@@ -23,6 +23,7 @@ the killed run would have done.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from pathlib import Path
@@ -64,10 +65,13 @@ from longvila_jax.train.step import make_train_step, state_is_finite
 def step_questions(count: int, step: int, per_step: int, seed: int) -> list[int]:
     """Indices of the questions step `step` asks: the file's questions in a new seeded order
     each epoch, `per_step` at a time (a step may span two epochs)."""
+    orders = {}  # epoch -> its order (a step spans at most two)
     out = []
     for i in range(step * per_step, (step + 1) * per_step):
         epoch, at = divmod(i, count)
-        out.append(int(np.random.default_rng([seed, epoch]).permutation(count)[at]))
+        if epoch not in orders:
+            orders[epoch] = np.random.default_rng([seed, epoch]).permutation(count)
+        out.append(int(orders[epoch][at]))
     return out
 
 
@@ -116,24 +120,26 @@ def check_rl_config(config, run: Run) -> None:
               if path[0] in ("vision_tower", "projector")]
     if moving:
         raise ConfigError(f"train.trainable: {config.train.trainable!r} trains "
-                          f"{'/'.join(map(str, moving[0]))}; the GRPO stage reuses each "
-                          "video's embeddings, so the vision tower and projector stay frozen")
+                          f"{'/'.join(map(str, moving[0]))}; the GRPO update takes each "
+                          "video's embeddings as computed for the step (the tower does not "
+                          "run in it), so the vision tower and projector must stay frozen")
     if run.model.vision_tower is None:
         raise ConfigError("model.vision.enabled: False; the GRPO stage answers about videos")
 
 
 def _reference(config, run: Run):
-    """The reference policy's model for the KL term: with LoRA, the trained model itself
-    with its adapters off at evaluation time (`adapters_off`); else a frozen copy of the
-    stage's initial weights, FSDP-sharded like the trained ones."""
+    """`reference(model) -> model`, the reference policy for the KL term, or None (beta 0):
+    with LoRA, the trained model with its adapters off (`adapters_off`, no second copy of
+    the base weights); else a frozen copy of the stage's initial weights, FSDP-sharded like
+    the trained ones."""
     if config.rl.beta == 0:
         return None
     if config.model.lora.rank > 0:
-        return "adapters_off"
+        return adapters_off
     init = config.train.init_from
-    model = load_model(init, config) if init else build_model(config)
-    fsdp.place(model, None, run.mesh)
-    return model
+    frozen = load_model(init, config) if init else build_model(config)
+    fsdp.place(frozen, None, run.mesh)
+    return lambda _: frozen
 
 
 def adapters_off(model):
@@ -241,10 +247,8 @@ class _Trainer:
                           advantages.reshape(-1)[chunk])
             began = time.perf_counter()
             if self.reference is not None:
-                ref_model = adapters_off(run.model) if self.reference == "adapters_off" \
-                    else self.reference
                 batch = dataclasses.replace(batch, ref_logprobs=self.logprobs(
-                    ref_model, batch.tokens, batch.table))
+                    self.reference(run.model), batch.tokens, batch.table))
             if rl.old_logprobs == "recompute":
                 batch = dataclasses.replace(batch, old_logprobs=self.logprobs(
                     run.model, batch.tokens, batch.table))
@@ -330,15 +334,12 @@ class _MetricsLog:
     `rewards.png`."""
 
     def __init__(self, workdir: Path, start: int, progress: bool, total: int, stage: str):
-        import json
-
-        self._json = json
         self._path = workdir / "metrics.jsonl"
         self._png = workdir / "rewards.png"
-        self._lines = []
+        self._rows = []
         if self._path.exists():
-            self._lines = [line for line in self._path.read_text().splitlines()
-                           if json.loads(line)["step"] <= start]
+            self._rows = [row for row in map(json.loads, self._path.read_text().splitlines())
+                          if row["step"] <= start]
         self._writer = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
@@ -349,7 +350,7 @@ class _MetricsLog:
                               disable=not progress or self._writer is None)
 
     def write(self, step: int, metrics: dict) -> None:
-        self._lines.append(self._json.dumps({"step": step, **metrics}))
+        self._rows.append({"step": step, **metrics})
         if self._writer is not None:
             for key, value in metrics.items():
                 self._writer.add_scalar(key, value, step)
@@ -364,14 +365,14 @@ class _MetricsLog:
         if jax.process_index() != 0:
             return
         with atomic_file(self._path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in self._lines))
+            tmp.write_text("".join(json.dumps(row) + "\n" for row in self._rows))
         self._writer.flush()
         self._plot()
 
     def _plot(self) -> None:
         from matplotlib.figure import Figure
 
-        rows = [self._json.loads(line) for line in self._lines]
+        rows = self._rows
         if not rows:
             return
         figure = Figure(figsize=(6, 3.5))

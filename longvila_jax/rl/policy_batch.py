@@ -54,7 +54,6 @@ class AnswerRows:
 
     batch: Batch
     starts: np.ndarray
-    lengths: np.ndarray
 
     def per_token(self, values: Sequence[np.ndarray]) -> np.ndarray:
         """`values[r]` (one per answer token) at the positions predicting them, 0 elsewhere:
@@ -85,13 +84,12 @@ def answer_rows(prompts: Sequence[np.ndarray], answers: Sequence[Sequence[int]],
         rows[r, : len(ids)], segments[r, : len(ids)] = ids, 0
         labels[r, prompt: len(ids)] = ids[prompt:]
     starts = np.asarray([len(prompts[r // n]) - 1 for r in range(len(full))], np.int32)
-    lengths = np.asarray([len(a) for a in answers], np.int32)
     batch = from_rows(rows, labels, segment_ids=segments, media_token_id=media_token_id)
     if offsets is not None:
         shift = np.repeat(np.asarray(offsets, np.int32), n)[:, None]
         batch = dataclasses.replace(batch, media_rows=np.where(
             batch.media_rows >= 0, batch.media_rows + shift, -1).astype(np.int32))
-    return AnswerRows(batch, starts, lengths)
+    return AnswerRows(batch, starts)
 
 
 def place(rows: AnswerRows, layout: Layout, mesh, table, old_logprobs, advantages,
