@@ -14,10 +14,13 @@ before it), or after `max_new_tokens`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import tokenizers
@@ -44,10 +47,32 @@ def end_of_turn_ids(tokenizer: tokenizers.Tokenizer, family: str) -> list[int]:
     return [i for i in ids if i is not None]
 
 
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` before the first stop string, and whether one occurred."""
-    cuts = [text.find(s) for s in stop if s and s in text]
+def stop_at(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` before the first stop string, and whether one occurred. A trailing replacement
+    character may be a character whose last bytes are still to come: nothing is matched
+    across it until it is complete."""
+    cuts = [text.find(s) for s in stop if s and s in text.rstrip("\ufffd")]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    """One conversation to answer: a user's question (a string) or chat messages, about
+    `video` (or none), sampled to `num_frames` frames (with `fps`: at that rate, at most
+    that many)."""
+
+    messages: str | Sequence[dict]
+    video: str | os.PathLike | None = None
+    num_frames: int = 8
+    fps: float | None = None
+
+
+class Prepared(NamedTuple):
+    """Prompts ready to prefill: token ids, the embedding table, each prompt's first row."""
+
+    ids: list[np.ndarray]
+    table: jax.Array | None
+    offsets: list[int]
 
 
 class Generator:
@@ -55,14 +80,14 @@ class Generator:
 
     def __init__(self, model: LongVILA, tokenizer: str | os.PathLike, *, family: str,
                  mesh=None, scheme: str = "auto", cache_dir: str | os.PathLike | None = None,
-                 decode_chunk: int = 16):
+                 cache_entries: int = 8, decode_chunk: int = 16):
         self.family, self.tokenizer_path = family, tokenizer
         self.tokenizer = load_tokenizer(tokenizer)
         self.stop_ids = end_of_turn_ids(self.tokenizer, family)
         self.engine = InferenceEngine(model, mesh=mesh, scheme=scheme, decode_chunk=decode_chunk)
         self.model = self.engine.model  # the engine's view: no second copy of the layers
         self.embeddings = None if model.vision_tower is None else VideoEmbeddingCache(
-            self.engine, model, directory=cache_dir)
+            self.engine, model, directory=cache_dir, memory_entries=cache_entries)
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | os.PathLike, *,
@@ -80,17 +105,51 @@ class Generator:
         return cls(load_model(checkpoint, config), tokenizer, family=config.model.llm.family,
                    **kwargs)
 
-    def prompt_ids(self, prompt: str, num_frames: int = 0) -> np.ndarray:
-        """Token ids int32 `[seq]` of one user turn ending with the assistant header, the video
-        (when `num_frames` > 0) first or where the prompt writes `<video>`, its placeholder
+    def prompt_ids(self, prompt: str | Sequence[dict], num_frames: int = 0) -> np.ndarray:
+        """Token ids int32 `[seq]` of a conversation ending with the assistant header: one
+        user turn (`prompt` a string) or chat messages (`{"role", "content"}`), the video
+        (when `num_frames` > 0) first or where the text writes `<video>`, its placeholder
         expanded to its frames' positions."""
-        video = "video" if num_frames else None
-        messages = place_media([{"role": "user", "content": prompt}], video)
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) \
+            else list(prompt)
+        messages = place_media(messages, "video" if num_frames else None)
         ids, _ = tokenize_messages(
             self.tokenizer, self.family, messages, media_token_id=self.model.media_token_id,
             tokens_per_frame=self.engine.tokens_per_frame,
             frames_per_media=[num_frames] if num_frames else [], add_generation_prompt=True)
         return ids
+
+    def prepare(self, prompts: Sequence[Prompt]) -> Prepared:
+        """The prompts' token ids and one embedding table holding each distinct video's rows
+        once (sampled and encoded through the embedding cache), with each prompt's offset."""
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        tables, offsets, ids, rows, seen = [], [], [], 0, {}
+        for prompt in prompts:
+            frames, key = 0, (prompt.video, prompt.num_frames, prompt.fps)
+            if prompt.video is not None:
+                if self.embeddings is None:
+                    raise ValueError("generate: a video was given to a model without a "
+                                     "vision tower")
+                if key not in seen:  # each video's rows once in the table
+                    table = self.embeddings.get(prompt.video, prompt.num_frames, prompt.fps)
+                    seen[key] = (rows, table.shape[0])
+                    tables.append(table.reshape(-1, table.shape[-1]))
+                    rows += tables[-1].shape[0]
+                frames = seen[key][1]
+            offsets.append(seen[key][0] if prompt.video is not None else 0)
+            ids.append(self.prompt_ids(prompt.messages, frames))
+        table = None if not tables else tables[0] if len(tables) == 1 else jnp.concatenate(tables)
+        return Prepared(ids, table, offsets)
+
+    def generate_ids(self, prepared: Prepared, sampling: Sampling,
+                     done: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+        """`sampling.n` answers' token ids per prepared prompt, prompt-major, in one prefill
+        and one decoding (`InferenceEngine.generate_ids`); ended at the template's
+        end-of-turn token, by `done`, or after `sampling.max_new_tokens`."""
+        sampling = dataclasses.replace(sampling, stop_ids=tuple(self.stop_ids))
+        return self.engine.generate_ids(prepared.ids, prepared.table, prepared.offsets,
+                                        sampling=sampling, done=done)
 
     def generate(self, prompts: str | Sequence[str], *,
                  video: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -105,37 +164,17 @@ class Generator:
         once however many prompts ask about it).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise ValueError("generate: no prompts")
         videos = [video] * len(prompts) if video is None or isinstance(video, str | os.PathLike) \
             else list(video)
         if len(videos) != len(prompts):
             raise ValueError(f"generate: {len(videos)} videos for {len(prompts)} prompts")
-        tables, offsets, ids, rows, seen = [], [], [], 0, {}
-        for prompt, path in zip(prompts, videos, strict=True):
-            frames = 0
-            if path is not None:
-                if self.embeddings is None:
-                    raise ValueError("generate: a video was given to a model without a "
-                                     "vision tower")
-                if path not in seen:  # each video's rows once in the table
-                    table = self.embeddings.get(path, num_frames, fps)
-                    seen[path] = (rows, table.shape[0])
-                    tables.append(table)
-                    rows += table.shape[0] * table.shape[1]
-                frames = seen[path][1]
-            offsets.append(seen[path][0] if path is not None else 0)
-            ids.append(self.prompt_ids(prompt, frames))
-        table = None if not tables else tables[0] if len(tables) == 1 else jnp.concatenate(
-            [t.reshape(-1, t.shape[-1]) for t in tables])
+        prepared = self.prepare([Prompt(p, v, num_frames, fps)
+                                 for p, v in zip(prompts, videos, strict=True)])
         stop = [s for s in stop if s]
 
         def done(row: int, row_ids: list[int]) -> bool:
-            # A trailing replacement character may be a character whose last bytes are
-            # still to come: it is not matched until it is complete.
-            return _cut_at_stop(self.tokenizer.decode(row_ids).rstrip("\ufffd"), stop)[1]
+            return stop_at(self.tokenizer.decode(row_ids), stop)[1]
 
-        sampling = Sampling(max_new_tokens, n, temperature, top_p, seed, self.stop_ids)
-        answers = self.engine.generate_ids(ids, table, offsets, sampling=sampling,
-                                           done=done if stop else None)
-        return [_cut_at_stop(self.tokenizer.decode(a), stop)[0] for a in answers]
+        answers = self.generate_ids(prepared, Sampling(max_new_tokens, n, temperature, top_p,
+                                                       seed), done=done if stop else None)
+        return [stop_at(self.tokenizer.decode(a), stop)[0] for a in answers]

@@ -1,0 +1,184 @@
+"""Concurrent requests decoded together: one thread owns the model and runs batches.
+
+Requests that arrive while a batch decodes wait, and the next batch takes every waiting
+request that samples alike (same `n`, temperature, top-p and, when a request sets one, seed)
+up to `max_rows` answers: one prefill of all their prompts (each video's rows once in the
+embedding table, different videos per row) and one decoding, `n` answers per prompt from its
+one prefilled cache (`Generator.generate_ids`). This is dynamic batching, not vLLM's
+continuous batching: a request never joins a batch already decoding.
+
+The number of prompts in a batch is padded to a power of two (with copies of its first
+prompt, whose answers are dropped) and the answer length to a power of two from 16, so the
+shapes the engine compiles for stay few however the traffic mixes.
+
+Decoding runs a chunk of tokens at a time; after each chunk the engine asks, per unfinished
+answer, whether it is done, and that call streams the new text to the request (held back by
+the longest stop string less one character, so that no part of a stop string is ever sent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import queue
+import random
+import threading
+
+from longvila_jax.data.video import MediaError
+from longvila_jax.infer.decode import Sampling
+from longvila_jax.infer.generate import Generator, Prompt, stop_at
+from longvila_jax.serve.protocol import ApiError
+
+log = logging.getLogger(__name__)
+
+MIN_ANSWER_BUCKET = 16
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request: what to answer and how, and where its events go.
+
+    Events, in order: `("start", prompt_tokens)` or `("error", ApiError)`; then, when
+    streaming, `("delta", choice, text)`; then `("done", [(text, finish_reason, tokens)
+    per choice])`.
+    """
+
+    prompt: Prompt
+    n: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    max_tokens: int
+    stops: list[str]
+    stream: bool
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+    sent: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def key(self) -> tuple:
+        greedy = self.temperature == 0
+        return (self.n, self.temperature, 1.0 if greedy else self.top_p,
+                None if greedy else self.seed)
+
+    def emit(self, *event) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Batcher:
+    """Runs `Job`s on `generator` in batches, on a thread of its own (see module docstring)."""
+
+    def __init__(self, generator: Generator, *, max_rows: int = 32):
+        self.generator, self.max_rows = generator, max_rows
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._waiting: list[Job] = []
+        self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+        self.batches = 0  # how many batches ran (tests read it)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, job: Job) -> None:
+        if job.n > self.max_rows:
+            raise ApiError(400, f"n={job.n} is above this server's limit of {self.max_rows}",
+                           param="n")
+        self._queue.put(job)
+
+    def _run(self) -> None:
+        while True:
+            if not self._waiting:
+                job = self._queue.get()
+                if job is None:
+                    return
+                self._waiting.append(job)
+            while True:  # everything that arrived meanwhile
+                try:
+                    job = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    return
+                self._waiting.append(job)
+            batch, rows, key = [], 0, self._waiting[0].key
+            for job in list(self._waiting):
+                if job.key == key and rows + job.n <= self.max_rows:
+                    batch.append(job)
+                    rows += job.n
+                    self._waiting.remove(job)
+            try:
+                self._serve(batch)
+            except Exception as e:  # the server keeps serving; these requests fail
+                log.exception("batch failed")
+                for job in batch:
+                    job.emit("error", ApiError(500, f"internal error: {e}", kind="server_error"))
+            self.batches += 1
+
+    def _serve(self, jobs: list[Job]) -> None:
+        gen = self.generator
+        ready = []
+        for job in jobs:  # each alone first: a bad video fails its own request only
+            try:
+                ids = gen.prepare([job.prompt]).ids[0]
+            except (MediaError, ValueError, FileNotFoundError) as e:
+                job.emit("error", ApiError(400, str(e), param="messages"))
+                continue
+            job.emit("start", len(ids))
+            ready.append(job)
+        if not ready:
+            return
+        prompts = [job.prompt for job in ready]
+        prompts += prompts[:1] * (_power_of_two(len(prompts)) - len(prompts))
+        prepared = gen.prepare(prompts)  # the videos come from the embedding cache
+        first = ready[0]
+        n = first.n
+        seed = first.seed if first.seed is not None else random.getrandbits(31)
+        longest = max(job.max_tokens for job in ready)
+        sampling = Sampling(max(MIN_ANSWER_BUCKET, _power_of_two(longest)), n,
+                            first.temperature, first.top_p, seed)
+        for job in ready:
+            job.sent = [""] * n
+
+        def done(row: int, ids: list[int]) -> bool:
+            if row // n >= len(ready):
+                return True  # padding
+            job = ready[row // n]
+            if job.cancelled:
+                return True
+            ids = ids[: job.max_tokens]
+            text, stopped = stop_at(gen.tokenizer.decode(ids), job.stops)
+            if job.stream:
+                _stream(job, row % n, text, stopped)
+            return stopped or len(ids) >= job.max_tokens
+
+        answers = gen.generate_ids(prepared, sampling, done)
+        for i, job in enumerate(ready):
+            choices = []
+            for ids in answers[i * n:(i + 1) * n]:
+                ids = ids[: job.max_tokens]
+                text, stopped = stop_at(gen.tokenizer.decode(ids), job.stops)
+                ended = stopped or len(ids) < job.max_tokens  # a stop string or end of turn
+                choices.append((text, "stop" if ended else "length", len(ids)))
+            job.emit("done", choices)
+
+
+def _stream(job: Job, choice: int, text: str, stopped: bool) -> None:
+    """Send the part of `text` not sent yet, but not what may be the start of a stop
+    string or an incomplete character."""
+    if not stopped:
+        hold = max((len(s) for s in job.stops), default=1) - 1
+        text = text.rstrip("\ufffd")
+        text = text[: len(text) - hold] if hold else text
+    sent = job.sent[choice]
+    if len(text) > len(sent) and text.startswith(sent):
+        job.sent[choice] = text
+        job.emit("delta", choice, text[len(sent):])
+
+
+def _power_of_two(count: int) -> int:
+    return 1 << max(0, count - 1).bit_length()
