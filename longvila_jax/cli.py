@@ -15,6 +15,13 @@
                            --frame-counts=32,64 --depths=0,0.2,...,1 --generate --mesh=N,L]
   longvila-jax eval-mcq --checkpoint=DIR --questions=JSONL --out=DIR [--style=r1] [--subtitles
                         --num-frames=N --limit=N]
+  longvila-jax serve --checkpoint=DIR [--host=127.0.0.1 --port=8000 --media-root=DIR
+                     --api-key=KEY --allow-remote-media]   (OpenAI-compatible HTTP server)
+
+`longvila-jax --help` lists the commands, `longvila-jax COMMAND --help` one command's flags.
+JAX's persistent compilation cache is on (`--compilation-cache=DIR`, default
+~/.cache/longvila-jax/xla; `--compilation-cache=` turns it off), so a second run of a
+command does not compile again.
 
 `--config=NAME[:ARG]` names a packaged config (longvila_jax/configs/): the models tiny, demo,
 qwen2_1_5b, qwen2_7b (`:1m`), llama3_8b, and the stages stages/align, stages/pretrain,
@@ -120,6 +127,23 @@ _SUBTITLES = flags.DEFINE_bool("subtitles", False, "eval-mcq: prefix each video'
 _LIMIT = flags.DEFINE_integer("limit", None, "eval-mcq: only the first N questions.")
 _STYLE = flags.DEFINE_enum("style", "videomme", ["videomme", "r1"], "eval-mcq: VideoMME's "
                            "prompt and letter, or LongVILA-R1's <think>/<answer> format.")
+# Serving.
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "serve: address to bind (localhost only by "
+                            "default; 0.0.0.0 for every interface).")
+_PORT = flags.DEFINE_integer("port", 8000, "serve: TCP port.")
+_MEDIA_ROOT = flags.DEFINE_string("media_root", None, "serve: the folder video URLs may name "
+                                  "(none: text only).")
+_API_KEY = flags.DEFINE_string("api_key", None, "serve: require `Authorization: Bearer KEY` "
+                               "(default: the LONGVILA_API_KEY environment variable, if set).")
+_REMOTE = flags.DEFINE_bool("allow_remote_media", False, "serve: also fetch http(s) video URLs.")
+_MODEL_NAME = flags.DEFINE_string("served_model_name", None, "serve: the model's name in the "
+                                  "API (default: the checkpoint folder's name).")
+_MAX_FRAMES = flags.DEFINE_integer("max_frames", 256, "serve: most frames a request may ask.")
+_MAX_VIDEO_MB = flags.DEFINE_integer("max_video_mb", 2048, "serve: largest video file (MB).")
+_MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "serve: most answers decoded together.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None, "JAX's persistent compilation cache folder (default: "
+    "$XDG_CACHE_HOME or ~/.cache, then longvila-jax/xla); empty to turn it off.")
 # Multi-host (see longvila_jax/distributed.py; SLURM / Open MPI / Kubernetes are detected).
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0's "
                                    "jax.distributed coordinator.")
@@ -130,13 +154,73 @@ _DIST_TIMEOUT = flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wai
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout", 100, "Seconds after which a silent "
                                   "process counts as dead and the others stop.")
 
-USAGE = ("usage: longvila-jax {import-hf SRC DST | export-hf CKPT OUT | init DST | show-config | "
-         "train | pipeline | demo | generate | eval-needle | eval-mcq} [flags]; see --helpfull")
+# Each command: its arguments, what it does (one line), and the flags it reads.
+_INFER = ["checkpoint", "tokenizer", "mesh", "attention", "quiet"]
+_MULTI_HOST = ["coordinator", "num_processes", "process_id", "distributed_timeout",
+               "heartbeat_timeout"]
+COMMANDS = {
+    "import-hf": ("SRC DST", "convert a Hugging Face / VILA checkpoint into ours",
+                  ["vision", "projector", "media_token_id", "newline_token_id", "quiet"]),
+    "export-hf": ("CKPT OUT", "write a checkpoint in the Hugging Face / VILA layout",
+                  ["format", "max_shard_gb", "quiet"]),
+    "init": ("DST", "write a randomly initialised checkpoint of a config", ["config"]),
+    "show-config": ("", "print a config, overrides applied", ["config"]),
+    "train": ("", "run (or resume) one training stage", ["config", "workdir", "quiet",
+                                                        *_MULTI_HOST]),
+    "pipeline": ("", "run the stages of a pipeline config in order",
+                 ["config", "workdir", "quiet", *_MULTI_HOST]),
+    "demo": ("", "the whole recipe in miniature on synthetic videos, then V-NIAH",
+             ["workdir", "rl", "quiet"]),
+    "generate": ("", "answer prompts about a video", [
+        *_INFER, "video", "prompt", "num_frames", "fps", "max_new_tokens", "temperature",
+        "top_p", "stop", "seed", "cache_dir"]),
+    "eval-needle": ("", "video needle-in-a-haystack grid and heatmap", [
+        *_INFER, "out", "haystack", "needles", "num_needles", "frame_counts", "depths",
+        "generate", "batch_size"]),
+    "eval-mcq": ("", "multiple-choice video QA accuracy (VideoMME-style or R1)", [
+        *_INFER, "questions", "out", "style", "subtitles", "num_frames", "fps",
+        "max_new_tokens", "limit", "cache_dir"]),
+    "serve": ("", "OpenAI-compatible chat server (video parts, streaming, batching)", [
+        *_INFER, "host", "port", "media_root", "api_key", "allow_remote_media",
+        "served_model_name", "num_frames", "max_frames", "max_video_mb", "max_new_tokens",
+        "max_batch", "cache_dir"]),
+}
+COMMON = ["compilation_cache"]
+USAGE = ("usage: longvila-jax COMMAND [ARGS] [--flags]; commands: " + ", ".join(COMMANDS)
+         + "; longvila-jax --help lists them, longvila-jax COMMAND --help shows its flags")
+
+
+def help_text(command: str | None = None) -> str:
+    """The commands with one line each, or one command's usage and its flags with their
+    help (not absl's dump of every flag of every library)."""
+    if command is None:
+        width = max(map(len, COMMANDS))
+        lines = ["usage: longvila-jax COMMAND [ARGS] [--flags]", "", "commands:"]
+        lines += [f"  {name:<{width}}  {summary}" for name, (_, summary, _) in COMMANDS.items()]
+        lines += ["", "longvila-jax COMMAND --help shows a command's flags; --helpfull shows "
+                  "every flag."]
+        return "\n".join(lines)
+    arguments, summary, names = COMMANDS[command]
+    lines = [f"usage: longvila-jax {command} {arguments} [--flags]".replace("  ", " "),
+             "", summary, "", "flags:"]
+    for name in [*names, *COMMON]:
+        flag = flags.FLAGS[name]
+        default = "" if flag.default in (None, False, [], "") else f" (default: {flag.default})"
+        text = re.sub(r"^[a-z/-]+: ", "", flag.help)  # "generate/eval: ..." names the users
+        lines.append(f"  --{name.replace('_', '-')}: {text}{default}")
+    return "\n".join(lines)
+
+
+def _nearest(command: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; commands: {', '.join(COMMANDS)}"
 
 
 def _args(argv, names):
     if len(argv) != len(names):
-        raise app.UsageError(f"expected {' '.join(names)}; got {argv!r}\n{USAGE}")
+        raise app.UsageError(f"expected {' '.join(names) or 'no arguments'}; got {argv!r}")
     return argv
 
 
@@ -162,23 +246,28 @@ def _need(flag, usage: str):
     return flag.value
 
 
-def _generator():
-    """A `Generator` for `--checkpoint` on `--mesh` (default: every device, one group)."""
-    from longvila_jax.infer.generate import Generator
+def _mesh():
+    """`--mesh`'s mesh, or None (every device, one group)."""
+    if not _MESH.value:
+        return None
     from longvila_jax.parallel.mesh import make_mesh
 
-    mesh = None
-    if _MESH.value:
-        try:
-            node, local = (int(x) for x in _MESH.value.split(","))
-        except ValueError:
-            raise ValueError(f"--mesh: expected NODE,LOCAL (two integers), got "
-                             f"{_MESH.value!r}") from None
-        import jax
+    try:
+        node, local = (int(x) for x in _MESH.value.split(","))
+    except ValueError:
+        raise ValueError(f"--mesh: expected NODE,LOCAL (two integers), got "
+                         f"{_MESH.value!r}") from None
+    import jax
 
-        mesh = make_mesh(1, node, local, jax.devices()[: node * local])
+    return make_mesh(1, node, local, jax.devices()[: node * local])
+
+
+def _generator():
+    """A `Generator` for `--checkpoint` on `--mesh`."""
+    from longvila_jax.infer.generate import Generator
+
     return Generator.from_checkpoint(_need(_CHECKPOINT, "DIR"), tokenizer=_TOKENIZER.value,
-                                     mesh=mesh, scheme=_ATTENTION.value,
+                                     mesh=_mesh(), scheme=_ATTENTION.value,
                                      cache_dir=_CACHE_DIR.value)
 
 
@@ -240,8 +329,54 @@ def _eval_mcq(progress: bool):
 HOST_ONLY = ("import-hf", "export-hf", "init", "show-config")
 
 
+def _serve():
+    import os
+
+    from longvila_jax.serve.app import Settings, serve
+
+    checkpoint = Path(_need(_CHECKPOINT, "DIR"))
+    media_root = _MEDIA_ROOT.value
+    if media_root is not None and not Path(media_root).is_dir():
+        raise ValueError(f"--media-root: {media_root} is not a folder")
+    settings = Settings(
+        model_name=_MODEL_NAME.value or checkpoint.absolute().name,
+        api_key=_API_KEY.value or os.environ.get("LONGVILA_API_KEY") or None,
+        media_root=media_root, allow_remote_media=_REMOTE.value,
+        download_dir=str(Path(_cache_root(), "downloads")), num_frames=_NUM_FRAMES.value,
+        max_frames=_MAX_FRAMES.value, max_video_bytes=_MAX_VIDEO_MB.value << 20,
+        max_tokens=_MAX_NEW.value, max_rows=_MAX_BATCH.value)
+    serve(checkpoint, settings, host=_HOST.value, port=_PORT.value, tokenizer=_TOKENIZER.value,
+          mesh=_mesh(), cache_dir=_CACHE_DIR.value)
+
+
+def _cache_root() -> Path:
+    """The user's cache folder for this project (XDG's rule)."""
+    import os
+
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "longvila-jax")
+
+
+def _compilation_cache() -> None:
+    """JAX's persistent compilation cache on, in `--compilation-cache` (default: the user's
+    cache folder), so that a second `demo`, `generate` or `serve` loads its programs
+    instead of compiling them again; empty turns it off."""
+    folder = _COMPILATION_CACHE.value
+    if folder is None:
+        folder = str(_cache_root() / "xla")
+    if not folder:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # Every program: the tiny ones too add up to seconds at start-up on a CPU.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _dispatch(command: str, argv: list[str], primary: bool = True):
     progress = not _QUIET.value
+    if command not in COMMANDS:
+        raise app.UsageError(f"unknown command {command!r}{_nearest(command)}")
     if command in HOST_ONLY and not primary:
         return
     if command == "import-hf":
@@ -318,22 +453,23 @@ def _dispatch(command: str, argv: list[str], primary: bool = True):
     elif command == "eval-mcq":
         _args(argv, [])
         _eval_mcq(progress)
-    else:
-        raise app.UsageError(f"unknown command {command!r}\n{USAGE}")
+    elif command == "serve":
+        _serve()
 
 
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it closes at INFO
     if len(argv) < 2:
-        raise app.UsageError(USAGE)
+        _fail(USAGE)
     from longvila_jax.config import ConfigError
     from longvila_jax.data.pipeline import DataError
     from longvila_jax.data.video import MediaError
     from longvila_jax.distributed import DistributedError, initialize
     from longvila_jax.interop.safetensors_io import CheckpointError
-    from longvila_jax.train.loop import Diverged
+    from longvila_jax.train.loop import Diverged, Interrupted
 
     try:
+        _compilation_cache()
         primary = True
         if initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                       timeout_s=_DIST_TIMEOUT.value, heartbeat_s=_HEARTBEAT.value):
@@ -346,15 +482,23 @@ def main(argv):
     except (CheckpointError, ConfigError, DataError, DistributedError, FileExistsError,
             FileNotFoundError, MediaError, ValueError) as e:
         _fail(e)
+    except app.UsageError as e:
+        _fail(e)
     except Diverged as e:
         _fail(e, status=DIVERGED)
+    except Interrupted as e:
+        _fail(e, status=INTERRUPTED)
+    except KeyboardInterrupt:
+        _fail("interrupted", status=INTERRUPTED)
 
 
-# Exit status of a training run stopped on non-finite numbers (2 is bad input).
+# Exit status of a training run stopped on non-finite numbers (2 is bad input), and of a
+# command stopped by Ctrl-C (the shell's 128 + SIGINT).
 DIVERGED = 3
+INTERRUPTED = 130
 
 
-def _fail(error: Exception, status: int = 2) -> NoReturn:
+def _fail(error: Exception | str, status: int = 2) -> NoReturn:
     print(f"longvila-jax: error: {error}", file=sys.stderr)
     sys.exit(status)
 
@@ -379,9 +523,22 @@ def _underscored(argv: list[str]) -> list[str]:
     return out
 
 
+def _help(argv: list[str]) -> None:
+    """`--help`/`-h` anywhere: the command list, or the named command's flags; exit 0."""
+    if not any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
+        return
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    if words and words[0] not in COMMANDS:
+        _fail(f"unknown command {words[0]!r}{_nearest(words[0])}")
+    print(help_text(words[0] if words else None))
+    sys.exit(0)
+
+
 def run():
     """Console-script entry point."""
-    app.run(main, argv=_underscored(sys.argv), flags_parser=_parse_flags)
+    argv = _underscored(sys.argv)
+    _help(argv)
+    app.run(main, argv=argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -162,11 +162,32 @@ def test_helpfull_lists_the_config_flag():
     assert "Traceback" not in result.stderr
 
 
-def test_unknown_command_prints_usage():
-    result = cli("frobnicate")
-    assert result.returncode != 0
-    assert "unknown command 'frobnicate'" in result.stderr
-    assert "usage: longvila-jax" in result.stderr
+def test_unknown_command_suggests_the_nearest():
+    assert_only_line_error(cli("trian", "--config=tiny"), "unknown command 'trian'",
+                           "did you mean 'train'?")
+    assert_only_line_error(cli("frobnicate"), "unknown command 'frobnicate'", "serve")
+    assert_only_line_error(cli("frobnicate", "--help"), "unknown command 'frobnicate'")
+    assert_only_line_error(cli(), "usage: longvila-jax COMMAND")
+
+
+def test_help_lists_the_commands_and_each_commands_own_flags():
+    from longvila_jax.cli import COMMANDS
+
+    for flag in ("--help", "-h"):
+        result = cli(flag)
+        assert result.returncode == 0, result.stderr
+        for name, (_, summary, _) in COMMANDS.items():
+            assert f"  {name}" in result.stdout and summary in result.stdout
+    result = cli("serve", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: longvila-jax serve")
+    for flag in ("--media-root", "--api-key", "--port", "--host", "--compilation-cache"):
+        assert f"\n  {flag}: " in result.stdout, flag
+    assert "--frame-counts" not in result.stdout and "xla" not in result.stdout.lower()\
+        .replace("longvila-jax/xla", "")
+    assert len(result.stdout.splitlines()) < 40  # not absl's dump of every library's flags
+    train = cli("train", "-h").stdout
+    assert "--workdir" in train and "--media-root" not in train
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +203,26 @@ def media(ckpt):
     write_needle_video(video, 8, needle_index=3, needle_seed=5, haystack_seed=6, width=56,
                        height=56, fps=4.0)
     return {"tokenizer": tokenizer, "video": video}
+
+
+def test_a_second_generate_compiles_nothing(ckpt, media, tmp_path):
+    """The persistent compilation cache: the second run writes no new entry (every program
+    came from the cache) and starts faster."""
+    cache = tmp_path / "xla"
+    args = ["generate", f"--checkpoint={ckpt}", f"--tokenizer={media['tokenizer']}",
+            f"--video={media['video']}", "--prompt=What colour?", "--num-frames=4",
+            "--max-new-tokens=6", "--quiet", f"--compilation-cache={cache}"]
+    seconds = []
+    for _ in range(2):
+        began = time.perf_counter()
+        result = ok(cli(*args))
+        seconds.append(time.perf_counter() - began)
+        entries = sorted(p.name for p in cache.iterdir())
+        if len(seconds) == 1:
+            first, answer = entries, result.stdout
+    assert first and entries == first
+    assert result.stdout == answer
+    print(f"generate: {seconds[0]:.1f} s cold, {seconds[1]:.1f} s from the cache")
 
 
 def test_generate_prints_what_the_python_api_returns(ckpt, media):

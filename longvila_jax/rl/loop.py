@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -52,9 +51,12 @@ from longvila_jax.train.loop import (
     Diverged,
     Run,
     finished,
+    interrupted,
     restore_run,
+    resumed,
     run_state,
     setup,
+    tensorboard_note,
     tokenizer_path,
     write_final,
 )
@@ -302,8 +304,7 @@ def train_grpo(config, workdir, *, progress: bool = True) -> Path:
     with RunCheckpoints(workdir / "checkpoints", keep=config.train.keep,
                         every=config.train.checkpoint_every) as checkpoints:
         start = restore_run(run, checkpoints)
-        if start:
-            logging.info("resumed from step %d (%s)", start, checkpoints.directory / str(start))
+        resumed(start, checkpoints)
         log = _MetricsLog(workdir, start, progress, total, config.train.stage)
         try:
             for step in range(start, total):
@@ -323,6 +324,8 @@ def train_grpo(config, workdir, *, progress: bool = True) -> Path:
                                        "are not finite")
                     checkpoints.save(step + 1, state, force=True)
                     log.flush()
+        except KeyboardInterrupt:
+            raise interrupted(checkpoints) from None
         finally:
             log.close()
     return write_final(run, workdir / "final")
@@ -346,6 +349,7 @@ class _MetricsLog:
 
             self._writer = SummaryWriter(str(workdir / "tensorboard"),
                                          purge_step=start + 1 if start else None)
+            tensorboard_note(workdir / "tensorboard")
         self._bar = tqdm.tqdm(total=total, initial=start, desc=stage,
                               disable=not progress or self._writer is None)
 

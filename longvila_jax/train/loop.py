@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -236,12 +237,41 @@ class Diverged(RuntimeError):
     last good run checkpoint."""
 
 
+class Interrupted(Exception):
+    """Ctrl-C during a run; the message names the checkpoint a rerun resumes from."""
+
+
+def say(message: str) -> None:
+    """One line to the user on stderr, from process 0 only, between progress-bar redraws."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message, file=sys.stderr)
+
+
 def finished(workdir: Path) -> bool:
     """Whether the run in `workdir` has finished (its `final/` exists); says so."""
     final = workdir / "final"
     if final.is_dir():
-        logging.info("%s exists: run finished", final)
+        say(f"{workdir.name}: already finished ({final}), skipped")
     return final.is_dir()
+
+
+def resumed(start: int, checkpoints: RunCheckpoints) -> None:
+    """Says where a run starts."""
+    if start:
+        say(f"resuming from step {start} (checkpoint {checkpoints.directory / str(start)})")
+
+
+def tensorboard_note(logs: Path) -> None:
+    say(f"TensorBoard logs: {logs} (view: tensorboard --logdir {logs})")
+
+
+def interrupted(checkpoints: RunCheckpoints) -> Interrupted:
+    """The `Interrupted` to raise on Ctrl-C, once the checkpoints being written are done."""
+    checkpoints.wait()
+    last = checkpoints.latest_step()
+    where = f"from {checkpoints.directory / str(last)}" if last else "from the start (no " \
+        "checkpoint yet)"
+    return Interrupted(f"interrupted; running the same command again resumes {where}")
 
 
 def train(config, workdir, *, progress: bool = True) -> Path:
@@ -268,11 +298,12 @@ def train(config, workdir, *, progress: bool = True) -> Path:
         start = restore_run(run, checkpoints)
         saved = checkpoints.data_states(start) if start else None
         data = make_data(config, _tokens_per_frame(run.model), run.data_groups, saved)
-        if start:
-            logging.info("resumed from step %d (%s)", start, checkpoints.directory / str(start))
+        resumed(start, checkpoints)
         with _Reporter(run, workdir, start, progress) as reporter:
             try:
                 _loop(run, data, checkpoints, start, reporter)
+            except KeyboardInterrupt:
+                raise interrupted(checkpoints) from None
             except _NonFinite as e:
                 checkpoints.wait()
                 good = checkpoints.latest_step()
@@ -329,6 +360,7 @@ class _Reporter:
 
             logs = workdir / "tensorboard"
             self._writer = SummaryWriter(str(logs), purge_step=start + 1 if start else None)
+            tensorboard_note(logs)
         self._samples = (_SampleLog(workdir, start, config, run.data_groups)
                          if config.train.log_samples else None)
         self._bar = tqdm.tqdm(total=config.optim.total_steps, initial=start,

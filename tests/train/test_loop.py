@@ -83,9 +83,19 @@ def test_kill_9_then_resume_gives_bit_identical_parameters(corpus, tmp_path):
     stale = tmp_path / "killed" / ".final.tmp-0123abcd"
     (stale / "params").mkdir(parents=True)
     resumed = cli_train(config_file, tmp_path / "killed")
+    errs = []
     for proc in (whole, resumed):
         _, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-3000:]
+        errs.append(err)
+    # It says what it did: where the logs are, where it resumed from.
+    logs = tmp_path / "killed" / "tensorboard"
+    assert f"TensorBoard logs: {logs} (view: tensorboard --logdir {logs})" in errs[1]
+    assert f"resuming from step 4 (checkpoint {checkpoint})" in errs[1], errs[1][-3000:]
+    assert "resuming" not in errs[0]
+    again = cli_train(config_file, tmp_path / "whole")
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0 and "whole: already finished" in err and "skipped" in err
     want = load_params(tmp_path / "whole" / "final")
     got = load_params(tmp_path / "killed" / "final")
     assert want.keys() == got.keys()
@@ -96,6 +106,25 @@ def test_kill_9_then_resume_gives_bit_identical_parameters(corpus, tmp_path):
     # are purged at the resume).
     assert scalars(tmp_path / "killed") == scalars(tmp_path / "whole")
     assert sorted(scalars(tmp_path / "whole")) == list(range(1, 9))
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume_from(corpus, tmp_path):
+    config_file = write_config_file(tmp_path, corpus, "sft", 200)
+    run = cli_train(config_file, tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "2"
+    deadline = time.time() + 600
+    while not checkpoint.is_dir() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.is_dir(), run.communicate()[1][-3000:]
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=300)
+    assert run.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("longvila-jax: error: interrupted; running the same command again "
+                           f"resumes from {tmp_path / 'run' / 'checkpoints'}/"), last
+    step = int(last.rsplit("/", 1)[1])
+    assert step >= 2 and (tmp_path / "run" / "checkpoints" / str(step)).is_dir()
 
 
 @pytest.mark.slow
