@@ -141,6 +141,9 @@ _MODEL_NAME = flags.DEFINE_string("served_model_name", None, "serve: the model's
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 256, "serve: most frames a request may ask.")
 _MAX_VIDEO_MB = flags.DEFINE_integer("max_video_mb", 2048, "serve: largest video file (MB).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 32, "serve: most answers decoded together.")
+_MAX_BATCH_TOKENS = flags.DEFINE_integer("max_batch_tokens", 1 << 18, "serve: most prompt "
+                                         "positions prefilled together (a 7B model's 256-"
+                                         "frame prompt is 50K).")
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache", None, "JAX's persistent compilation cache folder (default: "
     "$XDG_CACHE_HOME or ~/.cache, then longvila-jax/xla); empty to turn it off.")
@@ -183,7 +186,7 @@ COMMANDS = {
     "serve": ("", "OpenAI-compatible chat server (video parts, streaming, batching)", [
         *_INFER, "host", "port", "media_root", "api_key", "allow_remote_media",
         "served_model_name", "num_frames", "max_frames", "max_video_mb", "max_new_tokens",
-        "max_batch", "cache_dir"]),
+        "max_batch", "max_batch_tokens", "cache_dir"]),
 }
 COMMON = ["compilation_cache"]
 USAGE = ("usage: longvila-jax COMMAND [ARGS] [--flags]; commands: " + ", ".join(COMMANDS)
@@ -344,7 +347,8 @@ def _serve():
         media_root=media_root, allow_remote_media=_REMOTE.value,
         download_dir=str(Path(_cache_root(), "downloads")), num_frames=_NUM_FRAMES.value,
         max_frames=_MAX_FRAMES.value, max_video_bytes=_MAX_VIDEO_MB.value << 20,
-        max_tokens=_MAX_NEW.value, max_rows=_MAX_BATCH.value)
+        max_tokens=_MAX_NEW.value, max_rows=_MAX_BATCH.value,
+        max_batch_tokens=_MAX_BATCH_TOKENS.value)
     serve(checkpoint, settings, host=_HOST.value, port=_PORT.value, tokenizer=_TOKENIZER.value,
           mesh=_mesh(), cache_dir=_CACHE_DIR.value)
 

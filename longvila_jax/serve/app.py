@@ -49,6 +49,7 @@ class Settings:
     max_tokens: int = 128  # when a request does not say
     max_tokens_limit: int = 4096
     max_rows: int = 32  # answers decoded together
+    max_batch_tokens: int = 1 << 18  # prompt positions prefilled together
     max_request_bytes: int = 1 << 20
 
 
@@ -58,7 +59,8 @@ def build_app(generator: Generator, settings: Settings) -> FastAPI:
                         max_frames=settings.max_frames,
                         allow_remote=settings.allow_remote_media,
                         download_dir=settings.download_dir)
-    batcher = Batcher(generator, max_rows=settings.max_rows)
+    batcher = Batcher(generator, max_rows=settings.max_rows,
+                      max_tokens=settings.max_batch_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app):

@@ -2,7 +2,8 @@
 
 Requests that arrive while a batch decodes wait, and the next batch takes every waiting
 request that samples alike (same `n`, temperature, top-p and, when a request sets one, seed)
-up to `max_rows` answers: one prefill of all their prompts (each video's rows once in the
+up to `max_rows` answers and `max_tokens` prompt positions (the prefill's activations and
+the KV caches grow with them: at 256 frames a 7B prompt is 50K tokens): one prefill of all their prompts (each video's rows once in the
 embedding table, different videos per row) and one decoding, `n` answers per prompt from its
 one prefilled cache (`Generator.generate_ids`). This is dynamic batching, not vLLM's
 continuous batching: a request never joins a batch already decoding.
@@ -56,6 +57,7 @@ class Job:
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     cancelled: bool = False
     sent: list[str] = dataclasses.field(default_factory=list)
+    tokens: int = 0  # the prompt's length, once prepared
 
     @property
     def key(self) -> tuple:
@@ -70,8 +72,8 @@ class Job:
 class Batcher:
     """Runs `Job`s on `generator` in batches, on a thread of its own (see module docstring)."""
 
-    def __init__(self, generator: Generator, *, max_rows: int = 32):
-        self.generator, self.max_rows = generator, max_rows
+    def __init__(self, generator: Generator, *, max_rows: int = 32, max_tokens: int = 1 << 18):
+        self.generator, self.max_rows, self.max_tokens = generator, max_rows, max_tokens
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._waiting: list[Job] = []
         self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
@@ -92,25 +94,18 @@ class Batcher:
 
     def _run(self) -> None:
         while True:
-            if not self._waiting:
-                job = self._queue.get()
-                if job is None:
-                    return
-                self._waiting.append(job)
+            arrived = [] if self._waiting else [self._queue.get()]
             while True:  # everything that arrived meanwhile
                 try:
-                    job = self._queue.get_nowait()
+                    arrived.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-                if job is None:
-                    return
-                self._waiting.append(job)
-            batch, rows, key = [], 0, self._waiting[0].key
-            for job in list(self._waiting):
-                if job.key == key and rows + job.n <= self.max_rows:
-                    batch.append(job)
-                    rows += job.n
-                    self._waiting.remove(job)
+            if None in arrived:
+                return
+            self._waiting += [job for job in arrived if self._prepared(job)]
+            batch = self._take()
+            if not batch:
+                continue
             try:
                 self._serve(batch)
             except Exception as e:  # the server keeps serving; these requests fail
@@ -119,19 +114,38 @@ class Batcher:
                     job.emit("error", ApiError(500, f"internal error: {e}", kind="server_error"))
             self.batches += 1
 
-    def _serve(self, jobs: list[Job]) -> None:
-        gen = self.generator
-        ready = []
-        for job in jobs:  # each alone first: a bad video fails its own request only
-            try:
-                ids = gen.prepare([job.prompt]).ids[0]
-            except (MediaError, ValueError, FileNotFoundError) as e:
-                job.emit("error", ApiError(400, str(e), param="messages"))
+    def _prepared(self, job: Job) -> bool:
+        """Encode the job's video (into the embedding cache) and count its prompt, alone:
+        a bad video fails its own request only. Says "start" or "error"."""
+        try:
+            job.tokens = len(self.generator.prepare([job.prompt]).ids[0])
+        except (MediaError, ValueError, FileNotFoundError) as e:
+            job.emit("error", ApiError(400, str(e), param="messages"))
+            return False
+        except Exception as e:  # e.g. out of memory encoding a long video
+            log.exception("preparing a request failed")
+            job.emit("error", ApiError(500, f"internal error: {e}", kind="server_error"))
+            return False
+        job.emit("start", job.tokens)
+        return True
+
+    def _take(self) -> list[Job]:
+        """The oldest waiting job and those after it that fit in its batch."""
+        batch, rows, longest = [], 0, 0
+        key = self._waiting[0].key if self._waiting else None
+        for job in list(self._waiting):
+            if job.key != key or rows + job.n > self.max_rows:
                 continue
-            job.emit("start", len(ids))
-            ready.append(job)
-        if not ready:
-            return
+            cost = _power_of_two(len(batch) + 1) * max(longest, job.tokens)
+            if batch and cost > self.max_tokens:
+                continue
+            batch.append(job)
+            rows, longest = rows + job.n, max(longest, job.tokens)
+            self._waiting.remove(job)
+        return batch
+
+    def _serve(self, ready: list[Job]) -> None:
+        gen = self.generator
         prompts = [job.prompt for job in ready]
         prompts += prompts[:1] * (_power_of_two(len(prompts)) - len(prompts))
         prepared = gen.prepare(prompts)  # the videos come from the embedding cache
