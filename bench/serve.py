@@ -9,8 +9,8 @@ video i mod `--videos`), a question, greedy, `--max-tokens` new tokens (random w
 almost never end a turn, so answers run to the cap).
 
 Per concurrency level, the same load runs twice: the first compiles the batch shapes the
-arrivals make and fills the embedding cache, the second is timed: requests/s, completion tokens/s, mean latency, and the batches
-the server ran. Rows are appended to `--json`.
+arrivals make and fills the embedding cache, the second is timed: requests/s, completion
+tokens/s, mean latency, and the batches the server ran. Rows are appended to `--json`.
 
   python bench/serve.py --model qwen2_7b --frames 256 --clients 1,8,32 --json r.jsonl
   python bench/serve.py --model tiny --frames 8 --clients 1,8,32   (CPU)

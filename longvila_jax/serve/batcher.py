@@ -3,9 +3,10 @@
 Requests that arrive while a batch decodes wait, and the next batch takes every waiting
 request that samples alike (same `n`, temperature, top-p and, when a request sets one, seed)
 up to `max_rows` answers and `max_tokens` prompt positions (the prefill's activations and
-the KV caches grow with them: at 256 frames a 7B prompt is 50K tokens): one prefill of all their prompts (each video's rows once in the
-embedding table, different videos per row) and one decoding, `n` answers per prompt from its
-one prefilled cache (`Generator.generate_ids`). This is dynamic batching, not vLLM's
+the KV caches grow with them: at 256 frames a 7B prompt is 50K tokens): one prefill of all
+their prompts (each video's rows once in the embedding table, different videos per row)
+and one decoding, `n` answers per prompt from its one prefilled cache
+(`Generator.generate_ids`). This is dynamic batching, not vLLM's
 continuous batching: a request never joins a batch already decoding.
 
 The number of prompts in a batch is padded to a power of two (with copies of its first

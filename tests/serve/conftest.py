@@ -9,6 +9,7 @@ import time
 import jax
 import pytest
 from flax import nnx
+from serve.names import KEY, MODEL  # tests/serve/names.py
 
 from longvila_jax.checkpoint import build_model
 from longvila_jax.configs import model_config
@@ -19,8 +20,6 @@ from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.serve.app import Settings, build_app
 
 SIZE = 56
-MODEL = "tiny-longvila"
-KEY = "test-key"
 
 
 def _model(seed: int):

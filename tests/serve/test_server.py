@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
-from conftest import KEY, MODEL
+from serve.names import KEY, MODEL  # tests/serve/names.py
 
 QUESTIONS = ["What colour is the shape?", "Say something.", "What digit is shown?",
              "Describe the video in one word, then a colour."]
