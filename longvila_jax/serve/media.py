@@ -75,17 +75,21 @@ class MediaPolicy:
         if ".." in PurePosixPath(name).parts:
             raise ApiError(400, f"video URL {url!r}: '..' is not allowed", param="messages",
                            code="media_outside_root")
-        path = (self.root / name).resolve()  # an absolute `name` replaces the root
-        if not path.is_relative_to(self.root):
+        try:
+            path = (self.root / name).resolve()  # an absolute `name` replaces the root
+            inside, size = path.is_relative_to(self.root), path.is_file() and path.stat().st_size
+        except (OSError, ValueError) as e:  # a NUL byte, a name too long, a symlink loop
+            raise ApiError(400, f"video URL {url!r}: not a usable path ({e})",
+                           param="messages", code="invalid_video_url") from None
+        if not inside:
             raise ApiError(400, f"video URL {url!r}: outside the media root", param="messages",
                            code="media_outside_root")
-        if not path.is_file():
+        if size is False:
             raise ApiError(400, f"video URL {url!r}: no such file under the media root",
                            param="messages", code="video_not_found")
-        if path.stat().st_size > self.max_bytes:
-            raise ApiError(413, f"video URL {url!r}: {path.stat().st_size} bytes, above the "
-                           f"limit of {self.max_bytes}", param="messages",
-                           code="video_too_large")
+        if size > self.max_bytes:
+            raise ApiError(413, f"video URL {url!r}: {size} bytes, above the limit of "
+                           f"{self.max_bytes}", param="messages", code="video_too_large")
         return path
 
     def _fetch(self, url: str) -> Path:

@@ -137,6 +137,8 @@ def test_malformed_requests_get_400_with_openai_body(served, body, status, says)
     ("OUTSIDE", "outside the media root"),  # an absolute path elsewhere
     ("http://127.0.0.1:9/v.mp4", "remote media is off"),
     ("ftp://host/v.mp4", "unsupported scheme"),
+    ("video0.mp4\x00.txt", "not a usable path"),
+    ("file://etc/passwd", "outside the media root"),
 ])
 def test_bad_videos_get_400_and_the_server_keeps_serving(served, client, url, says):
     url = str(served["outside"] / "secret.mp4") if url == "OUTSIDE" else url
