@@ -262,6 +262,7 @@ def resumed(start: int, checkpoints: RunCheckpoints) -> None:
 
 
 def tensorboard_note(logs: Path) -> None:
+    """Says where a run's TensorBoard events go and how to look at them."""
     say(f"TensorBoard logs: {logs} (view: tensorboard --logdir {logs})")
 
 
