@@ -56,6 +56,7 @@ from longvila_jax.train.loop import (
     resumed,
     run_state,
     setup,
+    stop_on_ctrl_c,
     tensorboard_note,
     tokenizer_path,
     write_final,
@@ -307,23 +308,27 @@ def train_grpo(config, workdir, *, progress: bool = True) -> Path:
         resumed(start, checkpoints)
         log = _MetricsLog(workdir, start, progress, total, config.train.stage)
         try:
-            for step in range(start, total):
-                try:
-                    metrics = trainer.step(step)
-                except _NonFinite as e:
-                    checkpoints.wait()
-                    good = checkpoints.latest_step()
-                    raise Diverged(f"step {step + 1}: {e}, not finite; last good checkpoint: "
-                                   f"{checkpoints.directory / str(good) if good else 'none'}"
-                                   ) from None
-                log.write(step + 1, metrics)
-                if step + 1 == total or checkpoints.should_save(step + 1):
-                    state = run_state(run)
-                    if not state_is_finite(state):
-                        raise Diverged(f"step {step + 1}: the parameters or optimizer state "
-                                       "are not finite")
-                    checkpoints.save(step + 1, state, force=True)
-                    log.flush()
+            with stop_on_ctrl_c() as stop_asked:
+                for step in range(start, total):
+                    try:
+                        metrics = trainer.step(step)
+                    except _NonFinite as e:
+                        checkpoints.wait()
+                        good = checkpoints.latest_step()
+                        raise Diverged(
+                            f"step {step + 1}: {e}, not finite; last good checkpoint: "
+                            f"{checkpoints.directory / str(good) if good else 'none'}") from None
+                    log.write(step + 1, metrics)
+                    stopping = stop_asked()
+                    if step + 1 == total or checkpoints.should_save(step + 1) or stopping:
+                        state = run_state(run)
+                        if not state_is_finite(state):
+                            raise Diverged(f"step {step + 1}: the parameters or optimizer "
+                                           "state are not finite")
+                        checkpoints.save(step + 1, state, force=True)
+                        log.flush()
+                    if stopping:
+                        raise KeyboardInterrupt
         except KeyboardInterrupt:
             raise interrupted(checkpoints) from None
         finally:

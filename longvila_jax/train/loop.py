@@ -13,12 +13,15 @@ the whole mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import jax
@@ -275,6 +278,31 @@ def interrupted(checkpoints: RunCheckpoints) -> Interrupted:
     return Interrupted(f"interrupted; running the same command again resumes {where}")
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c() -> Iterator[Callable[[], bool]]:
+    """Within the block, Ctrl-C asks the run to stop at the next step boundary (the yielded
+    function says whether it was asked), where it saves a checkpoint and raises; a second
+    Ctrl-C interrupts at once. A KeyboardInterrupt at an arbitrary point could land inside
+    an asynchronous checkpoint save and leave its writer thread behind. Where SIGINT is not
+    Python's (ignored, as in a background job, or taken by the caller) nothing changes."""
+    asked = []
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield lambda: False
+        return
+
+    def ask(_signum, _frame):
+        asked.append(True)
+        say("stopping after this step (Ctrl-C again to stop at once)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    signal.signal(signal.SIGINT, ask)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def train(config, workdir, *, progress: bool = True) -> Path:
     """Run (or resume, or skip if finished) one training run; returns its final checkpoint.
 
@@ -300,9 +328,10 @@ def train(config, workdir, *, progress: bool = True) -> Path:
         saved = checkpoints.data_states(start) if start else None
         data = make_data(config, _tokens_per_frame(run.model), run.data_groups, saved)
         resumed(start, checkpoints)
-        with _Reporter(run, workdir, start, progress) as reporter:
+        with _Reporter(run, workdir, start, progress) as reporter, \
+                stop_on_ctrl_c() as stop_asked:
             try:
-                _loop(run, data, checkpoints, start, reporter)
+                _loop(run, data, checkpoints, start, reporter, stop_asked)
             except KeyboardInterrupt:
                 raise interrupted(checkpoints) from None
             except _NonFinite as e:
@@ -317,7 +346,8 @@ class _NonFinite(Exception):
     pass
 
 
-def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> None:
+def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter,
+          stop_asked: Callable[[], bool]) -> None:
     """Steps from `start` to `optim.total_steps`. A step's metrics are read after the next
     step is dispatched, so the host decodes the next batch while the device computes
     instead of waiting for each step to finish; before a checkpoint (the last step always
@@ -331,7 +361,8 @@ def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> 
         if pending is not None:
             reporter.report(*pending, data)
         pending = (step, out, packed)
-        if step + 1 == total or checkpoints.should_save(step + 1):
+        stopping = stop_asked()
+        if step + 1 == total or checkpoints.should_save(step + 1) or stopping:
             reporter.report(*pending, data)
             pending = None
             state = run_state(run)
@@ -341,6 +372,8 @@ def _loop(run: Run, data, checkpoints: RunCheckpoints, start: int, reporter) -> 
                                  "(an update overflowed; learning rate too high?)")
             checkpoints.save(step + 1, state, data, force=True)
             reporter.flush()
+        if stopping:
+            raise KeyboardInterrupt
 
 
 class _Reporter:

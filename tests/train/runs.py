@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
@@ -45,9 +46,13 @@ def write_config_file(tmp_path, corpus, name, steps, parallel=(1, 2, 4)) -> Path
 
 
 def cli_train(config_file: Path, workdir: Path, *extra) -> subprocess.Popen:
+    """`longvila-jax train` in a subprocess. SIGINT is given back its default first: pytest-
+    xdist's workers ignore it, a child inherits that, and Python then never raises
+    KeyboardInterrupt (the Ctrl-C test would see a run that cannot be interrupted)."""
     return subprocess.Popen([sys.executable, "-m", "longvila_jax.cli", "train", "--quiet",
                              f"--config={config_file}", f"--workdir={workdir}", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def free_port() -> int:
