@@ -338,13 +338,10 @@ def _serve():
     from longvila_jax.serve.app import Settings, serve
 
     checkpoint = Path(_need(_CHECKPOINT, "DIR"))
-    media_root = _MEDIA_ROOT.value
-    if media_root is not None and not Path(media_root).is_dir():
-        raise ValueError(f"--media-root: {media_root} is not a folder")
     settings = Settings(
         model_name=_MODEL_NAME.value or checkpoint.absolute().name,
         api_key=_API_KEY.value or os.environ.get("LONGVILA_API_KEY") or None,
-        media_root=media_root, allow_remote_media=_REMOTE.value,
+        media_root=_MEDIA_ROOT.value, allow_remote_media=_REMOTE.value,
         download_dir=str(Path(_cache_root(), "downloads")), num_frames=_NUM_FRAMES.value,
         max_frames=_MAX_FRAMES.value, max_video_bytes=_MAX_VIDEO_MB.value << 20,
         max_tokens=_MAX_NEW.value, max_rows=_MAX_BATCH.value,
@@ -484,9 +481,7 @@ def main(argv):
                 logging.set_verbosity(logging.ERROR)
         _dispatch(argv[1], argv[2:], primary)
     except (CheckpointError, ConfigError, DataError, DistributedError, FileExistsError,
-            FileNotFoundError, MediaError, ValueError) as e:
-        _fail(e)
-    except app.UsageError as e:
+            FileNotFoundError, MediaError, ValueError, app.UsageError) as e:
         _fail(e)
     except Diverged as e:
         _fail(e, status=DIVERGED)
@@ -531,10 +526,10 @@ def _help(argv: list[str]) -> None:
     """`--help`/`-h` anywhere: the command list, or the named command's flags; exit 0."""
     if not any(a in ("-h", "--help", "-help", "--helpshort") for a in argv[1:]):
         return
-    words = [a for a in argv[1:] if not a.startswith("-")]
-    if words and words[0] not in COMMANDS:
-        _fail(f"unknown command {words[0]!r}{_nearest(words[0])}")
-    print(help_text(words[0] if words else None))
+    command = argv[1] if not argv[1].startswith("-") else None  # the command comes first
+    if command is not None and command not in COMMANDS:
+        _fail(f"unknown command {command!r}{_nearest(command)}")
+    print(help_text(command))
     sys.exit(0)
 
 

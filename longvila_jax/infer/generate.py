@@ -51,7 +51,8 @@ def stop_at(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """`text` before the first stop string, and whether one occurred. A trailing replacement
     character may be a character whose last bytes are still to come: nothing is matched
     across it until it is complete."""
-    cuts = [text.find(s) for s in stop if s and s in text.rstrip("\ufffd")]
+    complete = text.rstrip("\ufffd")
+    cuts = [complete.find(s) for s in stop if s and s in complete]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 

@@ -52,6 +52,11 @@ class Settings:
     max_batch_tokens: int = 1 << 18  # prompt positions prefilled together
     max_request_bytes: int = 1 << 20
 
+    def __post_init__(self):
+        # Checked here, before a checkpoint loads: a typo should not cost the load's minutes.
+        if self.media_root is not None and not Path(self.media_root).is_dir():
+            raise ValueError(f"--media-root: {self.media_root} is not a folder")
+
 
 def build_app(generator: Generator, settings: Settings) -> FastAPI:
     """The server's app; its batcher thread runs while the app does (lifespan)."""
@@ -120,7 +125,7 @@ def build_app(generator: Generator, settings: Settings) -> FastAPI:
                                             "created": created, "owned_by": "longvila-jax"}]}
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest, request: Request):
+    async def chat(body: ChatRequest):
         body.check_supported()
         if body.model != settings.model_name:
             raise ApiError(404, f"model {body.model!r} does not exist; this server serves "
@@ -147,7 +152,7 @@ def build_app(generator: Generator, settings: Settings) -> FastAPI:
                  "model": settings.model_name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(_events(job, reply, prompt_tokens, usage, request),
+            return StreamingResponse(_events(job, reply, prompt_tokens, usage),
                                      media_type="text/event-stream")
         while (event := await job.events.get())[0] not in ("done", "error"):
             pass
@@ -169,7 +174,7 @@ def _usage(prompt_tokens: int, choices) -> dict:
             "total_tokens": prompt_tokens + completion}
 
 
-async def _events(job: Job, reply: dict, prompt_tokens: int, usage: bool, request: Request):
+async def _events(job: Job, reply: dict, prompt_tokens: int, usage: bool):
     """The server-sent events of a streamed answer: a role chunk per choice, text deltas as
     they are decoded, each choice's finish reason, usage when asked for, `[DONE]`."""
 
@@ -177,7 +182,6 @@ async def _events(job: Job, reply: dict, prompt_tokens: int, usage: bool, reques
         return "data: " + json.dumps({**reply, "object": "chat.completion.chunk",
                                       "choices": choices, **extra}) + "\n\n"
 
-    sent = [""] * job.n
     try:
         for i in range(job.n):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -186,17 +190,14 @@ async def _events(job: Job, reply: dict, prompt_tokens: int, usage: bool, reques
             event = await job.events.get()
             if event[0] == "delta":
                 _, i, text = event
-                sent[i] += text
                 yield chunk([{"index": i, "delta": {"content": text}, "finish_reason": None}])
             elif event[0] == "error":
                 yield "data: " + json.dumps(event[1].body()) + "\n\n"
                 return
             else:
                 choices = event[1]
-                for i, (text, reason, _) in enumerate(choices):
-                    rest = text[len(sent[i]):] if text.startswith(sent[i]) else ""
-                    yield chunk([{"index": i, "delta": {"content": rest} if rest else {},
-                                  "finish_reason": reason}])
+                for i, (_, reason, _) in enumerate(choices):
+                    yield chunk([{"index": i, "delta": {}, "finish_reason": reason}])
                 if usage:
                     yield chunk([], usage=_usage(prompt_tokens, choices))
                 yield "data: [DONE]\n\n"

@@ -42,8 +42,8 @@ class Job:
     """One request: what to answer and how, and where its events go.
 
     Events, in order: `("start", prompt_tokens)` or `("error", ApiError)`; then, when
-    streaming, `("delta", choice, text)`; then `("done", [(text, finish_reason, tokens)
-    per choice])`.
+    streaming, `("delta", choice, text)`, the deltas of a choice adding up to its text;
+    then `("done", [(text, finish_reason, tokens) per choice])`.
     """
 
     prompt: Prompt
@@ -57,8 +57,10 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
     cancelled: bool = False
-    sent: list[str] = dataclasses.field(default_factory=list)
     tokens: int = 0  # the prompt's length, once prepared
+
+    def __post_init__(self):
+        self.sent = [""] * self.n  # each choice's text streamed so far
 
     @property
     def key(self) -> tuple:
@@ -156,8 +158,6 @@ class Batcher:
         longest = max(job.max_tokens for job in ready)
         sampling = Sampling(max(MIN_ANSWER_BUCKET, _power_of_two(longest)), n,
                             first.temperature, first.top_p, seed)
-        for job in ready:
-            job.sent = [""] * n
 
         def done(row: int, ids: list[int]) -> bool:
             if row // n >= len(ready):
@@ -166,6 +166,8 @@ class Batcher:
             if job.cancelled:
                 return True
             ids = ids[: job.max_tokens]
+            if not job.stops and not job.stream:  # no text needed between chunks
+                return len(ids) >= job.max_tokens
             text, stopped = stop_at(gen.tokenizer.decode(ids), job.stops)
             if job.stream:
                 _stream(job, row % n, text, stopped)
@@ -178,14 +180,16 @@ class Batcher:
                 ids = ids[: job.max_tokens]
                 text, stopped = stop_at(gen.tokenizer.decode(ids), job.stops)
                 ended = stopped or len(ids) < job.max_tokens  # a stop string or end of turn
+                if job.stream:  # what was held back
+                    _stream(job, len(choices), text, final=True)
                 choices.append((text, "stop" if ended else "length", len(ids)))
             job.emit("done", choices)
 
 
-def _stream(job: Job, choice: int, text: str, stopped: bool) -> None:
-    """Send the part of `text` not sent yet, but not what may be the start of a stop
-    string or an incomplete character."""
-    if not stopped:
+def _stream(job: Job, choice: int, text: str, final: bool) -> None:
+    """Send the part of `text` not sent yet; unless `final` (the answer has ended), not what
+    may be the start of a stop string or an incomplete character."""
+    if not final:
         hold = max((len(s) for s in job.stops), default=1) - 1
         text = text.rstrip("\ufffd")
         text = text[: len(text) - hold] if hold else text

@@ -30,9 +30,7 @@ class MediaPolicy:
 
     def __init__(self, root: str | os.PathLike | None, *, max_bytes: int, max_frames: int,
                  allow_remote: bool = False, download_dir: str | os.PathLike | None = None):
-        self.root = None if root is None else Path(root).resolve()
-        if self.root is not None and not self.root.is_dir():
-            raise ValueError(f"--media-root: {root} is not a folder")
+        self.root = None if root is None else Path(root).resolve()  # a folder (`Settings`)
         if allow_remote and download_dir is None:
             raise ValueError("remote media needs a download folder")
         self.max_bytes, self.max_frames = max_bytes, max_frames

@@ -7,7 +7,7 @@
 
 Learning rate 1e-3 as VILA's align script. Time at scale: unmeasured (docs/benchmarks.md
 times single training steps, not stages). In miniature (`:tiny`, `:demo`) 30 steps; the
-demo's five stages and its V-NIAH grid took 6 min 42 s in all on a 2-core CPU (README), this
+demo's five stages and its V-NIAH grid took 6 min 37 s in all on a 2-core CPU (README), this
 stage not timed alone.
 """
 

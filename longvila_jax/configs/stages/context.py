@@ -9,7 +9,7 @@ alpha=16 on q/k/v/o, embeddings and norms trainable, learning rate 2e-5, 64K tok
 RoPE theta 15.3M (207.1M for 256K); the adapters are merged into the final weights
 (`train.merge_lora`). Time at scale: unmeasured (docs/benchmarks.md times single training
 steps, not stages). In miniature (`:tiny`, `:demo`) 30 steps on 1K-token passkey texts; the
-demo's five stages and its V-NIAH grid took 6 min 42 s in all on a 2-core CPU (README), this
+demo's five stages and its V-NIAH grid took 6 min 37 s in all on a 2-core CPU (README), this
 stage not timed alone.
 """
 

@@ -10,7 +10,7 @@ them (`eval.mcq.build_r1_prompt`), so that GRPO (`stages/grpo`) starts from a po
 keeps the format. LongVILA-R1 runs this stage on 18K reasoning samples; here long SFT's
 settings at a tenth of its learning rate (at scale). In miniature (`:demo`) it is the R1
 demo's first stage (`demo --rl`, `demo_r1.py`): 300 steps on 32-frame needle questions,
-75 s on a 2-core CPU. Time at scale: unmeasured.
+75-94 s on a 2-core CPU. Time at scale: unmeasured.
 """
 
 from longvila_jax.configs import MINIATURES

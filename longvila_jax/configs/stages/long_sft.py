@@ -12,7 +12,7 @@ Time at scale: unmeasured as a stage; docs/benchmarks.md has one LongVILA-7B ste
 tokens (512 frames) on four H200 in 13.6 s (full remat), and 256K tokens fitting four H200
 (not timed). In miniature (`:tiny`, `:demo`) 600 steps of finding one frame among 32, which
 still finds it among 64 (V-NIAH at 64 frames: 83-89 % after 400 steps, 97.5 % after 600 in
-the README's run); the demo's five stages and its V-NIAH grid took 6 min 42 s in all on a
+the README's run); the demo's five stages and its V-NIAH grid took 6 min 37 s in all on a
 2-core CPU (README), this stage not timed alone.
 """
 

@@ -8,7 +8,7 @@ CoT SFT and GRPO after them.
 
 They train in order under `runs/<n>_<stage>/`, each from the previous one's final checkpoint
 (`recipe.py`). `longvila-jax demo` runs `stages/pipeline:demo` on its synthetic corpus
-(`demo.py`): 6 min 42 s with its V-NIAH grid on a 2-core CPU (README). At scale: unmeasured.
+(`demo.py`): 6 min 37 s with its V-NIAH grid on a 2-core CPU (README). At scale: unmeasured.
 """
 
 import importlib

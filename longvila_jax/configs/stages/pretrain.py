@@ -7,7 +7,7 @@
 Learning rate 5e-5. Time at scale: unmeasured (docs/benchmarks.md times single training
 steps, not stages). In miniature (`:tiny`, `:demo`) 200 steps, where the random vision path
 is learnt (every caption token depends on the image); the demo's five stages and its V-NIAH
-grid took 6 min 42 s in all on a 2-core CPU (README), this stage not timed alone.
+grid took 6 min 37 s in all on a 2-core CPU (README), this stage not timed alone.
 """
 
 from longvila_jax.configs.stages import training_stage

@@ -6,7 +6,7 @@
 
 Learning rate 2e-5. Time at scale: unmeasured (docs/benchmarks.md times single training
 steps, not stages). In miniature (`:tiny`, `:demo`) 400 steps, where the answer that depends
-on the question is learnt; the demo's five stages and its V-NIAH grid took 6 min 42 s in all
+on the question is learnt; the demo's five stages and its V-NIAH grid took 6 min 37 s in all
 on a 2-core CPU (README), this stage not timed alone.
 """
 
