@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from train.runs import cli_train  # tests/train/runs.py: the CLI as a subprocess
+from train.runs import (  # tests/train/runs.py: the CLI as a subprocess
+    cli_train,
+    wait_for_checkpoint,
+)
 
 from longvila_jax.checkpoint import build_model, load_params, model_params
 from longvila_jax.config import ConfigError
@@ -62,11 +64,7 @@ def test_kill_9_then_resume_ends_bit_identical_and_trains_the_llm_only(data, tmp
         f"    return _config(json.loads(open({str(tmp_path / 'data.json')!r}).read()), 3)\n")
     cut = tmp_path / "cut"
     killed = cli_train(config_file, cut)
-    deadline = time.time() + 600
-    while not (cut / "checkpoints" / "1").is_dir() and killed.poll() is None \
-            and time.time() < deadline:
-        time.sleep(0.2)
-    assert (cut / "checkpoints" / "1").is_dir(), killed.communicate()[1][-3000:]
+    wait_for_checkpoint(killed, cut / "checkpoints" / "1")
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     assert not (cut / "final").exists()

@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tensorboardX.proto import event_pb2
@@ -53,6 +54,15 @@ def cli_train(config_file: Path, workdir: Path, *extra) -> subprocess.Popen:
                              f"--config={config_file}", f"--workdir={workdir}", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for_checkpoint(run: subprocess.Popen, checkpoint: Path, timeout: float = 600) -> None:
+    """Block until `run` has written `checkpoint` (a folder); fail with its stderr if it
+    ends or the time runs out first."""
+    deadline = time.time() + timeout
+    while not checkpoint.is_dir() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.is_dir(), run.communicate()[1][-3000:]
 
 
 def free_port() -> int:

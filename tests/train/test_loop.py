@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 import pytest
-from runs import cli_train, scalars, stage, write_config_file
+from runs import cli_train, scalars, stage, wait_for_checkpoint, write_config_file
 
 from longvila_jax.checkpoint import load_config, load_params
 from longvila_jax.interop.hf_export import export_hf
@@ -70,10 +70,7 @@ def test_kill_9_then_resume_gives_bit_identical_parameters(corpus, tmp_path):
     whole = cli_train(config_file, tmp_path / "whole")
     killed = cli_train(config_file, tmp_path / "killed")
     checkpoint = tmp_path / "killed" / "checkpoints" / "4"
-    deadline = time.time() + 600
-    while not checkpoint.is_dir() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert checkpoint.is_dir(), killed.communicate()[1][-3000:]
+    wait_for_checkpoint(killed, checkpoint)
     os.kill(killed.pid, signal.SIGKILL)
     killed.wait()
     assert not (tmp_path / "killed" / "final").exists()
@@ -112,10 +109,7 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_to_resume_from(corpus, tmp_pat
     config_file = write_config_file(tmp_path, corpus, "sft", 200)
     run = cli_train(config_file, tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoints" / "2"
-    deadline = time.time() + 600
-    while not checkpoint.is_dir() and run.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert checkpoint.is_dir(), run.communicate()[1][-3000:]
+    wait_for_checkpoint(run, checkpoint)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=300)
     assert run.returncode == 130, err[-3000:]
