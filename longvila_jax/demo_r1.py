@@ -2,20 +2,22 @@
 
 On synthetic needle videos asked as multiple-choice questions (the needle's colour, shape
 or digit; up to four options, the right one and others of its kind):
-1. CoT SFT (`6_cot_sft`, from long SFT's final checkpoint): answers written in R1's format,
-   `<think>red</think><answer>B</answer>`, on `COT_FRAMES`-frame videos;
+1. CoT SFT (`6_cot_sft`, from long SFT's final checkpoint): answers in R1's format, the
+   thought describing the needle as the demo's captions do and the answer naming the
+   option, `<think>a red circle</think><answer>red</answer>`, on videos of 8 to
+   `COT_FRAMES` frames, every frame kept;
 2. GRPO (`7_grpo`, `stages/grpo:demo`): the model's own sampled answers to questions about
-   `RL_FRAMES`-frame videos, rewarded for the right letter and the format;
+   `RL_FRAMES`-frame videos, four times the longest CoT SFT video, where the policy is
+   imperfect; rewarded for the right option and the format;
 3. eval-mcq (`--style=r1`, greedy) on held-out questions at `RL_FRAMES` frames after each.
 
-Everything lands under the demo's work folder; finished stages are skipped.
+The answer is the option's text, which eval-mcq's r1 style reads as that option, not its
+letter: the demo model (4 layers, width 64) does not learn to find the option holding a
+word and copy its letter, nor any copy from its prompt, in these budgets (bench/NOTES.md,
+R1 attempts 1-13). Videos of varied length keep the format at lengths CoT SFT never saw
+(trained at 32 frames only, it broke at 64).
 
-Where it stands (2026-11-30, 2-core CPU): it does not yet show what it is for. After CoT
-SFT the model names the needle right in `<think>` for 85-87 of 100 held-out questions at
-64 frames, but answers one letter whatever the options (it has not learnt to find the
-option holding that word): 13 % right (28 without a letter); after 60 GRPO steps 23 %
-(every answer in format, still one letter). 1,000 CoT SFT steps did not learn the lookup
-either (17 %). See bench/NOTES.md.
+Everything lands under the demo's work folder; finished stages are skipped.
 """
 
 from __future__ import annotations
@@ -26,21 +28,26 @@ from pathlib import Path
 import numpy as np
 
 from longvila_jax.atomic import atomic_file
+from longvila_jax.data.demo_corpus import caption
 from longvila_jax.data.synthetic import needle_answers, needle_fact, write_needle_video
 from longvila_jax.eval.mcq import LETTERS, Question, build_r1_prompt, evaluate_mcq
 
-COT_FRAMES = 32  # long SFT's frame count
-RL_FRAMES = 64  # twice it: where the policy is imperfect
+COT_FRAMES = 32  # long SFT's frame count: CoT SFT's videos have up to this many
+RL_FRAMES = 128  # four times it: where the policy is imperfect
 SPLITS = {"cot_sft": (COT_FRAMES, 400), "grpo": (RL_FRAMES, 400), "heldout": (RL_FRAMES, 100)}
 SEED = 2_000_003  # a base seed the demo corpus and V-NIAH never use
 MAX_OPTIONS = 4
 
 
-def _question(root: Path, split: str, i: int, frames: int, size: int, fps: float) -> dict:
-    """Write split `split`'s video i; its eval-mcq record (options bare, answer a letter)."""
+def _question(root: Path, split: str, i: int, frames: int, size: int,
+              fps: float) -> tuple[dict, dict]:
+    """Write split `split`'s video i; its eval-mcq record (options bare, answer a letter)
+    and the needle's fact."""
     rng = np.random.default_rng([SEED, list(SPLITS).index(split), i])
     needle_seed, haystack_seed = (int(x) for x in rng.integers(1 << 31, size=2))
     video = root / split / f"{i:04d}.mp4"
+    if split == "cot_sft":  # 8 to COT_FRAMES frames, all kept (`train.fps`)
+        frames = int(rng.integers(COT_FRAMES // 4, frames + 1))
     question, _ = write_needle_video(video, frames, needle_index=int(rng.integers(frames)),
                                      needle_seed=needle_seed, haystack_seed=haystack_seed,
                                      width=size, height=size, fps=fps)
@@ -50,7 +57,7 @@ def _question(root: Path, split: str, i: int, frames: int, size: int, fps: float
     options = [answer, *rng.choice(others, min(MAX_OPTIONS - 1, len(others)), replace=False)]
     options = [str(o) for o in rng.permutation(options)]
     return {"video": str(video.relative_to(root)), "question": question, "options": options,
-            "answer": LETTERS[options.index(answer)], "category": fact["kind"]}
+            "answer": LETTERS[options.index(answer)], "category": fact["kind"]}, fact
 
 
 def write_r1_data(root, *, size: int, fps: float, scale: float = 1.0) -> dict:
@@ -62,24 +69,26 @@ def write_r1_data(root, *, size: int, fps: float, scale: float = 1.0) -> dict:
     if all(p.exists() for p in paths.values()):
         return {split: str(p) for split, p in paths.items()}
     for split, (frames, count) in SPLITS.items():
-        records = [_question(root, split, i, frames, size, fps)
-                   for i in range(max(1, round(count * scale)))]
-        if split == "cot_sft":
-            records = [_conversation(root, r) for r in records]
+        drawn = [_question(root, split, i, frames, size, fps)
+                 for i in range(max(1, round(count * scale)))]
+        records = [_conversation(root, *d) if split == "cot_sft" else d[0] for d in drawn]
         with atomic_file(paths[split]) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
     return {split: str(p) for split, p in paths.items()}
 
 
-def _conversation(root: Path, record: dict) -> dict:
-    """An eval-mcq record as a LLaVA conversation answered in R1's format."""
+def _conversation(root: Path, record: dict, fact: dict) -> dict:
+    """An eval-mcq record as a LLaVA conversation answered in R1's format: the thought
+    describes the needle as the demo's captions do ("a red circle"), the answer is the
+    option's text (see the module docstring for why not its letter)."""
     lettered = tuple(f"{LETTERS[k]}. {o}" for k, o in enumerate(record["options"]))
     prompt = build_r1_prompt(Question(root / record["video"], record["question"], lettered,
                                       record["answer"]))
     answer = record["options"][LETTERS.index(record["answer"])]
     return {"video": record["video"], "conversations": [
         {"from": "human", "value": f"<video>\n{prompt}"},
-        {"from": "gpt", "value": f"<think>{answer}</think><answer>{record['answer']}</answer>"}]}
+        {"from": "gpt", "value": f"<think>{caption(fact, 'image')}</think>"
+                                 f"<answer>{answer}</answer>"}]}
 
 
 def evaluate_r1(checkpoint, tokenizer: str, questions: str, out_dir, *,
@@ -102,15 +111,17 @@ def r1_configs(data: dict, r1: dict, long_sft_final, *, parallel=(1, 1, 1)):
 
     cot = cot_sft.get_config("demo")
     cot.train.update(init_from=str(long_sft_final), num_frames=COT_FRAMES,
-                     max_frames=2 * COT_FRAMES)
+                     max_frames=2 * COT_FRAMES, fps=data["fps"])
     cot.data.sources = [dict(name="cot_sft", jsonl=r1["cot_sft"],
                              media_root=str(Path(r1["cot_sft"]).parent), weight=1.0)]
     rl = grpo.get_config("demo")
     rl.train.num_frames = RL_FRAMES
     # At temperature 1 the demo model's samples lost the format within 60 steps (0.9 -> 0);
-    # at 0.6 with a stronger KL term they kept it (1.0).
-    rl.rl.update(questions=r1["grpo"], temperature=0.6, beta=0.04)
-    rl.optim.total_steps = 60
+    # at 0.6 with a stronger KL term they kept it (1.0). Groups whose answers all earn the
+    # same reward teach nothing; dropping them skips their update (20 steps: 2.4 min, not
+    # the 4.5 min the first 20 of 40 took with them).
+    rl.rl.update(questions=r1["grpo"], temperature=0.6, beta=0.04, drop_equal_groups=True)
+    rl.optim.total_steps = 20
     for config in (cot, rl):
         config.data.tokenizer = data["tokenizer"]
         config.parallel.data, config.parallel.node, config.parallel.local = parallel

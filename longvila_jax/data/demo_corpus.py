@@ -154,7 +154,7 @@ def _seeds(seed: int, stage: str, i: int) -> tuple[int, ...]:
     return tuple(int(s) for s in sequence.generate_state(4))
 
 
-def _caption(fact: dict[str, str], media: str) -> str:
+def caption(fact: dict[str, str], media: str) -> str:
     """ "a red circle", "the digit 7"; "a video with ..." for a video."""
     if fact["kind"] == "digit":
         caption = f"the digit {fact['digit']}"
@@ -175,7 +175,7 @@ def _every_fact_text() -> list[str]:
     facts = sorted({json.dumps(needle_fact(s), sort_keys=True) for s in range(_FACT_SEEDS)})
     texts = []
     for fact in map(json.loads, facts):
-        texts += [_caption(fact, "image"), _caption(fact, "video"), *_passkey(fact),
+        texts += [caption(fact, "image"), caption(fact, "video"), *_passkey(fact),
                   fact[fact["kind"]]]
     return texts
 
@@ -209,7 +209,7 @@ def _media_record(stage_dir: Path, stage: str, name: str, i: int, media: str, fr
     else:
         variant = 0 if task == "describe" else prompt_draw % len(_CAPTION_PROMPTS)
         prompt = _CAPTION_PROMPTS[variant].format(media)
-        reply = _caption(needle_fact(needle_seed), media)
+        reply = caption(needle_fact(needle_seed), media)
     record["conversations"] = [
         {"from": "human", "value": f"<{media}>\n{prompt}"},
         {"from": "gpt", "value": reply},

@@ -92,7 +92,7 @@ def _letter_range(count: int) -> str:
     return f"A-{LETTERS[count - 1]}"
 
 
-def _parse_options(options, where: str) -> tuple[str, ...]:
+def lettered_options(options, where: str) -> tuple[str, ...]:
     """Lettered options from VideoMME's form ("A. apple", in order) or from bare texts."""
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise ValueError(f'{where}: "options" must be a list of strings, got {options!r}')
@@ -147,7 +147,7 @@ def _parse_record(record: dict, where: str, folder: Path) -> Question:
         if key in record and not (isinstance(record[key], str) and record[key].strip()):
             raise ValueError(f'{where}: "{key}" must be a non-empty string, got '
                              f"{record[key]!r}")
-    options = _parse_options(record["options"], where)
+    options = lettered_options(record["options"], where)
     answer = _parse_answer(record["answer"], options, where)
 
     video = folder / record["video"]
@@ -229,20 +229,33 @@ def build_r1_prompt(question: Question, subtitles: str | None = None) -> str:
     return prompt if subtitles is None else f"{SUBTITLES_PREFIX}{subtitles}\n{prompt}"
 
 
-def extract_tagged_choice(text: str, letters: str) -> str | None:
+def extract_tagged_choice(text: str, letters: str, texts: Sequence[str] = ()) -> str | None:
     """The letter among `letters` a reply in R1's format chose, or None.
 
-    The choice is the one letter inside the last `<answer>...</answer>` span, or, with no
-    such span, a reply that ends in a bare letter ("... so it is (C)."). Several different
-    letters, or none, choose nothing: a reply that hedges earns nothing, and a missing tag
-    is not a miss when the letter is plain (lmms-eval PR 1488 reports a scorer that missed
-    those)."""
+    The choice is read from the last `<answer>...</answer>` span, or, with no such span,
+    from what the reply says outside `<think>` (a missing tag is not a miss when the choice
+    is plain: lmms-eval PR 1488 reports a scorer that missed those). It is, in order:
+    1. the span is one letter ("B", "(B)");
+    2. the span is one option's text, as `texts` (the options without letters, in the order
+       of `letters`) give them, case and outer punctuation aside: "green" for "B. green", as
+       `extract_choice` and MMMU's parser read it, and "A cat" is option C's text, not A;
+    3. the one letter standing alone in the span ("B, since ..."); several different
+       letters choose nothing, so a reply that hedges earns nothing. Without a span only a
+       final bare letter counts ("... so it is (C).").
+    """
     spans = _ANSWER_SPAN.findall(text)
+    said = spans[-1] if spans else _THINK_SPAN.sub(" ", text)
+    plain = " ".join(said.split()).strip(" .,;:!?\"'()[]*")
+    if len(plain) == 1 and plain in letters:
+        return plain
+    named = [letter for letter, option in zip(letters, texts, strict=False)
+             if _normalize(plain) == _normalize(option)]
+    if len(named) == 1:
+        return named[0]
     if spans:
-        found = set(re.findall(rf"(?<![A-Za-z])([{re.escape(letters)}])(?![A-Za-z])",
-                               spans[-1]))
+        found = set(re.findall(rf"(?<![A-Za-z])([{re.escape(letters)}])(?![A-Za-z])", said))
         return found.pop() if len(found) == 1 else None
-    words = _THINK_SPAN.sub(" ", text).split()
+    words = said.split()
     last = words[-1].strip("().,:;!?*'\"[]") if words else ""
     return last if len(last) == 1 and last in letters else None
 
@@ -279,7 +292,8 @@ def extract_choice(text: str, letters: str, texts: Sequence[str] = ()) -> str | 
 # eval-mcq's styles: how a question is asked, and how the reply's letter is read.
 STYLES = {
     "videomme": (build_prompt, lambda reply, q: extract_choice(reply, q.letters, q.texts)),
-    "r1": (build_r1_prompt, lambda reply, q: extract_tagged_choice(reply, q.letters)),
+    "r1": (build_r1_prompt,
+           lambda reply, q: extract_tagged_choice(reply, q.letters, q.texts)),
 }
 
 

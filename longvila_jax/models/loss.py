@@ -48,21 +48,36 @@ def token_logprobs(logits, targets):
     return jnp.where(valid, picked - jax.nn.logsumexp(logits, axis=-1), 0.0)
 
 
-def chunked_token_logprobs(h, weight, targets, chunk: int):
+def token_entropy(logits, targets):
+    """float32 `[..., t]`: the entropy (nats) of softmax(`logits[..., t, :]`), 0 where the
+    target is IGNORE_INDEX; no gradient flows through it (a metric: RL watches the policy's
+    entropy collapse)."""
+    logits = jax.lax.stop_gradient(logits.astype(jnp.float32))
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    mean_logit = (jax.nn.softmax(logits, axis=-1) * logits).sum(-1)
+    return jnp.where(targets != IGNORE_INDEX, logz - mean_logit, 0.0)
+
+
+def chunked_token_logprobs(h, weight, targets, chunk: int, *, entropy: bool = False):
     """`token_logprobs(h @ weight, targets)` `[b, s]`, the logits formed `chunk` positions
     at a time and recomputed in the backward (see `chunked_token_nll`): RL's per-token
-    log-probabilities of the sampled answers."""
+    log-probabilities of the sampled answers. With `entropy`, `(log-probabilities,
+    token_entropy)` from the same logits."""
     b, s, _ = h.shape
+
+    def of(logits, targets):
+        logp = token_logprobs(logits, targets)
+        return (logp, token_entropy(logits, targets)) if entropy else logp
+
     if s <= chunk:
-        return token_logprobs(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
+        return of(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
 
     @jax.checkpoint
     def one(_, piece):
-        logits = jnp.dot(piece[0], weight, preferred_element_type=jnp.float32)
-        return None, token_logprobs(logits, piece[1])
+        return None, of(jnp.dot(piece[0], weight, preferred_element_type=jnp.float32), piece[1])
 
-    out = jax.lax.scan(one, None, _pieces(h, targets, chunk))[1]  # [pieces, b, chunk]
-    return out.swapaxes(0, 1).reshape(b, -1)[:, :s]
+    out = jax.lax.scan(one, None, _pieces(h, targets, chunk))[1]  # [pieces, b, chunk] each
+    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :s], out)
 
 
 def _pieces(h, targets, chunk: int):

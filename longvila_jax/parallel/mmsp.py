@@ -54,9 +54,10 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
     return _sharded(mesh, local, P())
 
 
-def logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048):
+def logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048, *, entropy: bool = False):
     """`logprobs(model, batch, table) -> [rows, seq]`: each target token's log-probability
-    (0 where there is none), laid out and sharded as the batch (`SPEC`).
+    (0 where there is none), laid out and sharded as the batch (`SPEC`); with `entropy`, a
+    pair with each such position's entropy (`models.loss.token_entropy`), RL's metric.
 
     The media positions take rows of `table` `[rows, hidden]` (replicated: embeddings
     computed once, e.g. by the inference engine, and reused by every pass, as RL's rollouts
@@ -66,9 +67,10 @@ def logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048):
 
     def local(model, batch: Batch, table, gather):
         h = _hidden_states(model, batch, table, _attend(scheme), gather)
-        return chunked_token_logprobs(h, model.llm.output_weight(), batch.targets, loss_chunk)
+        return chunked_token_logprobs(h, model.llm.output_weight(), batch.targets, loss_chunk,
+                                      entropy=entropy)
 
-    return _sharded(mesh, local, SPEC, P())
+    return _sharded(mesh, local, (SPEC, SPEC) if entropy else SPEC, P())
 
 
 def _attend(scheme: str):

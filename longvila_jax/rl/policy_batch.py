@@ -115,13 +115,16 @@ def place(rows: AnswerRows, layout: Layout, mesh, table, old_logprobs, advantage
 
 def grpo_loss_fn(mesh, scheme: str, config: LossConfig, loss_chunk: int = 2048):
     """`loss(model, batch: PolicyBatch) -> (loss, metrics)`: GRPO's clipped token-mean loss
-    (`rl.grpo.policy_loss`) over the training forward's log-probabilities of the answers."""
-    logprobs = logprobs_fn(mesh, scheme, loss_chunk)
+    (`rl.grpo.policy_loss`) over the training forward's log-probabilities of the answers;
+    the metrics add the policy's token-mean `entropy` over the answers, from the same logits."""
+    logprobs = logprobs_fn(mesh, scheme, loss_chunk, entropy=True)
 
     def loss(model, batch: PolicyBatch):
-        logp = logprobs(model, batch.tokens, batch.table)
+        logp, entropy = logprobs(model, batch.tokens, batch.table)
         mask = batch.tokens.targets != IGNORE_INDEX
-        return policy_loss(logp, batch.old_logprobs, batch.advantages, mask, config,
-                           batch.ref_logprobs)
+        total, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, config,
+                                     batch.ref_logprobs)
+        metrics["entropy"] = jnp.where(mask, entropy, 0.0).sum() / jnp.maximum(mask.sum(), 1)
+        return total, metrics
 
     return loss

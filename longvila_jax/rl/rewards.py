@@ -3,9 +3,9 @@
 An answer is scored against its sample (`question`, `options`, `answer`: the JSONL row of
 eval-mcq's format). The built-in functions:
 
-- `mcq_accuracy`: 1 when the chosen option letter is the correct one, read as eval-mcq's
-  "r1" style reads it (`eval.mcq.extract_tagged_choice`: the one letter in the last
-  `<answer>` span, or a bare final letter; several letters choose nothing).
+- `mcq_accuracy`: 1 when the chosen option is the correct one, read as eval-mcq's "r1"
+  style reads it (`eval.mcq.extract_tagged_choice`: the last `<answer>` span's letter or
+  option text, or a bare final letter; several letters choose nothing).
 - `format`: 1 when the whole answer is `<think>...</think>` then `<answer>...</answer>`.
 
 A user's function is named by import path, `module:function`, and called the same way,
@@ -19,7 +19,7 @@ import re
 import string
 from collections.abc import Callable, Mapping, Sequence
 
-from longvila_jax.eval.mcq import extract_tagged_choice
+from longvila_jax.eval.mcq import extract_tagged_choice, lettered_options
 
 RewardFn = Callable[[str, Mapping], float]
 
@@ -31,9 +31,16 @@ def option_letters(sample: Mapping) -> str:
     return string.ascii_uppercase[: max(2, len(sample.get("options") or ()))]
 
 
+def option_texts(sample: Mapping) -> tuple[str, ...]:
+    """`sample`'s options without their letters ("green" for "B. green"); none without options."""
+    options = list(sample.get("options") or ())
+    return tuple(option[3:] for option in lettered_options(options, "sample")) if options else ()
+
+
 def mcq_accuracy(answer: str, sample: Mapping) -> float:
     gold = str(sample["answer"]).strip().strip("().").upper()
-    return float(extract_tagged_choice(answer, option_letters(sample)) == gold)
+    return float(extract_tagged_choice(answer, option_letters(sample), option_texts(sample))
+                 == gold)
 
 
 def format_reward(answer: str, sample: Mapping) -> float:

@@ -41,3 +41,25 @@ def test_chunked_logprobs_and_nll_match_float64(rng):
     np.testing.assert_allclose(np.asarray(jax.grad(total)(jnp.asarray(h), 16)),
                                np.asarray(jax.grad(total)(jnp.asarray(h), 64)),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_entropy_matches_float64_and_passes_no_gradient(rng):
+    """Each scored position's softmax entropy, in chunks or not, equals float64's; the
+    log-probabilities beside it are unchanged, and the entropy adds no gradient."""
+    h = rng.normal(size=(2, 37, 8)).astype(np.float32)
+    weight = rng.normal(size=(8, 40)).astype(np.float32)
+    targets = rng.integers(0, 40, (2, 37)).astype(np.int32)
+    targets[rng.uniform(size=targets.shape) < 0.25] = IGNORE_INDEX
+    logits = h.astype(np.float64) @ weight.astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.where(targets != IGNORE_INDEX, -(p * np.log(p)).sum(-1), 0.0)
+    for chunk in (8, 64):
+        logp, ent = chunked_token_logprobs(jnp.asarray(h), jnp.asarray(weight), targets, chunk,
+                                           entropy=True)
+        np.testing.assert_allclose(np.asarray(ent), want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(logp), _reference(h, weight, targets),
+                                   rtol=1e-5, atol=1e-5)
+        grad = jax.grad(lambda hh, chunk=chunk: chunked_token_logprobs(
+            hh, jnp.asarray(weight), targets, chunk, entropy=True)[1].sum())(jnp.asarray(h))
+        assert not np.asarray(grad).any()

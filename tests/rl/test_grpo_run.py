@@ -77,7 +77,8 @@ def test_kill_9_then_resume_ends_bit_identical_and_trains_the_llm_only(data, tmp
         np.testing.assert_array_equal(whole[key], final[key], err_msg="/".join(key))
     lines = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [1, 2, 3]
-    for key in ("reward_mean", "reward_mcq_accuracy", "reward_format", "kl", "clip_fraction",
+    for key in ("reward_mean", "reward_mcq_accuracy", "reward_format", "kl", "entropy",
+                "clip_fraction",
                 "rollout_s", "update_s", "reference_s", "encode_s", "answer_tokens_mean"):
         assert all(np.isfinite(line[key]) for line in lines), key
     assert (cut / "rewards.png").stat().st_size > 0

@@ -53,6 +53,11 @@ def test_first_iteration_ratio_is_one_and_the_gradient_is_the_policy_gradient(
     assert abs(float(metrics["ratio"]) - 1.0) < 1e-6
     assert float(metrics["clip_fraction"]) == 0.0
     assert float(metrics["kl"]) == 0.0  # the policy is its reference
+    _, entropy = logprobs_fn(mesh, "none", entropy=True)(model, batch.tokens, batch.table)
+    scored = np.asarray(batch.tokens.targets != IGNORE_INDEX)
+    assert float(metrics["entropy"]) > 0
+    np.testing.assert_allclose(float(metrics["entropy"]), np.asarray(entropy)[scored].mean(),
+                               rtol=1e-5)
 
     mask = np.asarray(batch.tokens.targets != IGNORE_INDEX)
     a = np.asarray(batch.advantages)

@@ -11,6 +11,7 @@ from longvila_jax.rl.rewards import Rewards, format_reward, mcq_accuracy
 
 SAMPLE = {"question": "What shape?", "options": ["circle", "square", "star", "cross"],
           "answer": "C"}
+TEXTS = tuple(SAMPLE["options"])
 
 # (answer, chosen letter, format)
 TABLE = [
@@ -20,7 +21,10 @@ TABLE = [
     ("<think>A or C?</think><answer>C</answer>", "C", 1.0),  # letters in the thought: ignored
     ("<answer>C</answer>", "C", 0.0),  # no thought: right letter, wrong format
     ("<think>...</think><answer>A or C</answer>", None, 1.0),  # hedged: no choice
-    ("<think>...</think><answer>star</answer>", None, 1.0),  # no letter at all
+    ("<think>...</think><answer>star</answer>", "C", 1.0),  # an option's text names it
+    ("<think>...</think><answer> Star.</answer>", "C", 1.0),  # case and punctuation aside
+    ("<think>...</think><answer>a big star</answer>", None, 1.0),  # neither letter nor option
+    ("<think>star</think> star", "C", 0.0),  # no tag: the option's text alone
     ("<answer>A</answer> then <answer>C</answer>", "C", 0.0),  # the last span counts
     ("It must be the star, so (C).", "C", 0.0),  # no tag, a bare final letter
     ("Answer: C", "C", 0.0),
@@ -34,9 +38,18 @@ TABLE = [
 
 @pytest.mark.parametrize(("answer", "letter", "formatted"), TABLE)
 def test_answers_are_scored(answer, letter, formatted):
-    assert extract_tagged_choice(answer, "ABCD") == letter
+    assert extract_tagged_choice(answer, "ABCD", TEXTS) == letter
     assert mcq_accuracy(answer, SAMPLE) == float(letter == "C")
     assert format_reward(answer, SAMPLE) == formatted
+
+
+def test_an_option_text_is_read_before_the_letters_in_it():
+    texts = ("B vitamins", "iron", "A cat", "zinc")
+    assert extract_tagged_choice("<think>.</think><answer>A cat</answer>", "ABCD", texts) == "C"
+    assert extract_tagged_choice("<answer>B vitamins</answer>", "ABCD", texts) == "A"
+    assert extract_tagged_choice("<answer>B</answer>", "ABCD", ("A", "B", "C", "D")) == "B"
+    sample = {"options": ["A. circle", "B. square"], "answer": "B"}  # lettered options too
+    assert mcq_accuracy("<think>.</think><answer>square</answer>", sample) == 1.0
 
 
 def length_bonus(answer, sample):
@@ -48,7 +61,7 @@ def test_weighted_sum_and_a_users_function():
     sys.modules.setdefault("reward_module_for_test", sys.modules[__name__])
     rewards = Rewards({"mcq_accuracy": 0.9, "format": 0.1,
                        "reward_module_for_test:length_bonus": 0.5})
-    answers = [TABLE[0][0], TABLE[4][0], TABLE[10][0]]
+    answers = [TABLE[0][0], "<answer>C</answer>", "A star is shown in the video"]
     scores = rewards.scores(answers, [SAMPLE] * 3)
     assert scores["mcq_accuracy"] == [1.0, 1.0, 0.0] and scores["format"] == [1.0, 0.0, 0.0]
     want = [0.9 * m + 0.1 * f + 0.5 * len(a) / 100 for m, f, a in

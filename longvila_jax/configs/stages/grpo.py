@@ -6,11 +6,12 @@
         --config.rl.questions=data/grpo.jsonl
 
 Questions are eval-mcq's JSONL (`{video, question, options, answer}`); answers are asked
-for as `<think>...</think><answer>LETTER</answer>` and rewarded 0.9 for the right letter
-and 0.1 for the format. Long-RL's settings: AdamW at 1e-6, clipping 1.0, 8 answers per
-question (Long-RL uses 5), temperature 1, KL (low-variance) weight 0.01, clip 0.2 / 0.3,
-dual clip 3; the LLM trains, the vision tower and projector stay frozen (each video is
-encoded once and its embeddings reused). LongVILA-R1 first runs SFT on `<think>`-formatted
+for as `<think>...</think><answer>LETTER</answer>` and rewarded 0.9 for the right option
+(its letter, or its text, as the demo answers) and 0.1 for the format. Long-RL's
+settings: AdamW at 1e-6, clipping 1.0, 8 answers per question (Long-RL uses 5),
+temperature 1, KL (low-variance) weight 0.01, clip 0.2 / 0.3, dual clip 3; the LLM
+trains, the vision tower and projector stay frozen (each video is encoded once and its
+embeddings reused). LongVILA-R1 first runs SFT on `<think>`-formatted
 answers: the `sft` or `long_sft` stage on such data. Time at scale: unmeasured.
 """
 
