@@ -11,16 +11,20 @@ that length), then the update over the B x G rows prompt + answer, one row per m
 - reference: the reference policy's log-probabilities of every row (a frozen copy);
 - update: the GRPO loss's forward and backward and AdamW per row (`rl/policy_batch.py`).
 
-`--naive` times instead what a loop without MR-SP does: every answer encodes its video and
-prefills its prompt again (G separate generations of one answer per prompt), and every
-log-probability pass runs the vision tower on the frames again instead of reusing the
-step's embeddings. The weights are the library's random ones in `--dtype` (bfloat16: a 7B
-model's parameters, Adam moments, the engine's copy and the reference fit one H200).
+`--shared` (one device) times the update and the reference pass as `rl/loop.py` runs them
+there: each question's prompt computed once beside its G answers (`rl/shared_prompt.py`),
+one question per minibatch. `--naive` times instead what a loop without MR-SP does: every
+answer encodes its video and prefills its prompt again (G separate generations of one
+answer per prompt), and every log-probability pass runs the vision tower on the frames
+again instead of reusing the step's embeddings. The weights are the library's random ones
+in `--dtype` (bfloat16: a 7B model's parameters, Adam moments, the engine's copy and the
+reference fit one H200).
 
 Each phase's first call compiles; phases made of repeated calls (rows, answers) are timed
 over every call but the first and scaled to all of them, and say so (`*_timed_calls`).
 
   python bench/rl_step.py --model qwen2_7b --frames 256 --json r.jsonl
+  python bench/rl_step.py --model qwen2_7b --frames 256 --shared --json r.jsonl
   python bench/rl_step.py --model qwen2_7b --frames 256 --naive --json r.jsonl
   python bench/rl_step.py --model qwen2_7b --frames 256 --mesh 1,1,2 --json r.jsonl
 """
@@ -29,10 +33,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from longvila_jax.checkpoint import build_model
@@ -45,6 +51,7 @@ from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import LossConfig
 from longvila_jax.rl.policy_batch import answer_rows, grpo_loss_fn, place
+from longvila_jax.rl.shared_prompt import SharedBatch, shared_logprobs, shared_loss_fn, shared_rows
 from longvila_jax.train.step import make_optimizer_state, make_train_step, trainable_filter
 
 
@@ -72,8 +79,12 @@ def main():
     parser.add_argument("--mesh", default="1,1,1", help="data,node,local (data must be 1)")
     parser.add_argument("--dtype", default="bfloat16", help="parameter dtype")
     parser.add_argument("--naive", action="store_true", help="no reuse (see the docstring)")
+    parser.add_argument("--shared", action="store_true",
+                        help="each prompt once per pass, a question per minibatch (one device)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.shared and (args.naive or args.mesh != "1,1,1"):
+        parser.error("--shared: one device (--mesh 1,1,1), with reuse (not --naive)")
 
     rng = np.random.default_rng(0)
     config = model_config(args.model)
@@ -87,7 +98,8 @@ def main():
     row = {"bench": "rl_step", "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
            "jax": jax.__version__, "model": args.model, "mesh": args.mesh, "scheme": scheme,
            "frames": args.frames, "prompts": args.prompts, "answers": args.answers,
-           "answer_tokens": args.answer_tokens, "naive": args.naive, "dtype": args.dtype}
+           "answer_tokens": args.answer_tokens, "naive": args.naive, "shared": args.shared,
+           "dtype": args.dtype}
     began = time.perf_counter()
     model = build_model(config)
     trainable = trainable_filter("^llm/")
@@ -108,7 +120,7 @@ def main():
                                np.full(args.frames * engine.tokens_per_frame, media),
                                rng.integers(0, media - 1, 32)]).astype(np.int32)
                for _ in range(args.prompts)]
-    n, count = args.answers, args.prompts * args.answers
+    n = args.answers
     sampling = Sampling(args.answer_tokens, n, temperature=1.0, seed=1)
     try:
         if args.naive:  # every answer: encode, prefill, one answer
@@ -136,24 +148,29 @@ def main():
         print(f"rollout {row['rollout_s']:.1f} s", flush=True)
 
         offsets = [p * args.frames * engine.tokens_per_frame for p in range(args.prompts)]
-        batches = []
-        for r in range(count):
-            rows = answer_rows([prompts[r // n]], [ids[r]], 1, 2 * layout.group, media,
-                               [offsets[r // n]] if table is not None else None)
-            if table is None:  # the frames go through the tower in every pass
-                rows = dataclasses.replace(rows, batch=dataclasses.replace(
-                    rows.batch, frames=videos[r // n][None]))
-            batches.append(place(rows, layout, mesh, table, rows.per_token([sampler[r]]),
-                                 rng.normal(size=1)))
-        logprobs = jax.jit(logprobs_fn(mesh, scheme))
+        if args.shared:
+            # The engine's replicated copy of the weights is not used past the rollout; on one
+            # H200 at 256 frames the shared update (61.8 GiB of temporaries, compiled) does
+            # not fit beside it. `rl/loop.py` keeps it: there this size needs the row update.
+            del generate, engine
+            gc.collect()
+            batches, inputs = _shared_batches(prompts, ids, sampler, n, media, offsets, table,
+                                              rng)
+            logprobs = jax.jit(shared_logprobs)
+            loss = shared_loss_fn(LossConfig())
+        else:
+            batches, inputs = _row_batches(prompts, ids, sampler, n, media, offsets, table,
+                                           videos, layout, mesh, rng)
+            logprobs = jax.jit(logprobs_fn(mesh, scheme))
+            loss = grpo_loss_fn(mesh, scheme, LossConfig())
         refs = []
         row["reference_s"], row["reference_timed_calls"] = repeated(
-            [lambda b=b: refs.append(logprobs(reference, b.tokens, b.table)) or refs[-1]
+            [lambda b=b: refs.append(logprobs(reference, *inputs(b))) or refs[-1]
              for b in batches])
         batches = [dataclasses.replace(b, ref_logprobs=r) for b, r in zip(batches, refs,
                                                                          strict=True)]
         print(f"reference {row['reference_s']:.1f} s", flush=True)
-        step = make_train_step(grpo_loss_fn(mesh, scheme, LossConfig()), trainable)
+        step = make_train_step(loss, trainable)
         row["update_s"], row["update_timed_calls"] = repeated(
             [lambda b=b: step(model, optimizer, b) for b in batches])
         print(f"update {row['update_s']:.1f} s", flush=True)
@@ -167,6 +184,34 @@ def main():
     if args.json:
         with open(args.json, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def _row_batches(prompts, ids, sampler, n, media, offsets, table, videos, layout, mesh, rng):
+    """One row prompt + answer per minibatch (`rl/policy_batch.py`); with no `table`, the
+    frames go through the tower in every pass."""
+    batches = []
+    for r in range(len(ids)):
+        rows = answer_rows([prompts[r // n]], [ids[r]], 1, 2 * layout.group, media,
+                           [offsets[r // n]] if table is not None else None)
+        if table is None:
+            rows = dataclasses.replace(rows, batch=dataclasses.replace(
+                rows.batch, frames=videos[r // n][None]))
+        batches.append(place(rows, layout, mesh, table, rows.per_token([sampler[r]]),
+                             rng.normal(size=1)))
+    return batches, lambda b: (b.tokens, b.table)
+
+
+def _shared_batches(prompts, ids, sampler, n, media, offsets, table, rng):
+    """One question per minibatch, its prompt once beside its n answers
+    (`rl/shared_prompt.py`)."""
+    batches = []
+    for q, prompt in enumerate(prompts):
+        rows = shared_rows([prompt], [ids[q * n: (q + 1) * n]], media, [offsets[q]])
+        batches.append(SharedBatch(
+            jax.tree.map(jnp.asarray, rows), table,
+            jnp.asarray(rows.per_token(sampler[q * n: (q + 1) * n])), None,
+            jnp.asarray(rng.normal(size=n), jnp.float32)))
+    return batches, lambda b: (b.rows, b.table)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import LossConfig, group_advantages
 from longvila_jax.rl.policy_batch import answer_rows, grpo_loss_fn, place
 from longvila_jax.rl.rewards import Rewards, parse_weights
+from longvila_jax.rl.shared_prompt import SharedBatch, shared_logprobs, shared_loss_fn, shared_rows
 from longvila_jax.train.loop import (
     Diverged,
     Run,
@@ -119,6 +120,10 @@ def check_rl_config(config, run: Run) -> None:
     if config.parallel.data != 1:
         raise ConfigError(f"parallel.data: {config.parallel.data}; the GRPO stage needs 1 "
                           "(rollouts use one sequence group over every device)")
+    if config.rl.shared_prompt is not False and (config.rl.shared_prompt is not True
+                                                 or run.mesh.devices.size != 1):
+        raise ConfigError(f"rl.shared_prompt: {config.rl.shared_prompt!r} on "
+                          f"{run.mesh.devices.size} devices (True needs one device)")
     moving = [path for path, _ in nnx.to_flat_state(nnx.state(run.model, run.trainable))
               if path[0] in ("vision_tower", "projector")]
     if moving:
@@ -170,9 +175,16 @@ class _Trainer:
         self.generator = Generator(run.model, tokenizer_path(config),
                                    family=config.model.llm.family, mesh=engine_mesh,
                                    scheme=run.layout.scheme)
-        self.step_fn = make_train_step(
-            grpo_loss_fn(run.mesh, run.layout.scheme, self.loss_config), run.trainable)
-        self.logprobs = nnx.jit(logprobs_fn(run.mesh, run.layout.scheme))
+        # Rows prompt + answer on the MM-SP forward (`rl/policy_batch.py`), or on one
+        # device with `rl.shared_prompt` each prompt once beside its answers.
+        self.shared = config.rl.shared_prompt
+        if self.shared:
+            loss = shared_loss_fn(self.loss_config)
+            self.logprobs = nnx.jit(shared_logprobs)
+        else:
+            loss = grpo_loss_fn(run.mesh, run.layout.scheme, self.loss_config)
+            self.logprobs = nnx.jit(logprobs_fn(run.mesh, run.layout.scheme))
+        self.step_fn = make_train_step(loss, run.trainable)
         self.reference = _reference(config, run)
 
     def step(self, step: int) -> dict:
@@ -242,19 +254,16 @@ class _Trainer:
         for chunk in chunks:
             if not len(chunk):
                 continue
-            rows = answer_rows([prompts[r // n] for r in chunk], [ids[r] for r in chunk], 1,
-                               2 * run.layout.group, self.generator.engine.media_token_id,
-                               [offsets[r // n] for r in chunk])
-            old = rows.per_token([sampler_logprobs[r] for r in chunk])
-            batch = place(rows, run.layout, run.mesh, table, old,
-                          advantages.reshape(-1)[chunk])
+            place_chunk = self._shared_batch if self.shared else self._rows_batch
+            batch, inputs = place_chunk(chunk, prompts, offsets, ids, sampler_logprobs,
+                                        advantages.reshape(-1), table)
             began = time.perf_counter()
             if self.reference is not None:
                 batch = dataclasses.replace(batch, ref_logprobs=self.logprobs(
-                    self.reference(run.model), batch.tokens, batch.table))
+                    self.reference(run.model), *inputs(batch)))
             if rl.old_logprobs == "recompute":
                 batch = dataclasses.replace(batch, old_logprobs=self.logprobs(
-                    run.model, batch.tokens, batch.table))
+                    run.model, *inputs(batch)))
             jax.block_until_ready(batch)
             times["reference_s"] += time.perf_counter() - began
             batches.append(batch)
@@ -272,6 +281,37 @@ class _Trainer:
         keys = [k for k in outs[0] if k != "applied"]
         return {"times": times, "updates": len(outs),
                 **{k: float(np.mean([o[k] for o in outs])) for k in keys}}
+
+
+    def _rows_batch(self, chunk, prompts, offsets, ids, sampler_logprobs, advantages, table):
+        """Rows `chunk` as rows prompt + answer (`PolicyBatch`), and how a log-probability
+        pass takes them."""
+        run, n = self.run, self.config.rl.answers
+        rows = answer_rows([prompts[r // n] for r in chunk], [ids[r] for r in chunk], 1,
+                           2 * run.layout.group, self.generator.engine.media_token_id,
+                           [offsets[r // n] for r in chunk])
+        old = rows.per_token([sampler_logprobs[r] for r in chunk])
+        batch = place(rows, run.layout, run.mesh, table, old, advantages[chunk])
+        return batch, lambda b: (b.tokens, b.table)
+
+    def _shared_batch(self, chunk, prompts, offsets, ids, sampler_logprobs, advantages, table):
+        """Rows `chunk` grouped by question (`SharedBatch`: each prompt once, its answers in
+        `chunk` beside it), and how a log-probability pass takes them."""
+        n = self.config.rl.answers
+        questions = sorted({int(r) // n for r in chunk})
+        groups = [[int(r) for r in chunk if r // n == q] for q in questions]
+        width = max(len(g) for g in groups)
+        slots = [g[j] if j < len(g) else None for g in groups for j in range(width)]
+        rows = shared_rows([prompts[q] for q in questions],
+                           [[ids[r] for r in g] for g in groups],
+                           self.generator.engine.media_token_id, [offsets[q] for q in questions])
+        rows = jax.tree.map(jnp.asarray, rows)
+        batch = SharedBatch(
+            rows, table,
+            jnp.asarray(rows.per_token([None if r is None else sampler_logprobs[r]
+                                        for r in slots])),
+            None, jnp.asarray([0.0 if r is None else advantages[r] for r in slots], jnp.float32))
+        return batch, lambda b: (b.rows, b.table)
 
 
 class _NonFinite(Exception):

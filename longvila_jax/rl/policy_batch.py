@@ -27,7 +27,7 @@ from longvila_jax.data.batch import Batch, from_rows
 from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.parallel.layout import SPEC, Layout
 from longvila_jax.parallel.mmsp import logprobs_fn
-from longvila_jax.rl.grpo import LossConfig, policy_loss
+from longvila_jax.rl.grpo import LossConfig, policy_loss, token_mean
 
 
 @jax.tree_util.register_dataclass
@@ -124,7 +124,7 @@ def grpo_loss_fn(mesh, scheme: str, config: LossConfig, loss_chunk: int = 2048):
         mask = batch.tokens.targets != IGNORE_INDEX
         total, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, config,
                                      batch.ref_logprobs)
-        metrics["entropy"] = jnp.where(mask, entropy, 0.0).sum() / jnp.maximum(mask.sum(), 1)
+        metrics["entropy"] = token_mean(entropy, mask)
         return total, metrics
 
     return loss

@@ -53,4 +53,5 @@ def rollouts(module_rng):
                                           seed=int(module_rng.integers(1 << 30))))
     rows = answer_rows(prompts, ids, ANSWERS, 16, engine.media_token_id)
     return {"seed": seed, "table": np.asarray(table).reshape(-1, table.shape[-1]),
-            "rows": rows, "ids": ids, "logprobs": logprobs}
+            "rows": rows, "ids": ids, "logprobs": logprobs, "prompts": prompts,
+            "media_token_id": engine.media_token_id}

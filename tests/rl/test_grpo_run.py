@@ -87,6 +87,45 @@ def test_kill_9_then_resume_ends_bit_identical_and_trains_the_llm_only(data, tmp
     assert moved == {"llm"}, moved
 
 
+def _one_device_config(data):
+    """3 questions x 4 answers in minibatches of 6, which split the second question's group
+    (4 + 2 answers: an empty slot beside the 2), on one device."""
+    config = _config(data, 2)
+    config.parallel.update(node=1, local=1)
+    config.rl.update(prompts_per_step=3, minibatches=2, old_logprobs="recompute",
+                     shared_prompt=True)
+    return config
+
+
+def test_on_one_device_each_prompt_runs_once_per_pass(data, tmp_path, monkeypatch):
+    """`rl.shared_prompt` on one device (through the CLI, in a process that sees one
+    device): it trains the LLM and logs finite metrics, the first ratio 1."""
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    config_file = tmp_path / "grpo_config.py"
+    config_file.write_text(
+        "import json, sys\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
+        "from test_grpo_run import _one_device_config\n"
+        "def get_config():\n"
+        f"    data = json.loads(open({str(tmp_path / 'data.json')!r}).read())\n"
+        "    return _one_device_config(data)\n")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+    run = cli_train(config_file, tmp_path / "one")
+    _, err = run.communicate(timeout=900)
+    assert run.returncode == 0, err[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text()
+             .splitlines()]
+    assert [line["updates"] for line in lines] == [2, 2]
+    for key in ("loss", "ratio", "kl", "entropy", "grad_norm"):
+        assert all(np.isfinite(line[key]) for line in lines), key
+    assert abs(lines[0]["ratio"] - 1.0) < 1e-3  # old log-probabilities recomputed: ratio 1
+    trained = {k: np.asarray(v) for k, v in load_params(tmp_path / "one" / "final").items()}
+    config = _one_device_config(data)
+    initial = {k: np.asarray(v) for k, v in model_params(build_model(config)).items()}
+    moved = {k[0] for k in trained if not np.array_equal(trained[k], initial[k])}
+    assert moved == {"llm"}, moved
+
+
 def test_a_bad_question_line_fails_with_the_file_and_line_named(data, tmp_path):
     lines = Path(data["questions"]).read_text().splitlines()
     bad = json.loads(lines[1])
@@ -109,7 +148,8 @@ def test_every_question_is_asked_once_per_epoch():
     ("rl.answers", 1, "rl.answers"), ("rl.kl", "kld", "rl.kl"),
     ("rl.rewards", "mcq_accuracy=high", "rl.rewards"), ("rl.minibatches", 3, "rl.minibatches"),
     ("rl.old_logprobs", "cached", "rl.old_logprobs"), ("rl.questions", "nope.jsonl",
-                                                       "rl.questions")])
+                                                       "rl.questions"),
+    ("rl.shared_prompt", True, "rl.shared_prompt")])  # 8 devices
 def test_bad_rl_values_fail_with_the_key_named(data, tmp_path, key, value, named):
     config = _config(data, 1)
     section, name = key.split(".")

@@ -23,7 +23,8 @@ from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import KL_KINDS, LossConfig
 from longvila_jax.rl.loop import adapters_off
-from longvila_jax.rl.policy_batch import grpo_loss_fn, place
+from longvila_jax.rl.policy_batch import answer_rows, grpo_loss_fn, place
+from longvila_jax.rl.shared_prompt import SharedBatch, shared_loss_fn, shared_rows
 from longvila_jax.train.step import make_optimizer_state, make_train_step
 
 
@@ -106,6 +107,49 @@ def test_sharded_policy_steps_equal_one_device(rollouts, policy_model, rng, data
             np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=key)
     for g, w in zip(_flat(models[1]), _flat(models[0]), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_each_prompt_once_gives_the_loss_metrics_and_gradient_of_rows(rollouts, policy_model,
+                                                                    rng):
+    """`rl.shared_prompt`: answers beside their prompt, computed once per question, give
+    the loss, the metrics and the gradient of rows prompt + answer, with answers of
+    different lengths and a question with fewer answers than another (an empty slot)."""
+    model = policy_model(rollouts["seed"])
+    mesh = make_mesh(1, 1, 1, jax.devices()[:1])
+    n = len(rollouts["ids"]) // len(rollouts["prompts"])
+    ids = [list(a[: max(1, len(a) - 2 * k)]) for k, a in enumerate(rollouts["ids"])]
+    keep = [1, *range(n, 2 * n)]  # one answer of question 0, every answer of question 1
+    slots = [1, *[None] * (n - 1), *range(n, 2 * n)]
+    logprobs = {r: rollouts["logprobs"][r][: len(ids[r])] for r in keep}
+    ref = {r: rng.normal(size=len(ids[r])) - 3.0 for r in keep}
+    advantages = {r: rng.normal() for r in keep}
+    config = LossConfig(beta=0.05)
+    table = rollouts["table"]
+
+    rows = answer_rows([rollouts["prompts"][r // n] for r in keep], [ids[r] for r in keep], 1,
+                       16, rollouts["media_token_id"])
+    by_rows = place(rows, Layout("none"), mesh, table,
+                    rows.per_token([logprobs[r] for r in keep]),
+                    np.asarray([advantages[r] for r in keep]),
+                    rows.per_token([ref[r] for r in keep]))
+    shared = shared_rows(rollouts["prompts"], [[ids[1]], [ids[r] for r in range(n, 2 * n)]],
+                         rollouts["media_token_id"])
+    by_question = SharedBatch(
+        jax.tree.map(jnp.asarray, shared), jnp.asarray(table),
+        jnp.asarray(shared.per_token([None if r is None else logprobs[r] for r in slots])),
+        jnp.asarray(shared.per_token([None if r is None else ref[r] for r in slots])),
+        jnp.asarray([0.0 if r is None else advantages[r] for r in slots], jnp.float32))
+    (want, want_metrics), want_grads = nnx.jit(nnx.value_and_grad(
+        grpo_loss_fn(mesh, "none", config), has_aux=True))(model, by_rows)
+    (got, metrics), grads = nnx.jit(nnx.value_and_grad(
+        shared_loss_fn(config), has_aux=True))(model, by_question)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+    for key in ("pg_loss", "ratio", "kl", "clip_fraction", "entropy"):
+        np.testing.assert_allclose(float(metrics[key]), float(want_metrics[key]), rtol=1e-5,
+                                   atol=1e-6, err_msg=key)
+    scale = np.sqrt(sum(np.sum(w ** 2) for w in _flat(want_grads)))
+    for g, w in zip(_flat(grads), _flat(want_grads), strict=True):
+        assert np.linalg.norm(g - w) <= 1e-5 * scale + 1e-6 * np.linalg.norm(w)
 
 
 def test_the_lora_reference_is_the_model_with_itsadapters_off(rollouts, rng):
