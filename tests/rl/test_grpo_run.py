@@ -50,18 +50,26 @@ def _config(data, steps: int):
     return config
 
 
+def _config_file(data, tmp_path, config: str) -> Path:
+    """A config file for the CLI whose `get_config()` returns `config`, an expression of
+    this module's config helpers and `data`."""
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    path = tmp_path / "grpo_config.py"
+    path.write_text(
+        "import json, sys\n"
+        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
+        "from test_grpo_run import _config, _one_device_config\n"
+        "def get_config():\n"
+        f"    data = json.loads(open({str(tmp_path / 'data.json')!r}).read())\n"
+        f"    return {config}\n")
+    return path
+
+
 def test_kill_9_then_resume_ends_bit_identical_and_trains_the_llm_only(data, tmp_path):
     """The GRPO stage through the CLI, killed (SIGKILL) after step 1's checkpoint and run
     again, ends with the parameters of a run that never stopped, bit for bit."""
     whole = load_params(train_grpo(_config(data, 3), tmp_path / "whole", progress=False))
-    (tmp_path / "data.json").write_text(json.dumps(data))
-    config_file = tmp_path / "grpo_config.py"
-    config_file.write_text(
-        "import json, sys\n"
-        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
-        "from test_grpo_run import _config\n"
-        "def get_config():\n"
-        f"    return _config(json.loads(open({str(tmp_path / 'data.json')!r}).read()), 3)\n")
+    config_file = _config_file(data, tmp_path, "_config(data, 3)")
     cut = tmp_path / "cut"
     killed = cli_train(config_file, cut)
     wait_for_checkpoint(killed, cut / "checkpoints" / "1")
@@ -100,15 +108,7 @@ def _one_device_config(data):
 def test_on_one_device_each_prompt_runs_once_per_pass(data, tmp_path, monkeypatch):
     """`rl.shared_prompt` on one device (through the CLI, in a process that sees one
     device): it trains the LLM and logs finite metrics, the first ratio 1."""
-    (tmp_path / "data.json").write_text(json.dumps(data))
-    config_file = tmp_path / "grpo_config.py"
-    config_file.write_text(
-        "import json, sys\n"
-        f"sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]\n"
-        "from test_grpo_run import _one_device_config\n"
-        "def get_config():\n"
-        f"    data = json.loads(open({str(tmp_path / 'data.json')!r}).read())\n"
-        "    return _one_device_config(data)\n")
+    config_file = _config_file(data, tmp_path, "_one_device_config(data)")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     run = cli_train(config_file, tmp_path / "one")
     _, err = run.communicate(timeout=900)
