@@ -38,7 +38,6 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from longvila_jax.checkpoint import build_model
@@ -51,7 +50,7 @@ from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import LossConfig
 from longvila_jax.rl.policy_batch import answer_rows, grpo_loss_fn, place
-from longvila_jax.rl.shared_prompt import SharedBatch, shared_logprobs, shared_loss_fn, shared_rows
+from longvila_jax.rl.shared_prompt import shared_batch, shared_logprobs, shared_loss_fn
 from longvila_jax.train.step import make_optimizer_state, make_train_step, trainable_filter
 
 
@@ -204,13 +203,9 @@ def _row_batches(prompts, ids, sampler, n, media, offsets, table, videos, layout
 def _shared_batches(prompts, ids, sampler, n, media, offsets, table, rng):
     """One question per minibatch, its prompt once beside its n answers
     (`rl/shared_prompt.py`)."""
-    batches = []
-    for q, prompt in enumerate(prompts):
-        rows = shared_rows([prompt], [ids[q * n: (q + 1) * n]], media, [offsets[q]])
-        batches.append(SharedBatch(
-            jax.tree.map(jnp.asarray, rows), table,
-            jnp.asarray(rows.per_token(sampler[q * n: (q + 1) * n])), None,
-            jnp.asarray(rng.normal(size=n), jnp.float32)))
+    batches = [shared_batch([prompt], [ids[q * n: (q + 1) * n]], [sampler[q * n: (q + 1) * n]],
+                            [rng.normal(size=n)], media, [offsets[q]], table)
+               for q, prompt in enumerate(prompts)]
     return batches, lambda b: (b.rows, b.table)
 
 

@@ -170,7 +170,7 @@ def base_config() -> ml_collections.ConfigDict:
     rl.old_logprobs = "sampler"
     # One device only: each question's prompt computed once for all its answers in every
     # log-probability pass (rl/shared_prompt.py). Exact; on one H200 at 256 frames (7B) its
-    # reference pass is 8x faster, but its update does not fit beside the engine's copy.
+    # reference pass is 8x faster, but its update does not fit there (docs/benchmarks.md).
     rl.shared_prompt = False
 
     # Training data (data/pipeline.py): conversation JSONL with media, or long text.

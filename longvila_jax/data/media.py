@@ -29,10 +29,14 @@ def expand_media_tokens(input_ids, media_token_id: int, tokens_per_frame: int,
     return np.asarray(out + ids[last:], np.int32)
 
 
-def media_rows(input_ids, media_token_id: int):
+def media_rows(input_ids, media_token_id: int, offsets=None):
     """`[..., s]` int32: j at a row's j-th media position, else -1 -- the row of that row's
     frame embeddings `[frames * tokens_per_frame, hidden]` it takes (frames in the order
-    their positions appear). Plain operators only, so numpy on the host and jax in a
-    jitted model compute it alike."""
+    their positions appear); with `offsets` `[...]`, `offsets[r] + j` (several rows' videos
+    in one table). Plain operators only, so numpy on the host and jax in a jitted model
+    compute it alike."""
     is_media = (input_ids == media_token_id).astype(np.int32)
-    return (is_media.cumsum(-1) * is_media - 1).astype(np.int32)
+    rows = is_media.cumsum(-1) * is_media - 1
+    if offsets is not None:
+        rows = rows + is_media * offsets[..., None]
+    return rows.astype(np.int32)

@@ -165,8 +165,7 @@ class InferenceEngine:
             ids[row, : len(prompt)] = prompt
         offsets = np.zeros(len(prompts), np.int32) if media_offsets is None \
             else np.asarray(media_offsets, np.int32)
-        rows = media_rows(ids, self.media_token_id)
-        rows = np.where(rows >= 0, rows + offsets[:, None], -1)
+        rows = media_rows(ids, self.media_token_id, offsets)
         if table is None:
             if rows.max() >= 0:
                 raise ValueError("prefill: the prompts hold media positions but no table")

@@ -68,21 +68,19 @@ def kl_penalty(logp, ref_logp, kind: str):
     raise ValueError(f"kl_penalty: {kind!r} is not one of {KL_KINDS}")
 
 
-def token_mean(x, mask):
-    """The mean of `x` over the tokens where `mask` is true (0 with none): GRPO's
-    token-mean over a group's answers."""
-    mask = mask.astype(jnp.float32)
-    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+def policy_loss(logp, old_logp, advantages, mask, config: LossConfig, ref_logp=None,
+                entropy=None):
+    """`(loss, metrics)`: GRPO's token-mean clipped loss (plus beta x KL with `ref_logp`);
+    with the policy's per-token `entropy`, its token-mean is a metric too.
 
-
-def policy_loss(logp, old_logp, advantages, mask, config: LossConfig, ref_logp=None):
-    """`(loss, metrics)`: GRPO's token-mean clipped loss (plus beta x KL with `ref_logp`).
-
-    `logp`, `old_logp`, `ref_logp`, `mask` are `[answers, tokens]` (mask 1 on answer
-    tokens, so answers of any length share one array); `advantages` `[answers]`.
+    `logp`, `old_logp`, `ref_logp`, `mask`, `entropy` are `[answers, tokens]` (mask 1 on
+    answer tokens, so answers of any length share one array); `advantages` `[answers]`.
     """
+    mask = mask.astype(logp.dtype)
+    tokens = jnp.maximum(mask.sum(), 1.0)
+
     def mean(x):
-        return token_mean(x, mask)
+        return (x * mask).sum() / tokens
 
     a = advantages[:, None]
     log_ratio = jnp.clip(logp - old_logp, -config.log_ratio_clamp, config.log_ratio_clamp)
@@ -97,6 +95,8 @@ def policy_loss(logp, old_logp, advantages, mask, config: LossConfig, ref_logp=N
                "dual_clip_fraction": mean(((a < 0) & (dual < jnp.maximum(plain, clipped)))
                                           .astype(logp.dtype)),
                "ratio": mean(ratio)}
+    if entropy is not None:
+        metrics["entropy"] = mean(entropy)
     if ref_logp is not None and config.beta > 0:
         kl = mean(kl_penalty(logp, ref_logp, config.kl))
         total = total + config.beta * kl

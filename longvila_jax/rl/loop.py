@@ -47,7 +47,7 @@ from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import LossConfig, group_advantages
 from longvila_jax.rl.policy_batch import answer_rows, grpo_loss_fn, place
 from longvila_jax.rl.rewards import Rewards, parse_weights
-from longvila_jax.rl.shared_prompt import SharedBatch, shared_logprobs, shared_loss_fn, shared_rows
+from longvila_jax.rl.shared_prompt import shared_batch, shared_logprobs, shared_loss_fn
 from longvila_jax.train.loop import (
     Diverged,
     Run,
@@ -120,9 +120,9 @@ def check_rl_config(config, run: Run) -> None:
     if config.parallel.data != 1:
         raise ConfigError(f"parallel.data: {config.parallel.data}; the GRPO stage needs 1 "
                           "(rollouts use one sequence group over every device)")
-    if config.rl.shared_prompt is not False and (config.rl.shared_prompt is not True
-                                                 or run.mesh.devices.size != 1):
-        raise ConfigError(f"rl.shared_prompt: {config.rl.shared_prompt!r} on "
+    shared = config.rl.shared_prompt
+    if not isinstance(shared, bool) or (shared and run.mesh.devices.size != 1):
+        raise ConfigError(f"rl.shared_prompt: {shared!r} on "
                           f"{run.mesh.devices.size} devices (True needs one device)")
     moving = [path for path, _ in nnx.to_flat_state(nnx.state(run.model, run.trainable))
               if path[0] in ("vision_tower", "projector")]
@@ -177,12 +177,12 @@ class _Trainer:
                                    scheme=run.layout.scheme)
         # Rows prompt + answer on the MM-SP forward (`rl/policy_batch.py`), or on one
         # device with `rl.shared_prompt` each prompt once beside its answers.
-        self.shared = config.rl.shared_prompt
-        if self.shared:
-            loss = shared_loss_fn(self.loss_config)
+        if config.rl.shared_prompt:
+            loss, self.batch = shared_loss_fn(self.loss_config), self._shared_batch
             self.logprobs = nnx.jit(shared_logprobs)
         else:
             loss = grpo_loss_fn(run.mesh, run.layout.scheme, self.loss_config)
+            self.batch = self._rows_batch
             self.logprobs = nnx.jit(logprobs_fn(run.mesh, run.layout.scheme))
         self.step_fn = make_train_step(loss, run.trainable)
         self.reference = _reference(config, run)
@@ -254,9 +254,8 @@ class _Trainer:
         for chunk in chunks:
             if not len(chunk):
                 continue
-            place_chunk = self._shared_batch if self.shared else self._rows_batch
-            batch, inputs = place_chunk(chunk, prompts, offsets, ids, sampler_logprobs,
-                                        advantages.reshape(-1), table)
+            batch, inputs = self.batch(chunk, prompts, offsets, ids, sampler_logprobs,
+                                       advantages.reshape(-1), table)
             began = time.perf_counter()
             if self.reference is not None:
                 batch = dataclasses.replace(batch, ref_logprobs=self.logprobs(
@@ -282,7 +281,6 @@ class _Trainer:
         return {"times": times, "updates": len(outs),
                 **{k: float(np.mean([o[k] for o in outs])) for k in keys}}
 
-
     def _rows_batch(self, chunk, prompts, offsets, ids, sampler_logprobs, advantages, table):
         """Rows `chunk` as rows prompt + answer (`PolicyBatch`), and how a log-probability
         pass takes them."""
@@ -300,17 +298,12 @@ class _Trainer:
         n = self.config.rl.answers
         questions = sorted({int(r) // n for r in chunk})
         groups = [[int(r) for r in chunk if r // n == q] for q in questions]
-        width = max(len(g) for g in groups)
-        slots = [g[j] if j < len(g) else None for g in groups for j in range(width)]
-        rows = shared_rows([prompts[q] for q in questions],
-                           [[ids[r] for r in g] for g in groups],
-                           self.generator.engine.media_token_id, [offsets[q] for q in questions])
-        rows = jax.tree.map(jnp.asarray, rows)
-        batch = SharedBatch(
-            rows, table,
-            jnp.asarray(rows.per_token([None if r is None else sampler_logprobs[r]
-                                        for r in slots])),
-            None, jnp.asarray([0.0 if r is None else advantages[r] for r in slots], jnp.float32))
+        batch = shared_batch([prompts[q] for q in questions],
+                             [[ids[r] for r in g] for g in groups],
+                             [[sampler_logprobs[r] for r in g] for g in groups],
+                             [[advantages[r] for r in g] for g in groups],
+                             self.generator.engine.media_token_id,
+                             [offsets[q] for q in questions], table)
         return batch, lambda b: (b.rows, b.table)
 
 

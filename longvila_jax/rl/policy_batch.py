@@ -24,10 +24,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from longvila_jax.data.batch import Batch, from_rows
-from longvila_jax.data.media import IGNORE_INDEX
+from longvila_jax.data.media import IGNORE_INDEX, media_rows
 from longvila_jax.parallel.layout import SPEC, Layout
 from longvila_jax.parallel.mmsp import logprobs_fn
-from longvila_jax.rl.grpo import LossConfig, policy_loss, token_mean
+from longvila_jax.rl.grpo import LossConfig, policy_loss
 
 
 @jax.tree_util.register_dataclass
@@ -86,9 +86,8 @@ def answer_rows(prompts: Sequence[np.ndarray], answers: Sequence[Sequence[int]],
     starts = np.asarray([len(prompts[r // n]) - 1 for r in range(len(full))], np.int32)
     batch = from_rows(rows, labels, segment_ids=segments, media_token_id=media_token_id)
     if offsets is not None:
-        shift = np.repeat(np.asarray(offsets, np.int32), n)[:, None]
-        batch = dataclasses.replace(batch, media_rows=np.where(
-            batch.media_rows >= 0, batch.media_rows + shift, -1).astype(np.int32))
+        batch = dataclasses.replace(batch, media_rows=media_rows(
+            rows, media_token_id, np.repeat(np.asarray(offsets, np.int32), n)))
     return AnswerRows(batch, starts)
 
 
@@ -122,9 +121,7 @@ def grpo_loss_fn(mesh, scheme: str, config: LossConfig, loss_chunk: int = 2048):
     def loss(model, batch: PolicyBatch):
         logp, entropy = logprobs(model, batch.tokens, batch.table)
         mask = batch.tokens.targets != IGNORE_INDEX
-        total, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, config,
-                                     batch.ref_logprobs)
-        metrics["entropy"] = token_mean(entropy, mask)
-        return total, metrics
+        return policy_loss(logp, batch.old_logprobs, batch.advantages, mask, config,
+                           batch.ref_logprobs, entropy)
 
     return loss

@@ -33,9 +33,9 @@ import numpy as np
 from longvila_jax.data.media import IGNORE_INDEX, media_rows
 from longvila_jax.kernels import Mask, Tokens, flash_attention
 from longvila_jax.models.longvila import splice_media
-from longvila_jax.models.loss import chunked_token_logprobs, token_entropy, token_logprobs
+from longvila_jax.models.loss import chunked_token_logprobs
 from longvila_jax.parallel.ring import merge
-from longvila_jax.rl.grpo import LossConfig, policy_loss, token_mean
+from longvila_jax.rl.grpo import LossConfig, policy_loss
 
 
 @jax.tree_util.register_dataclass
@@ -109,10 +109,8 @@ def shared_rows(prompts: Sequence[np.ndarray], answers: Sequence[Sequence[Sequen
             answer_segments[q, cols] = j
             answer_targets[q, j * width: j * width + len(ids) - 1] = ids[1:]
             first[q, j], lengths[q, j] = (ids[0] if len(ids) else 0), len(ids)
-    media = media_rows(prompt_ids, media_token_id)
-    if offsets is not None:
-        shift = np.asarray(offsets, np.int32)[:, None]
-        media = np.where(media >= 0, media + shift, -1).astype(np.int32)
+    media = media_rows(prompt_ids, media_token_id,
+                       None if offsets is None else np.asarray(offsets, np.int32))
     positions = np.broadcast_to(np.arange(longest, dtype=np.int32), (questions, longest))
     return SharedRows(prompt_ids, positions.copy(), prompt_segments, media,
                       np.asarray([len(p) - 1 for p in prompts], np.int32), answer_ids,
@@ -128,9 +126,10 @@ def shared_logprobs(model, rows: SharedRows, table, *, entropy: bool = False,
     x = splice_media(llm.embed(rows.prompt_ids), table, rows.prompt_media)
     prompt = Tokens(rows.prompt_positions, rows.prompt_segments)
     h, cache = llm.hidden_states_and_kv(x, Mask(prompt, prompt), remat=llm.remat)
-    last = jnp.take_along_axis(h, rows.prompt_last[:, None, None], axis=1)[:, 0]
-    logits = jnp.dot(last, llm.output_weight(), preferred_element_type=jnp.float32)
-    first = jnp.broadcast_to(logits[:, None], (*rows.first.shape, logits.shape[-1]))
+    last = jnp.take_along_axis(h, rows.prompt_last[:, None, None], axis=1)  # [q, 1, hidden]
+    # The prompt's last position predicts every answer's first token.
+    first = chunked_token_logprobs(jnp.broadcast_to(last, (*rows.first.shape, h.shape[-1])),
+                                   llm.output_weight(), rows.first, loss_chunk, entropy=entropy)
 
     def attend(q, k, v, mask, spec, layer_cache):
         over_prompt = Mask(Tokens(mask.q.positions, jnp.zeros_like(mask.q.segment_ids)), prompt)
@@ -150,10 +149,7 @@ def shared_logprobs(model, rows: SharedRows, table, *, entropy: bool = False,
         out = jnp.concatenate([at_first.reshape(-1, 1), later.reshape(shape)[:, :-1]], 1)
         return jnp.where(rows.mask(), out, 0.0)
 
-    logp = joined(token_logprobs(first, rows.first), rest[0] if entropy else rest)
-    if not entropy:
-        return logp
-    return logp, joined(token_entropy(first, rows.first), rest[1])
+    return jax.tree.map(joined, first, rest)
 
 
 @jax.tree_util.register_dataclass
@@ -170,6 +166,23 @@ class SharedBatch:
     advantages: jax.Array
 
 
+def shared_batch(prompts, answers, logprobs, advantages, media_token_id: int, offsets,
+                 table) -> SharedBatch:
+    """A `SharedBatch` on the default device: question q's `answers[q]` to `prompts[q]`
+    (see `shared_rows`), with their sampler `logprobs[q]` and `advantages[q]` in the same
+    ragged layout."""
+    rows = shared_rows(prompts, answers, media_token_id, offsets)
+    count = np.shape(rows.first)[1]
+
+    def slots(per_question, empty):
+        return [group[j] if j < len(group) else empty
+                for group in per_question for j in range(count)]
+
+    return SharedBatch(jax.tree.map(jnp.asarray, rows), table,
+                       jnp.asarray(rows.per_token(slots(logprobs, None))), None,
+                       jnp.asarray(slots(advantages, 0.0), jnp.float32))
+
+
 def shared_loss_fn(config: LossConfig, loss_chunk: int = 2048):
     """`loss(model, batch: SharedBatch) -> (loss, metrics)`: `policy_batch.grpo_loss_fn` on
     `shared_logprobs`, the same loss and metrics with each prompt computed once."""
@@ -177,10 +190,7 @@ def shared_loss_fn(config: LossConfig, loss_chunk: int = 2048):
     def loss(model, batch: SharedBatch):
         logp, entropy = shared_logprobs(model, batch.rows, batch.table, entropy=True,
                                         loss_chunk=loss_chunk)
-        mask = batch.rows.mask()
-        total, metrics = policy_loss(logp, batch.old_logprobs, batch.advantages, mask, config,
-                                     batch.ref_logprobs)
-        metrics["entropy"] = token_mean(entropy, mask)
-        return total, metrics
+        return policy_loss(logp, batch.old_logprobs, batch.advantages, batch.rows.mask(),
+                           config, batch.ref_logprobs, entropy)
 
     return loss

@@ -30,6 +30,9 @@ def test_media_rows_count_each_rows_media_positions(rng):
         assert (got[r][~media] == -1).all()
     # The model computes it in a jitted function alike.
     np.testing.assert_array_equal(np.asarray(media_rows(jnp.asarray(ids), 3)), got)
+    offsets = rng.integers(0, 100, 4).astype(np.int32)  # videos sharing one table
+    np.testing.assert_array_equal(media_rows(ids, 3, offsets),
+                                  np.where(got >= 0, got + offsets[:, None], -1))
 
 
 def test_from_rows_fills_defaults(rng):
