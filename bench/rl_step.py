@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import json
 import time
 
@@ -148,11 +147,6 @@ def main():
 
         offsets = [p * args.frames * engine.tokens_per_frame for p in range(args.prompts)]
         if args.shared:
-            # The engine's replicated copy of the weights is not used past the rollout; on one
-            # H200 at 256 frames the shared update (61.8 GiB of temporaries, compiled) does
-            # not fit beside it. `rl/loop.py` keeps it: there this size needs the row update.
-            del generate, engine
-            gc.collect()
             batches, inputs = _shared_batches(prompts, ids, sampler, n, media, offsets, table,
                                               rng)
             logprobs = jax.jit(shared_logprobs)

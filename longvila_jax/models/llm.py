@@ -102,15 +102,13 @@ class CausalLM(nnx.Module):
         return self.norm(x)
 
     def hidden_states_and_kv(self, x, mask: Mask | None, attend=None, cache=None,
-                             gather=None, remat: str = "none"):
+                             gather=None):
         """`hidden_states` and every layer's keys and values, each `[layers, batch, seq,
         kv_heads, head_dim]`: prefill fills a KV cache with them, and a decode step gets its
         new token's. `attend` receives layer i's slice of `cache` (its part of the cache).
         With `unstack`ed layers (inference), the keys and the values are lists of per-layer
-        `[batch, seq, kv_heads, head_dim]` arrays and `cache` is a list of per-layer parts.
-        `remat` as in `scan_layers`: RL differentiates a prompt's pass that keeps its keys
-        and values (`rl.shared_prompt`); inference has nothing to keep."""
-        x, kv = scan_layers(self.layers, x, self._layer(mask, attend), remat=remat,
+        `[batch, seq, kv_heads, head_dim]` arrays and `cache` is a list of per-layer parts."""
+        x, kv = scan_layers(self.layers, x, self._layer(mask, attend), remat="none",
                             gather=gather, xs=cache)
         if isinstance(kv, list):
             kv = ([k for k, _ in kv], [v for _, v in kv])

@@ -2,23 +2,25 @@
 
 Rows `prompt + answer` (`policy_batch`) recompute a question's prompt, tens of thousands of
 video tokens, once per answer, forward and backward: with 8 answers, 7/8 of the update's
-work is repeated. Here a question is one prompt row and one row holding all its answers:
-1. the prompt runs once (under the model's remat), keeping every layer's rotated keys and
-   values and its last hidden state, which predicts each answer's first token;
-2. the answers run together, each its own segment with positions continuing the prompt's,
-   every layer attending to the prompt's keys (all visible) and to its own answer's
-   (causal), the two partial attentions merged by their log-sum-exp as ring attention
-   merges its blocks.
-Both attentions are `flash_attention`, differentiable in the keys and values, so the
-answers' gradients reach the prompt's layers exactly: the same values and gradients as the
-rows `prompt + answer`, with the prompt computed once. One device only: a prompt split
-over a sequence-parallel group would need the answers' queries to visit every shard.
+work is repeated. Here a question is one row, its prompt followed by all its answers, each
+answer its own segment with positions continuing the prompt's. Every layer's attention
+splits the row at the prompt's end: the prompt attends to itself (causal), and the answers
+attend to the whole prompt and, causally, to their own answer, the two partial attentions
+merged by their log-sum-exp as ring attention merges its blocks. All three are
+`flash_attention`, so the values and gradients are those of the rows `prompt + answer`
+exactly, with the prompt computed once.
 
-Opt-in (`rl.shared_prompt`). Measured on one H200, LongVILA-7B at 256 frames, 2 x 8
-answers of 256 tokens (docs/benchmarks.md): the reference pass takes 4.4 s against the
-rows' 35.3 s; the update compiles to 61.8 GiB of temporaries and does not fit beside the
-parameters, Adam moments, reference and engine copy, where the rows' update fits (121.6
-GiB at peak). Where its memory goes is not yet known.
+One scan over the layers runs the prompt and the answers together under the model's
+remat: the backward keeps one hidden state per layer for the row, as a row `prompt +
+answer` would, and accumulates each layer's weight gradient once. (A first version ran the
+prompt and then the answers as two scans, the prompt's keys and values stacked between
+them: compiled for LongVILA-7B at 256 frames it held 61.8 GiB of temporaries, two stacked
+copies of every layer's weight gradient and the answers' unrematerialised activations
+among them, and did not fit on one H200.)
+
+One device only: a prompt split over a sequence-parallel group would need the answers'
+queries to visit every shard. Opt-in (`rl.shared_prompt`); measured on one H200 in
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -45,9 +47,8 @@ class SharedRows:
     `prompt_positions`, `prompt_segments` `[questions, P]` (padding a segment of its own),
     `prompt_media` (the table row of each media position, -1 elsewhere), `prompt_last`
     `[questions]` (the index of each prompt's last token); `answer_ids`, `answer_positions`,
-    `answer_segments`, `answer_targets` `[questions, answers * L]` (answer j in columns
-    `j * L` on; targets the answer's next tokens); `first` `[questions, answers]` (each
-    answer's first token) and `lengths` `[questions, answers]` (0: no answer there)."""
+    `answer_segments` `[questions, answers * L]` (answer j in columns `j * L` on, padding a
+    segment of its own) and `lengths` `[questions, answers]` (0: no answer there)."""
 
     prompt_ids: object
     prompt_positions: object
@@ -57,14 +58,12 @@ class SharedRows:
     answer_ids: object
     answer_positions: object
     answer_segments: object
-    answer_targets: object
-    first: object
     lengths: object
 
     @property
     def width(self) -> int:
         """L, the tokens each answer has room for."""
-        return np.shape(self.answer_ids)[1] // np.shape(self.first)[1]
+        return np.shape(self.answer_ids)[1] // np.shape(self.lengths)[1]
 
     def mask(self) -> jax.Array:
         """`[questions * answers, L]` bool: the answer tokens."""
@@ -95,26 +94,22 @@ def shared_rows(prompts: Sequence[np.ndarray], answers: Sequence[Sequence[Sequen
     shape = (questions, count * width)
     answer_ids = np.zeros(shape, np.int32)
     answer_positions = np.zeros(shape, np.int32)
-    answer_segments = np.full(shape, count, np.int32)  # padding: a segment of its own
-    answer_targets = np.full(shape, IGNORE_INDEX, np.int32)
-    first = np.zeros((questions, count), np.int32)
+    answer_segments = np.full(shape, count, np.int32)
     lengths = np.zeros((questions, count), np.int32)
     for q, (prompt, group) in enumerate(zip(prompts, answers, strict=True)):
         prompt_ids[q, : len(prompt)], prompt_segments[q, : len(prompt)] = prompt, 0
         for j, answer in enumerate(group):
-            ids = np.asarray(answer, np.int32)
-            cols = slice(j * width, j * width + len(ids))
-            answer_ids[q, cols] = ids
-            answer_positions[q, cols] = len(prompt) + np.arange(len(ids))
+            cols = slice(j * width, j * width + len(answer))
+            answer_ids[q, cols] = answer
+            answer_positions[q, cols] = len(prompt) + np.arange(len(answer))
             answer_segments[q, cols] = j
-            answer_targets[q, j * width: j * width + len(ids) - 1] = ids[1:]
-            first[q, j], lengths[q, j] = (ids[0] if len(ids) else 0), len(ids)
+            lengths[q, j] = len(answer)
     media = media_rows(prompt_ids, media_token_id,
                        None if offsets is None else np.asarray(offsets, np.int32))
     positions = np.broadcast_to(np.arange(longest, dtype=np.int32), (questions, longest))
     return SharedRows(prompt_ids, positions.copy(), prompt_segments, media,
                       np.asarray([len(p) - 1 for p in prompts], np.int32), answer_ids,
-                      answer_positions, answer_segments, answer_targets, first, lengths)
+                      answer_positions, answer_segments, lengths)
 
 
 def shared_logprobs(model, rows: SharedRows, table, *, entropy: bool = False,
@@ -123,33 +118,36 @@ def shared_logprobs(model, rows: SharedRows, table, *, entropy: bool = False,
     (question-major, 0 past an answer's end); with `entropy`, a pair with each token's
     `token_entropy`. The prompts' media positions take rows of `table` `[rows, hidden]`."""
     llm = model.llm
-    x = splice_media(llm.embed(rows.prompt_ids), table, rows.prompt_media)
+    split = np.shape(rows.prompt_ids)[1]
     prompt = Tokens(rows.prompt_positions, rows.prompt_segments)
-    h, cache = llm.hidden_states_and_kv(x, Mask(prompt, prompt), remat=llm.remat)
-    last = jnp.take_along_axis(h, rows.prompt_last[:, None, None], axis=1)  # [q, 1, hidden]
-    # The prompt's last position predicts every answer's first token.
-    first = chunked_token_logprobs(jnp.broadcast_to(last, (*rows.first.shape, h.shape[-1])),
-                                   llm.output_weight(), rows.first, loss_chunk, entropy=entropy)
-
-    def attend(q, k, v, mask, spec, layer_cache):
-        over_prompt = Mask(Tokens(mask.q.positions, jnp.zeros_like(mask.q.segment_ids)), prompt)
-        out, _ = merge(*flash_attention(q, *layer_cache, over_prompt, spec),
-                       *flash_attention(q, k, v, mask, spec))
-        return out.astype(q.dtype)
-
     answers = Tokens(rows.answer_positions, rows.answer_segments)
-    h, _ = llm.hidden_states_and_kv(llm.embed(rows.answer_ids), Mask(answers, answers), attend,
-                                    cache=cache)
-    rest = chunked_token_logprobs(h, llm.output_weight(), rows.answer_targets, loss_chunk,
-                                  entropy=entropy)
-    shape = (-1, rows.width)
+    over_prompt = Mask(Tokens(rows.answer_positions, jnp.zeros_like(rows.answer_segments)),
+                       prompt)
 
-    def joined(at_first, later):
-        # token 0 from the prompt's last position; token i > 0 from answer position i - 1
-        out = jnp.concatenate([at_first.reshape(-1, 1), later.reshape(shape)[:, :-1]], 1)
-        return jnp.where(rows.mask(), out, 0.0)
+    def attend(q, k, v, mask, spec, _):
+        (qp, qa), (kp, ka), (vp, va) = (jnp.split(x, [split], axis=1) for x in (q, k, v))
+        at_prompt, _ = flash_attention(qp, kp, vp, Mask(prompt, prompt), spec)
+        at_answers, _ = merge(*flash_attention(qa, kp, vp, over_prompt, spec),
+                              *flash_attention(qa, ka, va, Mask(answers, answers), spec))
+        return jnp.concatenate([at_prompt, at_answers.astype(q.dtype)], axis=1)
 
-    return jax.tree.map(joined, first, rest)
+    x = jnp.concatenate([splice_media(llm.embed(rows.prompt_ids), table, rows.prompt_media),
+                         llm.embed(rows.answer_ids)], axis=1)
+    row = Tokens(jnp.concatenate([rows.prompt_positions, rows.answer_positions], axis=1),
+                 jnp.concatenate([rows.prompt_segments, rows.answer_segments], axis=1))
+    h = llm.hidden_states(x, Mask(row, row), attend)  # the mask's positions rotate q and k
+    # Answer token 0 is predicted by the prompt's last position, token i by answer token i - 1.
+    questions, count = np.shape(rows.lengths)
+    last = jnp.take_along_axis(h, rows.prompt_last[:, None, None], axis=1)
+    before = jnp.concatenate([
+        jnp.broadcast_to(last[:, None], (questions, count, 1, h.shape[-1])),
+        h[:, split:].reshape(questions, count, rows.width, -1)[:, :, :-1]], axis=2)
+    mask = rows.mask()
+    targets = jnp.where(mask, jnp.asarray(rows.answer_ids).reshape(mask.shape), IGNORE_INDEX)
+    # One row of every answer token: the logits are formed `loss_chunk` tokens at a time.
+    out = chunked_token_logprobs(before.reshape(1, -1, h.shape[-1]), llm.output_weight(),
+                                 targets.reshape(1, -1), loss_chunk, entropy=entropy)
+    return jax.tree.map(lambda x: jnp.where(mask, x.reshape(mask.shape), 0.0), out)
 
 
 @jax.tree_util.register_dataclass
@@ -172,7 +170,7 @@ def shared_batch(prompts, answers, logprobs, advantages, media_token_id: int, of
     (see `shared_rows`), with their sampler `logprobs[q]` and `advantages[q]` in the same
     ragged layout."""
     rows = shared_rows(prompts, answers, media_token_id, offsets)
-    count = np.shape(rows.first)[1]
+    count = np.shape(rows.lengths)[1]
 
     def slots(per_question, empty):
         return [group[j] if j < len(group) else empty
