@@ -17,8 +17,8 @@ one question per minibatch. `--naive` times instead what a loop without MR-SP do
 answer encodes its video and prefills its prompt again (G separate generations of one
 answer per prompt), and every log-probability pass runs the vision tower on the frames
 again instead of reusing the step's embeddings. The weights are the library's random ones
-in `--dtype` (bfloat16: a 7B model's parameters, Adam moments, the engine's copy and the
-reference fit one H200).
+in `--dtype` (bfloat16: a 7B model's parameters, Adam moments, the reference and, during
+the rollout only, the engine's copy fit one H200).
 
 Each phase's first call compiles; phases made of repeated calls (rows, answers) are timed
 over every call but the first and scaled to all of them, and say so (`*_timed_calls`).
@@ -144,6 +144,7 @@ def main():
             row["rollout_s"], (ids, sampler) = timed(generate)
         row["rollout_tokens_per_s"] = sum(len(a) for a in ids) / row["rollout_s"]
         print(f"rollout {row['rollout_s']:.1f} s", flush=True)
+        engine.release_weights()  # as `rl/loop.py` does: the update holds one copy
 
         offsets = [p * args.frames * engine.tokens_per_frame for p in range(args.prompts)]
         if args.shared:

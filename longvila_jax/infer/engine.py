@@ -76,7 +76,8 @@ class InferenceEngine:
         self.kv_shape = (len(llm), layer.num_kv_heads, layer.head_dim, jnp.dtype(self.dtype))
         self.decode_chunk = decode_chunk
         graphdef, params = nnx.split(model)
-        self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        self._params = jax.device_put(params, NamedSharding(self.mesh, P()))
+        nnx.update(model, self._params)  # the view holds the replicated arrays, not both
         # jit compiles lazily: a variant costs nothing until it is called.
         self._prefill = make_prefill(graphdef, self.mesh, self.scheme)
         self._window_logits = make_window_logits(graphdef, self.mesh, self.scheme)
@@ -90,17 +91,36 @@ class InferenceEngine:
                                out_shardings=frames)
         self._frames = frames
 
+    @property
+    def params(self):
+        """The engine's view of the weights (replicated, layers unstacked)."""
+        if self._params is None:
+            raise RuntimeError("InferenceEngine: its weights were released "
+                               "(release_weights); call update_weights first")
+        return self._params
+
     def update_weights(self, model: LongVILA) -> None:
         """Decode with `model`'s current weights from now on: RL's trained parameters (FSDP-
         sharded, layers stacked, the structure this engine was built from) laid out as the
         engine's view, replicated and unstacked, on the same devices; nothing is compiled
         again (the shapes do not change)."""
         params = nnx.state(_unstacked(model))
-        if jax.tree.structure(params) != jax.tree.structure(self.params):
+        if jax.tree.structure(params) != jax.tree.structure(nnx.state(self.model)):
             raise ValueError("update_weights: the model's structure differs from the engine's")
+        self.release_weights()  # the old view's memory is free before the new one is laid out
         # Copies even of arrays already replicated: the training step donates the model's
         # buffers, which would delete an aliased engine parameter.
-        self.params = jax.device_put(params, NamedSharding(self.mesh, P()), may_alias=False)
+        self._params = jax.device_put(params, NamedSharding(self.mesh, P()), may_alias=False)
+        nnx.update(self.model, self._params)
+
+    def release_weights(self) -> None:
+        """Free the engine's view of the weights until the next `update_weights`: `model`
+        keeps only their shapes. RL lays the view out from the trained parameters before
+        each rollout and frees it after, so the update's activations never share the device
+        with a second copy of the weights."""
+        self._params = None
+        nnx.update(self.model, jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.state(self.model)))
 
     @property
     def group(self) -> int:
@@ -290,11 +310,11 @@ class InferenceEngine:
 
 def _unstacked(model: LongVILA) -> LongVILA:
     """`model` with its LLM's layers as a list of layers (`models.layers.unstack`): new
-    modules over the same arrays; the caller's model is left stacked."""
-    if isinstance(model.llm.layers, nnx.List):
-        return model
-    model = nnx.merge(*nnx.split(model))
-    model.llm.layers = unstack(model.llm.layers)
+    modules and Variables (updating them leaves the caller's model as it was), over the
+    same arrays where they are already unstacked."""
+    model = nnx.merge(*nnx.split(model), copy=True)
+    if not isinstance(model.llm.layers, nnx.List):
+        model.llm.layers = unstack(model.llm.layers)
     return model
 
 

@@ -7,8 +7,10 @@ Each step, with MR-SP's reuse:
    token embedding, which trains);
 2. rollouts: the B prompts prefilled once (sequence-parallel), G answers each
    (`rl.answers`) sampled from the shared prompt caches, with the sampler's
-   log-probabilities, from the parameters being trained (the engine reads them after
-   every update: `InferenceEngine.update_weights`, an on-device re-layout);
+   log-probabilities, from the parameters being trained: before encoding, the engine
+   lays out its decoding view of them (`InferenceEngine.update_weights`, an on-device
+   re-layout: replicated, layers unstacked) and frees it after the rollout
+   (`release_weights`), so the update never holds a second copy of the weights;
 3. rewards (`rl.rewards`: named functions and weights), group advantages, DAPO's filter;
 4. per minibatch: reference log-probabilities (beta > 0; the stage's initial weights, or
    with LoRA the same weights with the adapters off), the old ones (the sampler's, or
@@ -175,6 +177,7 @@ class _Trainer:
         self.generator = Generator(run.model, tokenizer_path(config),
                                    family=config.model.llm.family, mesh=engine_mesh,
                                    scheme=run.layout.scheme)
+        self.generator.engine.release_weights()  # laid out again before each rollout
         # Rows prompt + answer on the MM-SP forward (`rl/policy_batch.py`), or on one
         # device with `rl.shared_prompt` each prompt once beside its answers.
         if config.rl.shared_prompt:
@@ -192,7 +195,7 @@ class _Trainer:
         config, rl, run, gen = self.config, self.config.rl, self.run, self.generator
         times = {}
         began = time.perf_counter()
-        gen.engine.update_weights(run.model)  # the parameters being trained, copied
+        gen.engine.update_weights(run.model)  # the parameters being trained, laid out
         times["weights_s"] = time.perf_counter() - began
         began = time.perf_counter()
         picked = [self.questions[i] for i in step_questions(
@@ -218,6 +221,7 @@ class _Trainer:
                             stop_ids=tuple(gen.stop_ids), keep_stop=True)
         ids, sampler_logprobs = gen.engine.generate_ids_and_logprobs(prompts, table, offsets,
                                                                      sampling=sampling)
+        gen.engine.release_weights()
         times["rollout_s"] = time.perf_counter() - began
         answer_tokens = sum(len(a) for a in ids)
 

@@ -267,3 +267,31 @@ def test_prefill_bytes_grow_with_the_prompt_and_cover_the_cache(world):
     short, long = (engine.prefill_bytes(n, media_rows=64) for n in (512, 4096))
     cache = 2 * llm.num_layers * 4096 * llm.num_kv_heads * llm.head_dim * 4 / 8  # f32, 8-way
     assert long > short and long >= cache
+
+
+def test_update_weights_follows_the_model_and_release_frees_the_view(world, module_rng):
+    """RL's engine: after `update_weights(other)` it decodes as an engine built on `other`
+    does; `release_weights` leaves its view only the shapes (the caller's model intact),
+    and a call then is one clear error until the next `update_weights`."""
+    one = make_mesh(1, 1, 1, jax.devices()[:1])
+    other = _model(int(module_rng.integers(1 << 30)))
+    engine = InferenceEngine(world["model"], mesh=one)
+    engine.update_weights(other)
+
+    def greedy(engine):
+        return engine.generate_ids_and_logits(world["prompts"], engine.encode(world["frames"]),
+                                              sampling=Sampling(NEW_TOKENS))
+
+    want_ids, want_logits = greedy(InferenceEngine(other, mesh=one))
+    got_ids, got_logits = greedy(engine)
+    assert got_ids == want_ids
+    np.testing.assert_allclose(got_logits, want_logits, rtol=1e-5, atol=1e-5)
+
+    engine.release_weights()
+    assert not [x for x in jax.tree.leaves(nnx.state(engine.model))
+                if isinstance(x, jax.Array)]
+    with pytest.raises(RuntimeError, match="update_weights"):
+        engine.encode(world["frames"])
+    engine.update_weights(world["model"])
+    assert greedy(engine)[0] == world["greedy"][0]
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(nnx.state(world["model"])))
