@@ -168,10 +168,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Old log-probabilities: the sampler's ("sampler") or the training forward's again
     # ("recompute": one more pass, exact where the sampler's precision differs).
     rl.old_logprobs = "sampler"
-    # One device only: each question's prompt computed once for all its answers in every
-    # log-probability pass (rl/shared_prompt.py). Exact; on one H200 at 256 frames (7B) its
-    # reference pass is 8x faster, but its update does not fit there (docs/benchmarks.md).
-    rl.shared_prompt = False
+    # Each question's prompt computed once for all its answers in every log-probability
+    # pass (rl/shared_prompt.py), exact, one device only: True, False (rows prompt +
+    # answer), or unset (None): on one device. One H200, 7B, 256 frames, 2 x 8 answers:
+    # the step takes 32 s with it, 204 s without (docs/benchmarks.md).
+    rl.shared_prompt = config_dict.placeholder(bool)
 
     # Training data (data/pipeline.py): conversation JSONL with media, or long text.
     data = ml_collections.ConfigDict()

@@ -117,15 +117,22 @@ def rl_settings(config) -> tuple[LossConfig, Rewards]:
     return loss, rewards
 
 
+def shares_prompts(config, run: Run) -> bool:
+    """Whether the log-probability passes compute each prompt once (`rl.shared_prompt`;
+    unset, on one device, where it is supported)."""
+    shared = config.rl.shared_prompt
+    return run.mesh.devices.size == 1 if shared is None else shared
+
+
 def check_rl_config(config, run: Run) -> None:
     """What the GRPO loop needs of the mesh and the model."""
     if config.parallel.data != 1:
         raise ConfigError(f"parallel.data: {config.parallel.data}; the GRPO stage needs 1 "
                           "(rollouts use one sequence group over every device)")
     shared = config.rl.shared_prompt
-    if not isinstance(shared, bool) or (shared and run.mesh.devices.size != 1):
-        raise ConfigError(f"rl.shared_prompt: {shared!r} on "
-                          f"{run.mesh.devices.size} devices (True needs one device)")
+    if shared and run.mesh.devices.size != 1:
+        raise ConfigError(f"rl.shared_prompt: True on {run.mesh.devices.size} devices "
+                          "(it needs one; unset, it is used where it can be)")
     moving = [path for path, _ in nnx.to_flat_state(nnx.state(run.model, run.trainable))
               if path[0] in ("vision_tower", "projector")]
     if moving:
@@ -179,8 +186,8 @@ class _Trainer:
                                    scheme=run.layout.scheme)
         self.generator.engine.release_weights()  # laid out again before each rollout
         # Rows prompt + answer on the MM-SP forward (`rl/policy_batch.py`), or on one
-        # device with `rl.shared_prompt` each prompt once beside its answers.
-        if config.rl.shared_prompt:
+        # device each prompt once beside its answers (`rl.shared_prompt`).
+        if shares_prompts(config, run):
             loss, self.batch = shared_loss_fn(self.loss_config), self._shared_batch
             self.logprobs = nnx.jit(shared_logprobs)
         else:

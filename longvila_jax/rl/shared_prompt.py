@@ -19,8 +19,8 @@ copies of every layer's weight gradient and the answers' unrematerialised activa
 among them, and did not fit on one H200.)
 
 One device only: a prompt split over a sequence-parallel group would need the answers'
-queries to visit every shard. Opt-in (`rl.shared_prompt`); measured on one H200 in
-docs/benchmarks.md.
+queries to visit every shard. Used on one device unless `rl.shared_prompt` is False;
+measured on one H200 in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +23,7 @@ from longvila_jax.config import ConfigError
 from longvila_jax.configs.stages import grpo
 from longvila_jax.data.demo_corpus import write_demo_data
 from longvila_jax.data.synthetic import write_index_video
-from longvila_jax.rl.loop import step_questions, train_grpo
+from longvila_jax.rl.loop import shares_prompts, step_questions, train_grpo
 
 
 @pytest.fixture(scope="module")
@@ -100,14 +101,14 @@ def _one_device_config(data):
     (4 + 2 answers: an empty slot beside the 2), on one device."""
     config = _config(data, 2)
     config.parallel.update(node=1, local=1)
-    config.rl.update(prompts_per_step=3, minibatches=2, old_logprobs="recompute",
-                     shared_prompt=True)
+    config.rl.update(prompts_per_step=3, minibatches=2, old_logprobs="recompute")
     return config
 
 
 def test_on_one_device_each_prompt_runs_once_per_pass(data, tmp_path, monkeypatch):
-    """`rl.shared_prompt` on one device (through the CLI, in a process that sees one
-    device): it trains the LLM and logs finite metrics, the first ratio 1."""
+    """On one device (through the CLI, in a process that sees one device) `rl.shared_prompt`,
+    unset, computes each prompt once: it trains the LLM and logs finite metrics, the first
+    ratio 1."""
     config_file = _config_file(data, tmp_path, "_one_device_config(data)")
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
     run = cli_train(config_file, tmp_path / "one")
@@ -124,6 +125,15 @@ def test_on_one_device_each_prompt_runs_once_per_pass(data, tmp_path, monkeypatc
     initial = {k: np.asarray(v) for k, v in model_params(build_model(config)).items()}
     moved = {k[0] for k in trained if not np.array_equal(trained[k], initial[k])}
     assert moved == {"llm"}, moved
+
+
+@pytest.mark.parametrize(("setting", "devices", "shared"), [
+    (None, 1, True), (None, 8, False), (False, 1, False), (True, 1, True)])
+def test_each_prompt_is_computed_once_where_it_can_be(data, setting, devices, shared):
+    config = _config(data, 1)
+    config.rl.shared_prompt = setting
+    run = SimpleNamespace(mesh=SimpleNamespace(devices=np.empty(devices)))
+    assert shares_prompts(config, run) is shared
 
 
 def test_a_bad_question_line_fails_with_the_file_and_line_named(data, tmp_path):
