@@ -11,8 +11,9 @@ that length), then the update over the B x G rows prompt + answer, one row per m
 - reference: the reference policy's log-probabilities of every row (a frozen copy);
 - update: the GRPO loss's forward and backward and AdamW per row (`rl/policy_batch.py`).
 
-`--shared` (one device) times the update and the reference pass as `rl/loop.py` runs them
-there: each question's prompt computed once beside its G answers (`rl/shared_prompt.py`),
+`--shared` (one device or Ulysses) times the update and the reference pass as `rl/loop.py`
+runs them there: each question's prompt computed once beside its G answers
+(`rl/shared_prompt.py`),
 one question per minibatch. `--naive` times instead what a loop without MR-SP does: every
 answer encodes its video and prefills its prompt again (G separate generations of one
 answer per prompt), and every log-probability pass runs the vision tower on the frames
@@ -49,7 +50,7 @@ from longvila_jax.parallel.mesh import make_mesh
 from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import LossConfig
 from longvila_jax.rl.policy_batch import answer_rows, grpo_loss_fn, place
-from longvila_jax.rl.shared_prompt import shared_batch, shared_logprobs, shared_loss_fn
+from longvila_jax.rl.shared_prompt import SCHEMES, shared_batch, shared_logprobs_fn, shared_loss_fn
 from longvila_jax.train.step import make_optimizer_state, make_train_step, trainable_filter
 
 
@@ -78,11 +79,11 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", help="parameter dtype")
     parser.add_argument("--naive", action="store_true", help="no reuse (see the docstring)")
     parser.add_argument("--shared", action="store_true",
-                        help="each prompt once per pass, a question per minibatch (one device)")
+                        help="each prompt once per pass, a question per minibatch")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    if args.shared and (args.naive or args.mesh != "1,1,1"):
-        parser.error("--shared: one device (--mesh 1,1,1), with reuse (not --naive)")
+    if args.shared and args.naive:
+        parser.error("--shared: with reuse (not --naive)")
 
     rng = np.random.default_rng(0)
     config = model_config(args.model)
@@ -148,10 +149,12 @@ def main():
 
         offsets = [p * args.frames * engine.tokens_per_frame for p in range(args.prompts)]
         if args.shared:
+            if scheme not in SCHEMES:
+                parser.error(f"--shared: the mesh's scheme {scheme!r} is not one of {SCHEMES}")
             batches, inputs = _shared_batches(prompts, ids, sampler, n, media, offsets, table,
-                                              rng)
-            logprobs = jax.jit(shared_logprobs)
-            loss = shared_loss_fn(LossConfig())
+                                              layout.group, rng)
+            logprobs = jax.jit(shared_logprobs_fn(mesh, scheme))
+            loss = shared_loss_fn(mesh, scheme, LossConfig())
         else:
             batches, inputs = _row_batches(prompts, ids, sampler, n, media, offsets, table,
                                            videos, layout, mesh, rng)
@@ -195,11 +198,11 @@ def _row_batches(prompts, ids, sampler, n, media, offsets, table, videos, layout
     return batches, lambda b: (b.tokens, b.table)
 
 
-def _shared_batches(prompts, ids, sampler, n, media, offsets, table, rng):
+def _shared_batches(prompts, ids, sampler, n, media, offsets, table, group, rng):
     """One question per minibatch, its prompt once beside its n answers
     (`rl/shared_prompt.py`)."""
     batches = [shared_batch([prompt], [ids[q * n: (q + 1) * n]], [sampler[q * n: (q + 1) * n]],
-                            [rng.normal(size=n)], media, [offsets[q]], table)
+                            [rng.normal(size=n)], media, [offsets[q]], table, group)
                for q, prompt in enumerate(prompts)]
     return batches, lambda b: (b.rows, b.table)
 

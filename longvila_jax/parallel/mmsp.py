@@ -51,7 +51,7 @@ def loss_fn(mesh, scheme: str, loss_chunk: int = 2048):
         nll, count = chunked_token_nll(h, model.llm.output_weight(), batch.targets, loss_chunk)
         return jax.lax.psum(nll, axes) / jnp.maximum(jax.lax.psum(count, axes), 1)
 
-    return _sharded(mesh, local, P())
+    return sharded(mesh, local, P())
 
 
 def logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048, *, entropy: bool = False):
@@ -70,7 +70,7 @@ def logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048, *, entropy: bool = Fa
         return chunked_token_logprobs(h, model.llm.output_weight(), batch.targets, loss_chunk,
                                       entropy=entropy)
 
-    return _sharded(mesh, local, (SPEC, SPEC) if entropy else SPEC, P())
+    return sharded(mesh, local, (SPEC, SPEC) if entropy else SPEC, P())
 
 
 def _attend(scheme: str):
@@ -96,12 +96,13 @@ def _hidden_states(model, batch: Batch, table, attend, gather):
     return model.llm.hidden_states(x, mask, attend, gather("llm"))
 
 
-def _sharded(mesh, local, out_spec, *extra_specs):
+def sharded(mesh, local, out_spec, *extra_specs, batch_spec=SPEC):
     """`f(model, batch, *extra)`: `local(model, batch, *extra, gather)` in a shard_map over
     `mesh`, the model's parameters entering with their FSDP specs and gathered inside
-    (`gather(stack)` gathers one scanned layer of `stack` at a time), the batch as `SPEC`."""
+    (`gather(stack)` gathers one scanned layer of `stack` at a time), the batch as
+    `batch_spec` (RL's shared prompts enter whole and are cut inside)."""
 
-    def f(model, batch: Batch, *extra):
+    def f(model, batch, *extra):
         graphdef, params = nnx.split(model)
         dims = fsdp.shard_dims(params, mesh.devices.size)
         specs = fsdp.partition_specs(params, dims)
@@ -115,7 +116,7 @@ def _sharded(mesh, local, out_spec, *extra_specs):
 
             return local(model, batch, *extra, gather)
 
-        return jax.shard_map(inner, mesh=mesh, in_specs=(specs, SPEC, *extra_specs),
+        return jax.shard_map(inner, mesh=mesh, in_specs=(specs, batch_spec, *extra_specs),
                              out_specs=out_spec)(params, batch, *extra)
 
     return f

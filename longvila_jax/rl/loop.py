@@ -49,7 +49,7 @@ from longvila_jax.parallel.mmsp import logprobs_fn
 from longvila_jax.rl.grpo import LossConfig, group_advantages
 from longvila_jax.rl.policy_batch import answer_rows, grpo_loss_fn, place
 from longvila_jax.rl.rewards import Rewards, parse_weights
-from longvila_jax.rl.shared_prompt import shared_batch, shared_logprobs, shared_loss_fn
+from longvila_jax.rl.shared_prompt import SCHEMES, shared_batch, shared_logprobs_fn, shared_loss_fn
 from longvila_jax.train.loop import (
     Diverged,
     Run,
@@ -119,9 +119,9 @@ def rl_settings(config) -> tuple[LossConfig, Rewards]:
 
 def shares_prompts(config, run: Run) -> bool:
     """Whether the log-probability passes compute each prompt once (`rl.shared_prompt`;
-    unset, on one device, where it is supported)."""
+    unset: wherever it can, on one device or under Ulysses)."""
     shared = config.rl.shared_prompt
-    return run.mesh.devices.size == 1 if shared is None else shared
+    return run.layout.scheme in SCHEMES if shared is None else shared
 
 
 def check_rl_config(config, run: Run) -> None:
@@ -130,9 +130,10 @@ def check_rl_config(config, run: Run) -> None:
         raise ConfigError(f"parallel.data: {config.parallel.data}; the GRPO stage needs 1 "
                           "(rollouts use one sequence group over every device)")
     shared = config.rl.shared_prompt
-    if shared and run.mesh.devices.size != 1:
-        raise ConfigError(f"rl.shared_prompt: True on {run.mesh.devices.size} devices "
-                          "(it needs one; unset, it is used where it can be)")
+    if shared and run.layout.scheme not in SCHEMES:
+        raise ConfigError(f"rl.shared_prompt: True under the {run.layout.scheme!r} scheme "
+                          "(it needs one device or Ulysses; unset, it is used where it can "
+                          "be)")
     moving = [path for path, _ in nnx.to_flat_state(nnx.state(run.model, run.trainable))
               if path[0] in ("vision_tower", "projector")]
     if moving:
@@ -185,11 +186,12 @@ class _Trainer:
                                    family=config.model.llm.family, mesh=engine_mesh,
                                    scheme=run.layout.scheme)
         self.generator.engine.release_weights()  # laid out again before each rollout
-        # Rows prompt + answer on the MM-SP forward (`rl/policy_batch.py`), or on one
-        # device each prompt once beside its answers (`rl.shared_prompt`).
+        # Rows prompt + answer on the MM-SP forward (`rl/policy_batch.py`), or each prompt
+        # once beside its answers (`rl.shared_prompt`).
         if shares_prompts(config, run):
-            loss, self.batch = shared_loss_fn(self.loss_config), self._shared_batch
-            self.logprobs = nnx.jit(shared_logprobs)
+            loss = shared_loss_fn(run.mesh, run.layout.scheme, self.loss_config)
+            self.batch = self._shared_batch
+            self.logprobs = nnx.jit(shared_logprobs_fn(run.mesh, run.layout.scheme))
         else:
             loss = grpo_loss_fn(run.mesh, run.layout.scheme, self.loss_config)
             self.batch = self._rows_batch
@@ -314,7 +316,7 @@ class _Trainer:
                              [[sampler_logprobs[r] for r in g] for g in groups],
                              [[advantages[r] for r in g] for g in groups],
                              self.generator.engine.media_token_id,
-                             [offsets[q] for q in questions], table)
+                             [offsets[q] for q in questions], table, self.run.layout.group)
         return batch, lambda b: (b.rows, b.table)
 
 

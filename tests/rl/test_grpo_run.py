@@ -127,13 +127,35 @@ def test_on_one_device_each_prompt_runs_once_per_pass(data, tmp_path, monkeypatc
     assert moved == {"llm"}, moved
 
 
-@pytest.mark.parametrize(("setting", "devices", "shared"), [
-    (None, 1, True), (None, 8, False), (False, 1, False), (True, 1, True)])
-def test_each_prompt_is_computed_once_where_it_can_be(data, setting, devices, shared):
+def answer_length(answer, sample):
+    """A reward that differs within a group (the untrained model's answers are all wrong)."""
+    return len(answer) / 10
+
+
+def test_under_ulysses_a_step_with_each_prompt_once_trains_as_rows_do(data, tmp_path):
+    """A GRPO step on 8 devices under Ulysses computes each prompt once (`rl.shared_prompt`
+    unset) and ends with the parameters of the same step over rows prompt + answer."""
+    finals = []
+    for shared in (None, False):
+        config = _config(data, 1)
+        config.parallel.attention = "ulysses"
+        config.rl.update(shared_prompt=shared, rewards="test_grpo_run:answer_length=1")
+        finals.append(load_params(train_grpo(config, tmp_path / str(shared), progress=False)))
+    initial = {k: np.asarray(v) for k, v in model_params(build_model(_config(data, 1))).items()}
+    assert any(not np.array_equal(finals[0][k], initial[k]) for k in initial)
+    for key in finals[1]:
+        np.testing.assert_allclose(finals[0][key], finals[1][key], rtol=1e-4, atol=1e-6,
+                                   err_msg="/".join(key))
+
+
+@pytest.mark.parametrize(("setting", "scheme", "shared"), [
+    (None, "none", True), (None, "ulysses", True), (None, "ring", False), (None, "2d", False),
+    (False, "none", False), (True, "ulysses", True)])
+def test_each_prompt_is_computed_once_where_it_can_be(data, setting, scheme, shared):
     config = _config(data, 1)
     config.rl.shared_prompt = setting
-    run = SimpleNamespace(mesh=SimpleNamespace(devices=np.empty(devices)))
-    assert shares_prompts(config, run) is shared
+    assert shares_prompts(config, SimpleNamespace(layout=SimpleNamespace(scheme=scheme))) \
+        is shared
 
 
 def test_a_bad_question_line_fails_with_the_file_and_line_named(data, tmp_path):
@@ -159,7 +181,7 @@ def test_every_question_is_asked_once_per_epoch():
     ("rl.rewards", "mcq_accuracy=high", "rl.rewards"), ("rl.minibatches", 3, "rl.minibatches"),
     ("rl.old_logprobs", "cached", "rl.old_logprobs"), ("rl.questions", "nope.jsonl",
                                                        "rl.questions"),
-    ("rl.shared_prompt", True, "rl.shared_prompt")])  # 8 devices
+    ("rl.shared_prompt", True, "rl.shared_prompt")])  # 2d over 8 devices
 def test_bad_rl_values_fail_with_the_key_named(data, tmp_path, key, value, named):
     config = _config(data, 1)
     section, name = key.split(".")

@@ -109,6 +109,33 @@ def test_sharded_policy_steps_equal_one_device(rollouts, policy_model, rng, data
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+def _shared(rollouts, ids, slots, logprobs, ref, advantages, multiple=1):
+    """`SharedBatch` of `rollouts`' two questions, answer slot j of question q holding row
+    `slots[q * n + j]` (None: no answer), those rows' answers cut to `ids[r]`."""
+    n = len(rollouts["ids"]) // len(rollouts["prompts"])
+    groups = [[ids[r] for r in slots[q * n: (q + 1) * n] if r is not None] for q in (0, 1)]
+    rows = shared_rows(rollouts["prompts"], groups, rollouts["media_token_id"],
+                       multiple=multiple)
+    return SharedBatch(
+        jax.tree.map(jnp.asarray, rows), jnp.asarray(rollouts["table"]),
+        jnp.asarray(rows.per_token([None if r is None else logprobs[r] for r in slots])),
+        jnp.asarray(rows.per_token([None if r is None else ref[r] for r in slots])),
+        jnp.asarray([0.0 if r is None else advantages[r] for r in slots], jnp.float32))
+
+
+def _ragged(rollouts, rng):
+    """Answers of different lengths, and question 0 with one answer (empty slots beside it):
+    `(ids, slots, logprobs, ref, advantages)` as `_shared` takes them."""
+    n = len(rollouts["ids"]) // len(rollouts["prompts"])
+    ids = [list(a[: max(1, len(a) - 2 * k)]) for k, a in enumerate(rollouts["ids"])]
+    slots = [1, *[None] * (n - 1), *range(n, 2 * n)]
+    keep = [r for r in slots if r is not None]
+    logprobs = {r: rollouts["logprobs"][r][: len(ids[r])] for r in keep}
+    ref = {r: rng.normal(size=len(ids[r])) - 3.0 for r in keep}
+    advantages = {r: rng.normal() for r in keep}
+    return ids, slots, logprobs, ref, advantages
+
+
 def test_each_prompt_once_gives_the_loss_metrics_and_gradient_of_rows(rollouts, policy_model,
                                                                     rng):
     """`rl.shared_prompt`: answers beside their prompt, computed once per question, give
@@ -117,32 +144,21 @@ def test_each_prompt_once_gives_the_loss_metrics_and_gradient_of_rows(rollouts, 
     model = policy_model(rollouts["seed"])
     mesh = make_mesh(1, 1, 1, jax.devices()[:1])
     n = len(rollouts["ids"]) // len(rollouts["prompts"])
-    ids = [list(a[: max(1, len(a) - 2 * k)]) for k, a in enumerate(rollouts["ids"])]
-    keep = [1, *range(n, 2 * n)]  # one answer of question 0, every answer of question 1
-    slots = [1, *[None] * (n - 1), *range(n, 2 * n)]
-    logprobs = {r: rollouts["logprobs"][r][: len(ids[r])] for r in keep}
-    ref = {r: rng.normal(size=len(ids[r])) - 3.0 for r in keep}
-    advantages = {r: rng.normal() for r in keep}
+    ids, slots, logprobs, ref, advantages = _ragged(rollouts, rng)
+    keep = [r for r in slots if r is not None]
     config = LossConfig(beta=0.05)
-    table = rollouts["table"]
 
     rows = answer_rows([rollouts["prompts"][r // n] for r in keep], [ids[r] for r in keep], 1,
                        16, rollouts["media_token_id"])
-    by_rows = place(rows, Layout("none"), mesh, table,
+    by_rows = place(rows, Layout("none"), mesh, rollouts["table"],
                     rows.per_token([logprobs[r] for r in keep]),
                     np.asarray([advantages[r] for r in keep]),
                     rows.per_token([ref[r] for r in keep]))
-    shared = shared_rows(rollouts["prompts"], [[ids[1]], [ids[r] for r in range(n, 2 * n)]],
-                         rollouts["media_token_id"])
-    by_question = SharedBatch(
-        jax.tree.map(jnp.asarray, shared), jnp.asarray(table),
-        jnp.asarray(shared.per_token([None if r is None else logprobs[r] for r in slots])),
-        jnp.asarray(shared.per_token([None if r is None else ref[r] for r in slots])),
-        jnp.asarray([0.0 if r is None else advantages[r] for r in slots], jnp.float32))
+    by_question = _shared(rollouts, ids, slots, logprobs, ref, advantages)
     (want, want_metrics), want_grads = nnx.jit(nnx.value_and_grad(
         grpo_loss_fn(mesh, "none", config), has_aux=True))(model, by_rows)
     (got, metrics), grads = nnx.jit(nnx.value_and_grad(  # logits 24 tokens at a time
-        shared_loss_fn(config, loss_chunk=24), has_aux=True))(model, by_question)
+        shared_loss_fn(mesh, "none", config, loss_chunk=24), has_aux=True))(model, by_question)
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
     for key in ("pg_loss", "ratio", "kl", "clip_fraction", "entropy"):
         np.testing.assert_allclose(float(metrics[key]), float(want_metrics[key]), rtol=1e-5,
@@ -150,6 +166,35 @@ def test_each_prompt_once_gives_the_loss_metrics_and_gradient_of_rows(rollouts, 
     scale = np.sqrt(sum(np.sum(w ** 2) for w in _flat(want_grads)))
     for g, w in zip(_flat(grads), _flat(want_grads), strict=True):
         assert np.linalg.norm(g - w) <= 1e-5 * scale + 1e-6 * np.linalg.norm(w)
+
+
+@pytest.mark.parametrize(("node", "local"), [(1, 8), (2, 2)])
+def test_shared_prompt_steps_under_ulysses_equal_one_device(rollouts, policy_model, rng, node,
+                                                            local):
+    """Each prompt once beside its answers, sequence-parallel with Ulysses (8 devices: the
+    tiny model's 4 heads padded; 2 x 2: both axes) and FSDP-sharded parameters: two
+    optimizer steps give one device's metrics and parameters."""
+    optim = base_config().optim
+    optim.learning_rate, optim.eps = 1e-3, 1e-5
+    config = LossConfig(beta=0.02)
+    ids, slots, logprobs, ref, _ = _ragged(rollouts, rng)
+    advantages = [{r: rng.normal() for r in slots if r is not None} for _ in range(2)]
+    outs, models = [], []
+    for n, loc, scheme in ((1, 1, "none"), (node, local, "ulysses")):
+        mesh = make_mesh(1, n, loc, jax.devices()[: n * loc])
+        model = policy_model(rollouts["seed"])
+        optimizer = make_optimizer_state(model, optim)
+        fsdp.place(model, optimizer, mesh)
+        step = make_train_step(shared_loss_fn(mesh, scheme, config, loss_chunk=16))
+        outs.append([jax.device_get(step(model, optimizer, _shared(
+            rollouts, ids, slots, logprobs, ref, a, multiple=n * loc))) for a in advantages])
+        models.append(model)
+    for want, got in zip(*outs, strict=True):
+        assert got["applied"]
+        for key in ("loss", "grad_norm", "ratio", "kl", "clip_fraction", "entropy"):
+            np.testing.assert_allclose(got[key], want[key], rtol=2e-4, atol=1e-6, err_msg=key)
+    for g, w in zip(_flat(models[1]), _flat(models[0]), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
 def test_the_lora_reference_is_the_model_with_itsadapters_off(rollouts, rng):
