@@ -12,9 +12,10 @@ that length), then the update over the B x G rows prompt + answer, one row per m
 - update: the GRPO loss's forward and backward and AdamW per row (`rl/policy_batch.py`).
 
 `--shared` (one device or Ulysses) times the update and the reference pass as `rl/loop.py`
-runs them there: each question's prompt computed once beside its G answers
-(`rl/shared_prompt.py`),
-one question per minibatch. `--naive` times instead what a loop without MR-SP does: every
+runs them there by default: each question's prompt computed once beside its G answers
+(`rl/shared_prompt.py`), one question per minibatch. Without it, the rows prompt + answer
+(`rl.shared_prompt=False`, and the only way under ring or 2D attention).
+`--naive` times instead what a loop without MR-SP does: every
 answer encodes its video and prefills its prompt again (G separate generations of one
 answer per prompt), and every log-probability pass runs the vision tower on the frames
 again instead of reusing the step's embeddings. The weights are the library's random ones
@@ -26,6 +27,7 @@ over every call but the first and scaled to all of them, and say so (`*_timed_ca
 
   python bench/rl_step.py --model qwen2_7b --frames 256 --json r.jsonl
   python bench/rl_step.py --model qwen2_7b --frames 256 --shared --json r.jsonl
+  python bench/rl_step.py --model qwen2_7b --frames 256 --mesh 1,1,2 --shared --json r.jsonl
   python bench/rl_step.py --model qwen2_7b --frames 256 --naive --json r.jsonl
   python bench/rl_step.py --model qwen2_7b --frames 256 --mesh 1,1,2 --json r.jsonl
 """
@@ -93,6 +95,8 @@ def main():
     mesh = make_mesh(*shape)
     llm = config.model.llm
     scheme = resolve_scheme("auto", shape[1], shape[2], (llm.num_heads, llm.num_kv_heads))
+    if args.shared and scheme not in SCHEMES:
+        parser.error(f"--shared: the mesh's scheme {scheme!r} is not one of {SCHEMES}")
     layout = Layout(scheme, *shape)
     row = {"bench": "rl_step", "device": f"{jax.device_count()}x {jax.devices()[0].device_kind}",
            "jax": jax.__version__, "model": args.model, "mesh": args.mesh, "scheme": scheme,
@@ -149,8 +153,6 @@ def main():
 
         offsets = [p * args.frames * engine.tokens_per_frame for p in range(args.prompts)]
         if args.shared:
-            if scheme not in SCHEMES:
-                parser.error(f"--shared: the mesh's scheme {scheme!r} is not one of {SCHEMES}")
             batches, inputs = _shared_batches(prompts, ids, sampler, n, media, offsets, table,
                                               layout.group, rng)
             logprobs = jax.jit(shared_logprobs_fn(mesh, scheme))

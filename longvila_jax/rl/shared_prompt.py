@@ -186,13 +186,12 @@ def shared_logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048, *, entropy: bo
                                       entropy=entropy)
 
     run = sharded(mesh, local, (SPEC, SPEC) if entropy else SPEC, P(), batch_spec=P())
-
-    group = mesh.shape["node"] * mesh.shape["local"]
+    devices = mesh.shape["node"] * mesh.shape["local"]
 
     def logprobs(model, rows: SharedRows, table):
-        if rows.ids.shape[1] % group:
+        if rows.ids.shape[1] % devices:
             raise ValueError(f"shared_logprobs_fn: rows of {rows.ids.shape[1]} tokens do not "
-                             f"split over {group} devices (shared_rows(multiple=))")
+                             f"split over {devices} devices (shared_rows(multiple=))")
         mask = rows.mask()
         return jax.tree.map(lambda x: jnp.where(mask, x[0, : mask.size].reshape(mask.shape), 0.0),
                             run(model, rows, table))
