@@ -28,6 +28,7 @@ unless `rl.shared_prompt` is False; measured on one H200 in docs/benchmarks.md.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -192,8 +193,8 @@ def shared_logprobs_fn(mesh, scheme: str, loss_chunk: int = 2048, *, entropy: bo
         if rows.ids.shape[1] % devices:
             raise ValueError(f"shared_logprobs_fn: rows of {rows.ids.shape[1]} tokens do not "
                              f"split over {devices} devices (shared_rows(multiple=))")
-        mask = rows.mask()
-        return jax.tree.map(lambda x: jnp.where(mask, x[0, : mask.size].reshape(mask.shape), 0.0),
+        shape = rows.mask().shape  # past an answer's end the target is ignored: 0 there
+        return jax.tree.map(lambda x: x[0, : math.prod(shape)].reshape(shape),
                             run(model, rows, table))
 
     return logprobs
