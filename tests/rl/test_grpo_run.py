@@ -105,13 +105,13 @@ def _one_device_config(data):
     return config
 
 
-def test_on_one_device_each_prompt_runs_once_per_pass(data, tmp_path, monkeypatch):
+def test_on_one_device_each_prompt_runs_once_per_pass(data, tmp_path):
     """On one device (through the CLI, in a process that sees one device) `rl.shared_prompt`,
     unset, computes each prompt once: it trains the LLM and logs finite metrics, the first
     ratio 1."""
     config_file = _config_file(data, tmp_path, "_one_device_config(data)")
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-    run = cli_train(config_file, tmp_path / "one")
+    run = cli_train(config_file, tmp_path / "one",
+                    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     _, err = run.communicate(timeout=900)
     assert run.returncode == 0, err[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text()

@@ -46,12 +46,16 @@ def write_config_file(tmp_path, corpus, name, steps, parallel=(1, 2, 4)) -> Path
     return path
 
 
-def cli_train(config_file: Path, workdir: Path, *extra) -> subprocess.Popen:
-    """`longvila-jax train` in a subprocess. SIGINT is given back its default first: pytest-
-    xdist's workers ignore it, a child inherits that, and Python then never raises
-    KeyboardInterrupt (the Ctrl-C test would see a run that cannot be interrupted)."""
+def cli_train(config_file: Path, workdir: Path, *extra, env: dict | None = None
+              ) -> subprocess.Popen:
+    """`longvila-jax train` in a subprocess, `env` added to this process's environment for
+    it alone (setting it here would reach this worker's JAX if not yet started). SIGINT is
+    given back its default first: pytest-xdist's workers ignore it, a child inherits that,
+    and Python then never raises KeyboardInterrupt (the Ctrl-C test would see a run that
+    cannot be interrupted)."""
     return subprocess.Popen([sys.executable, "-m", "longvila_jax.cli", "train", "--quiet",
                              f"--config={config_file}", f"--workdir={workdir}", *extra],
+                            env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
