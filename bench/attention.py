@@ -1,15 +1,17 @@
-"""Attention throughput: our Triton kernel vs cuDNN vs the blockwise XLA path, one run.
+"""Attention throughput: our Triton and Mosaic GPU kernels vs cuDNN vs the blockwise XLA
+path, one run.
 
-Causal GQA 32/8 heads, head dim 128, bf16, batch 1, sequence 4K..64K; forward and
+Causal GQA 32/8 heads (`--heads`), head dim 128, bf16, batch 1, sequence 4K..64K; forward and
 forward+backward TFLOP/s, counting causal as half of dense and fwd+bwd as 3.5x fwd.
-Then a packed case (16 documents in 32K tokens, segment ids) for Triton against cuDNN
-on the same 32K tokens as one dense causal sequence (cuDNN has no segment ids).
+Then a packed case (16 documents in 32K tokens, segment ids) for our kernels against
+cuDNN on the same 32K tokens as one dense causal sequence (cuDNN has no segment ids).
 
-  python bench/attention.py [--seqs 4096,8192] [--backends triton,cudnn,xla] [--json PATH]
-                            [--sweep]   (first try Triton block configs at 32K, keep the best)
-  python bench/attention.py --interleave 7 [--seqs 32768]
-      (forward only, Triton and cuDNN timed alternately N times: cuDNN's own time moves
-       by ~10% between runs, so one pair of numbers is a weak basis for a ratio)
+  python bench/attention.py [--seqs 4096,8192] [--backends triton,mosaic,cudnn,xla]
+                            [--json PATH] [--sweep [--sweep-seq 32768]]
+      (--sweep: first try the kernels' block configs, keep the best)
+  python bench/attention.py --interleave 7 [--seqs 32768] [--backends triton,mosaic]
+      (forward only, each backend and cuDNN timed alternately N times: cuDNN's own time
+       moves by ~10% between runs, so one pair of numbers is a weak basis for a ratio)
 """
 
 from __future__ import annotations
@@ -51,68 +53,88 @@ def causal_fwd_flops(seq: int) -> float:
     return 4 * seq * seq * HEADS * HEAD_DIM / 2
 
 
-SWEEP = {  # configs that compile without spills or ptxas serialisation warnings, or nearly
-    "FWD": [(128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
-    "BWD_KV": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)],
-    "BWD_Q": [(128, 128, 8, 2), (64, 64, 4, 3)],
+SWEEP = {  # (kernel module, config name): configs that compile without spills or ptxas
+    # serialisation warnings, or nearly; Triton (BLOCK_M, BLOCK_N, warps, stages),
+    # Mosaic (block_kv, stages)
+    ("triton", "FWD"): [(128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
+    ("triton", "BWD_KV"): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)],
+    ("triton", "BWD_Q"): [(128, 128, 8, 2), (64, 64, 4, 3)],
+    ("mosaic", "FWD"): [(128, 2), (64, 2), (64, 3), (64, 4)],
 }
 
 
-def sweep(seq=32768):
-    """Time each Triton block config at `seq`; leave the fastest set in the kernel module."""
-    from longvila_jax.kernels import triton as kernels
+def sweep(backends, seq=32768):
+    """Time each block config of the kernels in `backends` at `seq`; leave the fastest set
+    in the kernel module."""
+    import importlib
 
     q, k, v, do = inputs(seq, jax.random.key(1))
-    print(f"sweep at {seq}: (BLOCK_M, BLOCK_N, warps, stages)")
-    for name, configs in SWEEP.items():
+    print(f"sweep at {seq}: Triton (BLOCK_M, BLOCK_N, warps, stages), Mosaic (block_kv, stages)")
+    for (backend, name), configs in SWEEP.items():
+        if backend not in backends:
+            continue
+        kernels = importlib.import_module(f"longvila_jax.kernels.{backend}")
         best = None
         for config in configs:
             setattr(kernels, name, kernels.Blocks(*config))
-            fwd, fwd_bwd = functions("triton", None)
+            fwd, fwd_bwd = functions(backend, None)
             try:
                 t = timed(fwd, q, k, v, reps=3) if name == "FWD" else timed(
                     fwd_bwd, q, k, v, do, reps=2)
             except Exception as e:  # a config can exceed shared memory: report, go on
-                print(f"  {name} {config}: failed ({type(e).__name__}: {str(e)[:80]})")
+                print(f"  {backend} {name} {config}: failed ({type(e).__name__}: "
+                      f"{str(e)[:80]})")
                 continue
-            print(f"  {name} {config}: {t * 1e3:.3f} ms", flush=True)
+            print(f"  {backend} {name} {config}: {t * 1e3:.3f} ms", flush=True)
             best = min(best or (t, config), (t, config))
         setattr(kernels, name, kernels.Blocks(*best[1]))
-        print(f"  -> {name} = {best[1]}")
+        print(f"  -> {backend} {name} = {best[1]}")
 
 
-def interleave(seq, rounds):
-    """Alternate Triton and cuDNN forward timings; print each ratio and the median."""
+def interleave(seq, rounds, backends):
+    """Alternate each backend's forward timing with cuDNN's; print each ratio (cuDNN time
+    over the backend's: throughput relative to cuDNN) and the median."""
     q, k, v, _ = inputs(seq, jax.random.key(0))
-    fns = {b: functions(b, None)[0] for b in ("triton", "cudnn")}
-    ratios = []
+    names = [b for b in backends if b != "cudnn"]
+    fns = {b: functions(b, None)[0] for b in (*names, "cudnn")}
+    ratios = {b: [] for b in names}
     for r in range(rounds):
         t = {b: timed(f, q, k, v, reps=10) for b, f in fns.items()}
-        ratios.append(t["cudnn"] / t["triton"])
-        print(f"round {r}: triton {t['triton'] * 1e3:.3f} ms, cudnn {t['cudnn'] * 1e3:.3f} ms, "
-              f"triton/cudnn throughput {ratios[-1]:.3f}", flush=True)
-    print(f"median ratio over {rounds} rounds at {seq}: {float(np.median(ratios)):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
+        for b in names:
+            ratios[b].append(t["cudnn"] / t[b])
+        print(f"round {r}: " + ", ".join(f"{b} {x * 1e3:.3f} ms" for b, x in t.items()),
+              flush=True)
+    for b in names:
+        print(f"{b}/cudnn throughput at {seq}, median of {rounds}: "
+              f"{float(np.median(ratios[b])):.3f} (min {min(ratios[b]):.3f}, "
+              f"max {max(ratios[b]):.3f})")
     return ratios
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,8192,16384,32768,65536")
-    parser.add_argument("--backends", default="triton,cudnn,xla")
+    parser.add_argument("--backends", default="triton,mosaic,cudnn,xla")
     parser.add_argument("--json", default=None, help="also write results here")
-    parser.add_argument("--sweep", action="store_true", help="tune Triton block configs first")
+    parser.add_argument("--heads", default=f"{HEADS},{KV_HEADS}", metavar="Q,KV",
+                        help="query and KV heads (Qwen2-1.5B: 12,2)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="tune the kernels' block configs first")
+    parser.add_argument("--sweep-seq", type=int, default=32768)
     parser.add_argument("--interleave", type=int, default=0, metavar="N",
-                        help="only: N alternating Triton/cuDNN forward timings per length")
+                        help="only: N alternating forward timings per length, each backend "
+                             "against cuDNN")
     args = parser.parse_args()
+    global HEADS, KV_HEADS
+    HEADS, KV_HEADS = (int(x) for x in args.heads.split(","))
+    backends = args.backends.split(",")
     if args.interleave:
         for seq in args.seqs.split(","):
-            interleave(int(seq), args.interleave)
+            interleave(int(seq), args.interleave, backends)
         return
     if args.sweep:
-        sweep()
+        sweep(backends, args.sweep_seq)
     seqs = [int(s) for s in args.seqs.split(",")]
-    backends = args.backends.split(",")
     rows, key = [], jax.random.key(0)
     print(f"{'seq':>6} {'backend':>7} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
     for seq in seqs:
@@ -136,8 +158,10 @@ def main():
     packed = Mask.self_attention(pos, seg)
     print(f"\npacked: {docs} documents in {seq} tokens")
     for backend, mask, label in [("triton", packed, "triton, packed (segment ids)"),
+                                 ("mosaic", packed, "mosaic, packed (segment ids)"),
                                  ("cudnn", None, "cudnn, dense causal"),
-                                 ("triton", None, "triton, dense causal")]:
+                                 ("triton", None, "triton, dense causal"),
+                                 ("mosaic", None, "mosaic, dense causal")]:
         if backend not in backends:
             continue
         fwd, fwd_bwd = functions(backend, mask)

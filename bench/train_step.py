@@ -44,7 +44,8 @@ LONGEST_STEP = 16384  # --longest's bisection granularity (tokens)
 
 def bench_config(args, remat: str, seq: int):
     config = model_config(args.model)
-    config.model.update(remat=remat, dtype="bfloat16", param_dtype="float32")
+    config.model.update(remat=remat, dtype="bfloat16", param_dtype="float32",
+                        attention_backend=args.kernel)
     data, node, local = args.mesh
     config.parallel.update(data=data, node=node, local=local, attention=args.attention)
     config.train.update(seq_len=seq, max_frames=max(args.frames, 1), batch_size=data,
@@ -92,12 +93,15 @@ def measure(args, remat: str, rng) -> dict:
         jax.block_until_ready(run.step_fn(run.model, run.optimizer, batch))
         times.append(time.perf_counter() - began)
     step = float(np.median(times))
+    if args.profile:  # one more step under XLA's profiler (bench/profile_breakdown.py reads it)
+        with jax.profiler.trace(f"{args.profile}/{args.model}-{args.seq}-{remat}-{args.kernel}"):
+            jax.block_until_ready(run.step_fn(run.model, run.optimizer, batch))
     devices = run.mesh.devices.size
     model_flops = flops.train_step_flops(config.model, packed["segment_ids"], args.frames
                                          * args.mesh[0])
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
     return {"model": args.model, "remat": remat, "seq": args.seq, "frames": args.frames,
-            "mesh": list(args.mesh), "step_s": step, "compile_s": compile_s,
+            "mesh": list(args.mesh), "kernel": args.kernel, "step_s": step, "compile_s": compile_s,
             "tokens_per_s_per_gpu": args.seq * args.mesh[0] / step / devices,
             "model_tflops_per_gpu": model_flops / step / devices / 1e12,
             "mfu": model_flops / step / devices / (peak * 1e12) if peak else None,
@@ -188,7 +192,8 @@ def main():
     parser.add_argument("--seq", type=int, default=32768, help="tokens per sequence")
     parser.add_argument("--frames", type=int, default=0, help="video frames per sequence")
     parser.add_argument("--mesh", default="1,1,1", help="data,node,local")
-    parser.add_argument("--attention", default="auto")
+    parser.add_argument("--attention", default="auto", help="sequence-parallel scheme")
+    parser.add_argument("--kernel", default="auto", help="model.attention_backend")
     parser.add_argument("--remat", default="none,selective,full")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--longest", default="", help="remat policies to find the longest for")
@@ -198,6 +203,8 @@ def main():
                         help="--longest: bisection steps after doubling")
     parser.add_argument("--torch", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="also trace one step with XLA's profiler into DIR")
     args = parser.parse_args()
     args.mesh = tuple(int(x) for x in args.mesh.split(","))
     rng = np.random.default_rng(0)
@@ -219,7 +226,8 @@ def main():
         rows.append(torch_baseline(args))
         show(rows[-1])
         return _save(args, rows)
-    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}")
+    print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, jax {jax.__version__}"
+          f", attention kernel {args.kernel}")
     if args.memory_gib is None:
         stats = jax.local_devices()[0].memory_stats() or {}
         args.memory_gib = stats.get("bytes_limit", 16 * GIB) / GIB

@@ -74,3 +74,47 @@ def test_unknown_part_is_named(tmp_path, part):
                             env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and f"unknown part '{part}'" in result.stderr
+
+
+def test_profile_breakdown_sorts_kernels_and_finds_idle_and_exposed_time(tmp_path):
+    """A made-up two-GPU trace: each kernel lands in its category by name and name stack;
+    idle is the gap between kernels; a collective counts as exposed only where no other
+    kernel runs beside it."""
+    import gzip
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from profile_breakdown import breakdown, find_trace
+
+    def kernel(pid, start, dur, name, stack=""):
+        return {"ph": "X", "pid": pid, "tid": 1, "ts": start, "dur": dur, "name": name,
+                "args": {"name": stack}}
+
+    events = [{"ph": "M", "name": "process_name", "pid": p, "args": {"name": n}}
+              for p, n in ((1, "/device:GPU:0"), (2, "/device:GPU:1"), (3, "/host:CPU"))]
+    for pid in (1, 2):
+        events += [
+            kernel(pid, 0, 1000, "entry_mosaic_gpu_kernel", "jit(step)/jvp()/mpmd_map"),
+            kernel(pid, 1000, 2000, "nvjet_sm90_tst_128x160", "jit(step)/jvp()/dot_general"),
+            kernel(pid, 3000, 500, "ncclDevKernel_AllGather", "jit(step)/all_gather"),
+            kernel(pid, 3000, 300, "loop_add_fusion", "jit(step)/jvp()/add"),
+            kernel(pid, 4000, 3000, "_bwd_kv_kernel", "transpose(jvp())/triton_kernel_call"),
+            kernel(pid, 7000, 1000, "nvjet_sm90_tst_256x128", "transpose(jvp())/dot_general"),
+            kernel(pid, 8000, 1000, "nvjet_sm90_tst_128x160",
+                   "transpose(jvp())/checkpoint/rematted_computation/dot_general"),
+            kernel(pid, 9000, 500, "nvjet_sm90_tss_128x256",
+                   "jit(step)/jvp()/logits_and_loss/dot_general"),
+            kernel(pid, 9500, 500, "loop_select_fusion", "jit(step)/optimizer/select_n"),
+        ]
+    events.append(kernel(3, 0, 99_000, "host work"))
+    path = tmp_path / "prof" / "plugins" / "vm.trace.json.gz"
+    path.parent.mkdir(parents=True)
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    assert find_trace(tmp_path / "prof") == path
+    got = breakdown({"traceEvents": events})
+    want = {"attention forward": 1.0, "matrix products forward": 2.0,
+            "collectives (hidden)": 0.3, "collectives (exposed)": 0.2, "other kernels": 0.3,
+            "attention backward": 3.0, "matrix products backward": 1.0,
+            "rematerialised recompute": 1.0, "logits and loss": 0.5, "optimizer": 0.5,
+            "vision tower": 0.0, "idle": 0.5, "step": 10.0}
+    assert got == pytest.approx(want)

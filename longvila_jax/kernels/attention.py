@@ -25,7 +25,7 @@ from longvila_jax.kernels import xla
 from longvila_jax.kernels.manual_axes import varying_like
 from longvila_jax.kernels.mask import Mask
 
-BACKENDS = ("auto", "xla", "triton", "cudnn")
+BACKENDS = ("auto", "xla", "triton", "mosaic", "cudnn")
 # The names under which the forward rules tag attention's results; `selective` remat
 # keeps exactly these (models/layers.py).
 REMAT_NAMES = ("attention_out", "attention_lse")
@@ -54,31 +54,52 @@ def _backend(name: str):
         from longvila_jax.kernels import triton
 
         return triton
+    if name == "mosaic":
+        from longvila_jax.kernels import mosaic
+
+        return mosaic
     from longvila_jax.kernels import cudnn
 
     return cudnn
 
 
 def _choose(backend: str, q, unmasked: bool) -> str:
-    """Resolve 'auto': cuDNN for plain (unpacked, default-position) attention on GPU, our
-    Triton kernel for everything else on GPU, the blockwise XLA path elsewhere and for
-    decoding's few query rows."""
+    """Resolve 'auto' to the fastest correct backend, per direction where they differ
+    (bench/attention.py, docs/benchmarks.md): on a GPU, cuDNN for plain (unpacked,
+    default-position) attention, both directions; for everything else our Mosaic GPU
+    forward with the Triton backward on Hopper (bf16/fp16, head dim 64 or 128), the Triton
+    kernels elsewhere; the blockwise XLA path off GPU and for decoding's few query rows."""
     if backend != "auto":
         if backend == "cudnn" and not unmasked:
             raise ValueError("flash_attention: backend 'cudnn' takes no positions or segment "
-                             "ids; use 'triton' or 'xla' for packed or offset attention")
+                             "ids; use 'triton', 'mosaic' or 'xla' for packed or offset "
+                             "attention")
+        if backend == "mosaic" and not _mosaic_supports(q):
+            raise ValueError(f"flash_attention: backend 'mosaic' needs a Hopper GPU, bf16 or "
+                             f"fp16 and head dim 64 or 128; got {q.dtype} q {q.shape} on "
+                             f"{jax.devices()[0].device_kind}")
         return backend
     if jax.default_backend() != "gpu" or q.dtype not in (jnp.bfloat16, jnp.float16):
         return "xla"
     if q.shape[1] <= xla.DECODE_ROWS:  # decoding: GPU kernels' query tiles would be padding
         return "xla"
-    return "cudnn" if unmasked and q.shape[-1] in (64, 128) else "triton"
+    if unmasked and q.shape[-1] in (64, 128):
+        return "cudnn"
+    return "mosaic" if _mosaic_supports(q) else "triton"
+
+
+def _mosaic_supports(q) -> bool:
+    if jax.default_backend() != "gpu":
+        return False
+    from longvila_jax.kernels import mosaic
+
+    return mosaic.supports(q)
 
 
 def skips_hidden_tiles(spec: AttentionSpec, q) -> bool:
     """Whether masked attention on `q` under `spec` runs a kernel that skips fully hidden
     tiles by itself; callers then need no `lax.cond` around pieces that see nothing."""
-    return _choose(spec.backend, q, unmasked=False) == "triton"
+    return _choose(spec.backend, q, unmasked=False) in ("triton", "mosaic")
 
 
 def _resolve(q, k, mask: Mask | None, spec: AttentionSpec) -> tuple[Mask, AttentionSpec]:

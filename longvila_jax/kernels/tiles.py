@@ -61,6 +61,22 @@ def _ranges(visible, full):
     return jnp.stack([lo, full_lo, full_hi, hi, n_head, n_tail]).astype(jnp.int32)
 
 
+def tile_lists(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n):
+    """`(order, counts)` for kernels whose loader walks a list instead of searching.
+
+    order int32 `[b, nq, nk]`: per q tile, the kv tiles it may see in ascending order, the
+    hidden ones after them; counts int32 `[3, b, nq]`: how many of those come before the
+    first run of fully visible tiles, in it, and after it (so the list is masked head, full
+    run, masked tail, as in `schedule`).
+    """
+    visible, full = _classify(_tile_stats(q_pos, q_seg, block_m),
+                              _tile_stats(kv_pos, kv_seg, block_n), causal, q_pos.shape[1],
+                              kv_pos.shape[1], block_m, block_n)
+    _, full_lo, full_hi, _, n_head, n_tail = _ranges(visible, full)
+    order = jnp.argsort(~visible, axis=-1, stable=True).astype(jnp.int32)
+    return order, jnp.stack([n_head, full_hi - full_lo, n_tail]).astype(jnp.int32)
+
+
 def schedule(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q: bool):
     """`(q_stats, kv_stats, ranges)`; `over_q` gives ranges per kv tile (over q tiles)."""
     q_stats = _tile_stats(q_pos, q_seg, block_m)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from longvila_jax.kernels import AttentionSpec, Mask, Tokens, flash_attention
 from longvila_jax.models.layers import Linear, RMSNorm, param, scan_layers, stacked
+from longvila_jax.models.loss import float32_logits
 from longvila_jax.models.rope import apply_rope, inverse_frequencies
 
 
@@ -125,7 +126,7 @@ class CausalLM(nnx.Module):
 
     def logits(self, h):
         """Final hidden `[batch, seq, hidden]` -> float32 logits `[batch, seq, vocab]`."""
-        return jnp.dot(h, self.output_weight(), preferred_element_type=jnp.float32)
+        return float32_logits(h, self.output_weight())
 
     def from_embeddings(self, x, mask: Mask | None = None, attend=None, gather=None):
         """Logits for input embeddings `[batch, seq, hidden]` (see `hidden_states`)."""

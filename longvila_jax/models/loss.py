@@ -9,6 +9,39 @@ from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.kernels.manual_axes import varying_like
 
 
+def float32_logits(h, weight):
+    """float32 logits `h @ weight` from compute-dtype operands, whose backward also
+    multiplies in the compute dtype (accumulating in float32).
+
+    Why: the cotangent of float32 logits is float32, and JAX's transpose of the product
+    then runs both gradient products in float32 (TF32 on Hopper, a third of bf16's rate):
+    10 % of a Qwen2-1.5B step at 16K tokens (bench/NOTES.md). Rounding that cotangent to
+    bf16 is what the model's other products get anyway; float32 operands stay float32.
+    """
+    # Typed like h, the weight's gradient may vary where h does; JAX sums it back.
+    return _logits(h, varying_like(weight, h))
+
+
+@jax.custom_vjp
+def _logits(h, weight):
+    return jnp.dot(h, weight, preferred_element_type=jnp.float32)
+
+
+def _logits_fwd(h, weight):
+    return _logits(h, weight), (h, weight)
+
+
+def _logits_bwd(residuals, d_logits):
+    h, weight = residuals
+    d_logits = d_logits.astype(jnp.promote_types(h.dtype, weight.dtype))
+    d_h = jnp.einsum("...v,dv->...d", d_logits, weight, preferred_element_type=jnp.float32)
+    d_weight = jnp.einsum("...d,...v->dv", h, d_logits, preferred_element_type=jnp.float32)
+    return d_h.astype(h.dtype), d_weight.astype(weight.dtype)
+
+
+_logits.defvjp(_logits_fwd, _logits_bwd)
+
+
 def token_nll(logits, targets):
     """(summed cross-entropy, count) of `logits[..., t, :]` against `targets[..., t]`,
     skipping IGNORE_INDEX; sums rather than a mean so that shards can add them up."""
@@ -23,20 +56,20 @@ def chunked_token_nll(h, weight, targets, chunk: int):
     """`token_nll(h @ weight, targets)` without holding all logits: positions in chunks of
     `chunk`, each chunk's float32 logits recomputed in the backward. At long context the
     logits are the largest activation (32K tokens x 152K vocab x 4 B = 20 GB)."""
-    if h.shape[1] <= chunk:
-        return token_nll(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
-    pieces = _pieces(h, targets, chunk)
+    with jax.named_scope("logits_and_loss"):  # a profile's name for this work
+        if h.shape[1] <= chunk:
+            return token_nll(float32_logits(h, weight), targets)
+        pieces = _pieces(h, targets, chunk)
 
-    @jax.checkpoint
-    def one(carry, piece):
-        nll, count = token_nll(jnp.dot(piece[0], weight, preferred_element_type=jnp.float32),
-                               piece[1])
-        return (carry[0] + nll, carry[1] + count), None
+        @jax.checkpoint
+        def one(carry, piece):
+            nll, count = token_nll(float32_logits(piece[0], weight), piece[1])
+            return (carry[0] + nll, carry[1] + count), None
 
-    # Inside shard_map the sums vary over the axes the inputs vary over; so must the start.
-    zero = (varying_like(jnp.zeros((), jnp.float32), h, targets),
-            varying_like(jnp.zeros((), jnp.int32), h, targets))
-    return jax.lax.scan(one, zero, pieces)[0]
+        # Inside shard_map the sums vary over the axes the inputs vary over; so must the start.
+        zero = (varying_like(jnp.zeros((), jnp.float32), h, targets),
+                varying_like(jnp.zeros((), jnp.int32), h, targets))
+        return jax.lax.scan(one, zero, pieces)[0]
 
 
 def token_logprobs(logits, targets):
@@ -63,21 +96,22 @@ def chunked_token_logprobs(h, weight, targets, chunk: int, *, entropy: bool = Fa
     at a time and recomputed in the backward (see `chunked_token_nll`): RL's per-token
     log-probabilities of the sampled answers. With `entropy`, `(log-probabilities,
     token_entropy)` from the same logits."""
-    b, s, _ = h.shape
+    with jax.named_scope("logits_and_loss"):
+        b, s, _ = h.shape
 
-    def of(logits, targets):
-        logp = token_logprobs(logits, targets)
-        return (logp, token_entropy(logits, targets)) if entropy else logp
+        def of(logits, targets):
+            logp = token_logprobs(logits, targets)
+            return (logp, token_entropy(logits, targets)) if entropy else logp
 
-    if s <= chunk:
-        return of(jnp.dot(h, weight, preferred_element_type=jnp.float32), targets)
+        if s <= chunk:
+            return of(float32_logits(h, weight), targets)
 
-    @jax.checkpoint
-    def one(_, piece):
-        return None, of(jnp.dot(piece[0], weight, preferred_element_type=jnp.float32), piece[1])
+        @jax.checkpoint
+        def one(_, piece):
+            return None, of(float32_logits(piece[0], weight), piece[1])
 
-    out = jax.lax.scan(one, None, _pieces(h, targets, chunk))[1]  # [pieces, b, chunk] each
-    return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :s], out)
+        out = jax.lax.scan(one, None, _pieces(h, targets, chunk))[1]  # [pieces, b, chunk] each
+        return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(b, -1)[:, :s], out)
 
 
 def _pieces(h, targets, chunk: int):

@@ -128,7 +128,8 @@ def _frame_table(model, batch: Batch, gather):
     this token shard's media positions take)`."""
     frames = batch.frames  # [rows, frames / group, H, W, 3]: each row's, split over the group
     rows, share = frames.shape[:2]
-    emb = model.encode_frames(frames.reshape(rows * share, *frames.shape[2:]), gather)
+    with jax.named_scope("vision_tower"):  # a profile's name for this work
+        emb = model.encode_frames(frames.reshape(rows * share, *frames.shape[2:]), gather)
     emb = jax.lax.all_gather(emb.reshape(rows, share, *emb.shape[1:]), SEQUENCE_AXES,
                              axis=1, tiled=True)  # [rows, frames, tokens per frame, hidden]
     per_row = emb.shape[1] * emb.shape[2]

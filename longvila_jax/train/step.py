@@ -65,15 +65,17 @@ def make_train_step(loss, trainable=nnx.Param):
         diff = nnx.DiffState(0, trainable)
         (value, metrics), grads = nnx.value_and_grad(with_metrics, argnums=diff,
                                                      has_aux=True)(model, batch)
-        grad_norm = optax.tree.norm(grads)
-        applied = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-        # The values, not the Variables: those are updated in place by `update`.
-        before = jax.tree.map(jnp.asarray, (nnx.state(model, trainable), nnx.state(optimizer)))
-        optimizer.update(model, grads)
-        after = nnx.state(model, trainable), nnx.state(optimizer)
-        kept = jax.tree.map(lambda new, old: jnp.where(applied, new, old), after, before)
-        nnx.update(model, kept[0])
-        nnx.update(optimizer, kept[1])
+        with jax.named_scope("optimizer"):  # a profile's name for this work
+            grad_norm = optax.tree.norm(grads)
+            applied = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+            # The values, not the Variables: those are updated in place by `update`.
+            before = jax.tree.map(jnp.asarray, (nnx.state(model, trainable),
+                                                nnx.state(optimizer)))
+            optimizer.update(model, grads)
+            after = nnx.state(model, trainable), nnx.state(optimizer)
+            kept = jax.tree.map(lambda new, old: jnp.where(applied, new, old), after, before)
+            nnx.update(model, kept[0])
+            nnx.update(optimizer, kept[1])
         return {**metrics, "loss": value, "grad_norm": grad_norm, "applied": applied}
 
     return step

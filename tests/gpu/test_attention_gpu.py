@@ -1,4 +1,5 @@
-"""Our Triton kernel (and the cuDNN path) against the blockwise XLA reference, on a GPU.
+"""Our Triton and Mosaic GPU kernels (and the cuDNN path) against the blockwise XLA
+reference, on a GPU.
 
 Run on a GPU machine: `pytest tests/gpu`. Inputs are bf16; the reference runs the XLA
 backend on the same values upcast to float32. Skipped where no GPU is present.
@@ -18,9 +19,10 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a 
 BF16_RTOL = 1e-2
 
 
-def make_case(rng, *, b, sq, skv, h, kh, d, packed, offset, orphans=False):
+def make_case(rng, *, b, sq, skv, h, kh, d, packed, offset, orphans=False,
+              dtype=jnp.bfloat16):
     def normal(*shape):
-        return jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+        return jnp.asarray(rng.standard_normal(shape), dtype)
 
     q, k, v = normal(b, sq, h, d), normal(b, skv, kh, d), normal(b, skv, kh, d)
     q_start = rng.integers(skv // 2, skv, (b, 1)) if offset else np.zeros((b, 1), int)
@@ -64,19 +66,32 @@ def assert_matches_xla(qkv, mask, causal, backend, key):
         assert rel_err(a, r) <= BF16_RTOL, (name, rel_err(a, r))
 
 
+KERNELS = ["triton", "mosaic"]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("ratio", [1, 4, 7])
 @pytest.mark.parametrize("packed,offset,orphans", [(False, False, False), (True, False, False),
                                                    (False, True, False), (True, True, True)])
-def test_triton_matches_xla(rng, causal, ratio, packed, offset, orphans):
+def test_kernel_matches_xla(rng, backend, causal, ratio, packed, offset, orphans):
     d = int(rng.choice([64, 128]))
     shape = dict(b=2, sq=int(rng.integers(300, 1100)), skv=int(rng.integers(300, 1100)),
                  h=ratio * 2, kh=2, d=d)
     qkv, mask = make_case(rng, packed=packed, offset=offset, orphans=orphans, **shape)
-    assert_matches_xla(qkv, mask, causal, "triton", jax.random.key(int(rng.integers(1 << 30))))
+    assert_matches_xla(qkv, mask, causal, backend, jax.random.key(int(rng.integers(1 << 30))))
 
 
-def test_every_output_element_is_written(rng):
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_kernel_matches_xla_in_float16(rng, backend, causal):
+    qkv, mask = make_case(rng, b=2, sq=640, skv=896, h=8, kh=2, d=128, packed=True,
+                          offset=True, orphans=True, dtype=jnp.float16)
+    assert_matches_xla(qkv, mask, causal, backend, jax.random.key(int(rng.integers(1 << 30))))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_every_output_element_is_written(rng, backend):
     """Fill the allocator with NaN buffers of the outputs' sizes, free them, then run: any
     element the kernel leaves unwritten would come back NaN (fully masked rows included)."""
     qkv, mask = make_case(rng, b=1, sq=777, skv=1029, h=8, kh=2, d=128, packed=True,
@@ -85,7 +100,7 @@ def test_every_output_element_is_written(rng):
         poison = [jnp.full(x.shape, jnp.nan, x.dtype) for x in (*qkv, *qkv)]
         jax.block_until_ready(poison)
         del poison
-        out, lse = flash_attention(*qkv, mask, AttentionSpec(backend="triton"))
+        out, lse = flash_attention(*qkv, mask, AttentionSpec(backend=backend))
         assert not np.isnan(np.asarray(out.astype(jnp.float32))).any()
         assert not np.isnan(np.asarray(lse)).any()
 
@@ -104,7 +119,8 @@ def test_triton_siglip_head_dim_72_matches_xla(rng):
     assert_matches_xla(qkv, mask, False, "triton", jax.random.key(1))
 
 
-def test_offsets_past_2_to_31_elements(rng):
+@pytest.mark.parametrize("backend", KERNELS)
+def test_offsets_past_2_to_31_elements(rng, backend):
     """q and k with more than 2^31 elements (int64 row offsets in the kernels): the last
     packed document of a ~528K-token call equals that document attended alone, forward
     and backward. Documents are 2048 tokens, so the long call costs little."""
@@ -119,7 +135,7 @@ def test_offsets_past_2_to_31_elements(rng):
 
     def run(q, k, v, d_out, pos, seg):
         out, vjp = jax.vjp(lambda q, k, v: flash_attention(
-            q, k, v, Mask.self_attention(pos, seg), AttentionSpec(backend="triton"))[0],
+            q, k, v, Mask.self_attention(pos, seg), AttentionSpec(backend=backend))[0],
                            q, k, v)
         return (out, *vjp(d_out))
 

@@ -19,6 +19,7 @@ from longvila_jax.kernels import (
     AttentionSpec,
     Mask,
     Tokens,
+    attention,
     flash_attention,
     flash_attention_bwd,
     xla,
@@ -321,3 +322,26 @@ def test_public_backward_equals_autodiff(rng):
     for got, want in zip(flash_attention_bwd(q, k, v, out, lse, d_out, d_lse, mask, spec),
                          vjp((d_out, d_lse)), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_auto_picks_the_fastest_correct_backend_per_case(monkeypatch):
+    """On a GPU: cuDNN for plain attention, the Mosaic forward (Triton backward) for masked
+    attention where it runs, Triton where it does not, XLA for decoding rows; off GPU XLA."""
+    def q(rows, head_dim, dtype=jnp.bfloat16):
+        return jax.ShapeDtypeStruct((1, rows, 4, head_dim), dtype)
+
+    assert attention._choose("auto", q(512, 128), unmasked=False) == "xla"  # this CPU
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_mosaic_supports", lambda q: q.shape[-1] in (64, 128))
+    assert attention._choose("auto", q(512, 128), unmasked=True) == "cudnn"
+    assert attention._choose("auto", q(512, 128), unmasked=False) == "mosaic"
+    assert attention._choose("auto", q(729, 72), unmasked=False) == "triton"  # SigLIP
+    assert attention._choose("auto", q(729, 72), unmasked=True) == "triton"
+    assert attention._choose("auto", q(1, 128), unmasked=False) == "xla"
+    assert attention._choose("auto", q(512, 128, jnp.float32), unmasked=False) == "xla"
+
+
+def test_mosaic_backend_names_what_it_needs(rng):
+    q = jnp.asarray(rng.normal(size=(1, 128, 4, 64)), jnp.bfloat16)
+    with pytest.raises(ValueError, match="Hopper GPU, bf16 or fp16 and head dim 64 or 128"):
+        flash_attention(q, q, q, None, AttentionSpec(backend="mosaic"))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from longvila_jax.kernels.tiles import schedule
+from longvila_jax.kernels.tiles import schedule, tile_lists
 
 
 def truth(q_pos, kv_pos, q_seg, kv_seg, causal, bm, bn):
@@ -68,3 +68,29 @@ def test_schedule_covers_visible_tiles_and_full_ranges_are_full(rng, causal, ove
             # Causal, sorted segments: the full tiles form one run, and the schedule finds it.
             if full[row].any() and causal and docs == 1:
                 assert full_hi - full_lo == full[row].sum()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tile_lists_walk_visible_tiles_in_order_head_full_tail(rng, causal):
+    """The Mosaic forward's list: every tile the schedule may see, ascending, nothing else;
+    the counts split it into the same masked head, full run and masked tail."""
+    for _ in range(8):
+        sq, skv = (int(n) for n in rng.integers(1, 200, 2))
+        bm, bn = int(rng.choice([16, 32])), int(rng.choice([8, 16]))
+        q_pos = (rng.integers(0, 100) + np.arange(sq))[None].astype(np.int32)
+        kv_pos = np.arange(skv, dtype=np.int32)[None]
+        docs = int(rng.integers(1, 5))
+        q_seg = np.sort(rng.integers(0, docs, sq))[None].astype(np.int32)
+        kv_seg = np.sort(rng.integers(0, docs, skv))[None].astype(np.int32)
+        arrays = [jnp.asarray(x) for x in (q_pos, kv_pos, q_seg, kv_seg)]
+        order, counts = tile_lists(*arrays, causal, bm, bn)
+        q_stats, kv_stats, ranges = schedule(*arrays, causal, bm, bn, over_q=False)
+        visible, full = truth(q_pos, kv_pos, q_seg, kv_seg, causal, bm, bn)
+        accepted = kernel_test(np.asarray(q_stats)[:, 0], np.asarray(kv_stats)[:, 0], causal)
+        for row, (n_head, n_full, n_tail) in enumerate(np.asarray(counts)[:, 0].T):
+            walked = np.asarray(order)[0, row, :n_head + n_full + n_tail]
+            assert (walked == np.flatnonzero(accepted[row])).all()
+            assert set(np.flatnonzero(visible[row])) <= set(walked)
+            assert full[row, walked[n_head:n_head + n_full]].all()
+            _, full_lo, full_hi, _, head, tail = np.asarray(ranges)[:, 0, row]
+            assert (n_head, n_full, n_tail) == (head, full_hi - full_lo, tail)

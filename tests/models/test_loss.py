@@ -63,3 +63,59 @@ def test_chunked_entropy_matches_float64_and_passes_no_gradient(rng):
         grad = jax.grad(lambda hh, chunk=chunk: chunked_token_logprobs(
             hh, jnp.asarray(weight), targets, chunk, entropy=True)[1].sum())(jnp.asarray(h))
         assert not np.asarray(grad).any()
+
+
+def _nll_gradients_float64(h, weight, targets):
+    """d(summed NLL)/dh and /dweight in float64: (softmax - onehot) times the operands."""
+    logits = h.astype(np.float64) @ weight.astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    valid = targets != IGNORE_INDEX
+    g = p - np.eye(weight.shape[1])[np.where(valid, targets, 0)]
+    g *= valid[..., None]
+    return g @ weight.T.astype(np.float64), np.einsum("bsd,bsv->dv", h.astype(np.float64), g)
+
+
+def test_logits_gradients_match_float64_in_float32_and_bfloat16(rng):
+    """The logits' own backward (its cotangent rounded to the operands' dtype): exact in
+    float32; in bf16 within bf16 rounding of the float64 gradient."""
+    h = rng.normal(size=(2, 30, 16)).astype(np.float32)
+    weight = rng.normal(size=(16, 48)).astype(np.float32) / 4
+    targets = rng.integers(0, 48, (2, 30)).astype(np.int32)
+    targets[rng.uniform(size=targets.shape) < 0.25] = IGNORE_INDEX
+    for dtype, rtol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        hh, ww = jnp.asarray(h, dtype), jnp.asarray(weight, dtype)
+        want = _nll_gradients_float64(np.asarray(hh, np.float64), np.asarray(ww, np.float64),
+                                      targets)
+        got = jax.grad(lambda a, b: chunked_token_nll(a, b, targets, 8)[0], (0, 1))(hh, ww)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == dtype
+            err = np.abs(np.asarray(g, np.float64) - w).max() / np.abs(w).max()
+            assert err <= rtol, (dtype, err)
+
+
+def test_logits_weight_gradient_sums_over_sequence_shards(rng):
+    """Inside shard_map, with positions sharded and the weight replicated, the weight's
+    gradient is the whole sequence's (the custom backward's piece summed over shards)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    h = rng.normal(size=(1, 32, 8)).astype(np.float32)
+    weight = rng.normal(size=(8, 24)).astype(np.float32)
+    targets = rng.integers(0, 24, (1, 32)).astype(np.int32)
+    mesh = jax.make_mesh((4,), ("sp",), devices=jax.devices()[:4])
+
+    def loss(hh, ww, tt):
+        nll = jax.shard_map(lambda a, b, t: jax.lax.psum(chunked_token_nll(a, b, t, 4)[0],
+                                                         "sp"),
+                            mesh=mesh, in_specs=(P(None, "sp"), P(), P(None, "sp")),
+                            out_specs=P())(hh, ww, tt)
+        return nll
+
+    sharded = NamedSharding(mesh, P(None, "sp"))
+    args = (jax.device_put(h, sharded), jax.device_put(weight, NamedSharding(mesh, P())),
+            jax.device_put(targets, sharded))
+    got = jax.jit(jax.grad(loss, (0, 1)))(*args)
+    want = _nll_gradients_float64(h, weight, targets)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-4, atol=1e-5)

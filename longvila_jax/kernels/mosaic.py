@@ -1,0 +1,247 @@
+"""Attention forward for Hopper in Pallas Mosaic GPU; the backward is the Triton kernels'.
+
+Why a second kernel: every sequence-parallel step attends with positions and segment ids,
+which cuDNN cannot take, and our Triton forward reaches ~0.8x cuDNN on an H200. Mosaic GPU
+exposes what Triton hides: warp specialisation, wgmma with register accumulators and
+explicit shared-memory pipelines.
+
+One program per (query head, pair of 64-row query tiles, batch row), three warpgroups:
+- a producer streams K/V tiles by TMA into a ring of shared-memory slots;
+- two consumers, one per query tile, each runs the online softmax over the same K/V tiles;
+  they take turns on the tensor cores (a two-party barrier), so one's softmax overlaps
+  the other's matrix products.
+Both sides walk one list per query pair, `tiles.tile_lists`: the kv tiles it may see,
+ascending, as a masked head, a run of fully visible tiles and a masked tail. Hidden tiles
+are never loaded; only the masked loops read positions and segment ids (from global
+memory, a few hundred bytes per tile) and build the mask. The softmax works in base 2 with
+the scale folded into one multiply-add, as the Triton kernel does.
+
+Layouts match the API: q/out `[b, sq, h, d]`, k/v `[b, skv, kh, d]`, lse `[b, h, sq]`.
+GQA reads K/V head `h // (h // kh)` without repeating it. Lengths that are not multiples
+of the tiles are padded here (the padded keys are masked by index, the padded rows cut).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from longvila_jax.kernels.tiles import tile_lists
+
+BLOCK_Q = 64  # query rows per consumer warpgroup; a program holds two
+
+
+class Blocks(NamedTuple):
+    """The forward's K/V tile rows and shared-memory ring depth."""
+
+    block_kv: int
+    stages: int
+
+
+# Picked by `bench/attention.py --sweep` on an H200 (bench/NOTES.md).
+FWD = Blocks(block_kv=128, stages=2)
+HEAD_DIMS = (64, 128)
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+_ACC = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per key column
+
+
+def supports(q) -> bool:
+    """Whether this kernel runs `q`: Hopper, bf16/fp16, head dim 64 or 128."""
+    device = jax.devices()[0]
+    return (device.platform == "gpu" and getattr(device, "compute_capability", "") == "9.0"
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] in HEAD_DIMS)
+
+
+def _kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, order_ref,
+            counts_ref, out_ref, lse_ref, scratch, *, causal, scale_log2, groups, skv,
+            n_pairs, block_kv, stages):
+    (qo_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free), turn \
+        = scratch
+    head = lax.axis_index("heads")
+    pair = n_pairs - 1 - lax.axis_index("pairs")  # causal: the longest rows start first
+    b = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    n_head, n_full, n_tail = (counts_ref[r, b, pair] for r in range(3))
+    steps = n_head + n_full + n_tail
+    dtype = q_ref.dtype
+    shape = (BLOCK_Q, block_kv)
+
+    def take_turn():
+        plgpu.barrier_arrive(turn)
+        plgpu.barrier_wait(turn)
+
+    def rows(x, width):
+        return lax.broadcast_in_dim(x, (BLOCK_Q, width), [0])
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+        q0 = pair * (2 * BLOCK_Q) + wg * BLOCK_Q
+        q_smem = qo_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, BLOCK_Q), head], q_smem,
+                                q_ready.at[wg])
+        q_pos = plgpu.load(q_pos_ref.at[b, pl.ds(q0, BLOCK_Q)], layout=_ROW, optimized=False)
+        q_seg = plgpu.load(q_seg_ref.at[b, pl.ds(q0, BLOCK_Q)], layout=_ROW, optimized=False)
+        plgpu.barrier_wait(q_ready.at[wg])
+
+        def visible(i):
+            kv0 = order_ref[b, pair, i] * block_kv
+            cols = pl.ds(kv0, block_kv)
+            kv_seg = plgpu.load(kv_seg_ref.at[b, cols], layout=_COL, optimized=False)
+            seen = rows(q_seg, block_kv) == lax.broadcast_in_dim(kv_seg, shape, [1])
+            if causal:
+                kv_pos = plgpu.load(kv_pos_ref.at[b, cols], layout=_COL, optimized=False)
+                seen &= lax.broadcast_in_dim(kv_pos, shape, [1]) <= rows(q_pos, block_kv)
+            if skv % block_kv:  # keys padded to the tile: hide them by index
+                index = plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=_ACC)
+                seen &= index + kv0 < skv
+            return seen
+
+        def step(i, carry, masked):
+            acc, m, denom = carry
+            slot = lax.rem(i, stages)
+
+            def scores(acc_ref):
+                plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].transpose((1, 0)))
+                take_turn()  # the other consumer's softmax runs while these products do
+                return acc_ref[...]
+
+            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            if masked:
+                s = jnp.where(visible(i), s, -jnp.inf)
+            m_new = jnp.maximum(m, s.max(axis=1) * scale_log2)
+            # A row that has seen nothing yet subtracts 0, so exp2(-inf) stays 0.
+            m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) if masked else m_new
+            alpha = jnp.exp2(m - m_use)
+            p = jnp.exp2(s * scale_log2 - rows(m_use, block_kv))
+            denom = denom * alpha + p.sum(axis=1)
+            acc = acc * rows(alpha, acc.shape[1])
+            p16 = p.astype(dtype)
+            acc, denom, m_new, p16 = lax.optimization_barrier((acc, denom, m_new, p16))
+            plgpu.barrier_arrive(turn)  # softmax done: the tensor cores are the other's
+            plgpu.barrier_wait(v_ready.at[slot])
+            plgpu.barrier_wait(turn)
+
+            def values(acc_ref):
+                plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                # Wait for the next K tile while this product runs.
+                pl.when(i + 1 < steps)(
+                    lambda: plgpu.barrier_wait(k_ready.at[lax.rem(i + 1, stages)]))
+
+            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            plgpu.barrier_arrive(v_free.at[slot])
+            return acc, m_new, denom
+
+        m = plgpu.layout_cast(jnp.full((BLOCK_Q,), -jnp.inf, jnp.float32), _ROW)
+        denom = plgpu.layout_cast(jnp.zeros((BLOCK_Q,), jnp.float32), _ROW)
+        acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, q_ref.shape[-1]), jnp.float32), _ACC)
+        pl.when(steps > 0)(lambda: plgpu.barrier_wait(k_ready.at[0]))
+        pl.when(wg == 1)(take_turn)
+        carry = (acc, m, denom)
+        # Counted from 0: under shard_map the counts vary over the mesh, and a loop whose
+        # index starts at one of them fails JAX's carry-type check inside the kernel.
+        for start, count, masked in ((0, n_head, True), (n_head, n_full, False),
+                                     (n_head + n_full, n_tail, True)):
+            carry = lax.fori_loop(
+                0, count, lambda j, c, start=start, masked=masked: step(start + j, c, masked),
+                carry)
+        acc, m, denom = carry
+        pl.when(wg == 0)(take_turn)
+
+        seen = denom > 0.0
+        inv = jnp.where(seen, 1.0 / jnp.where(seen, denom, 1.0), 0.0)
+        q_smem[...] = (acc * rows(inv, acc.shape[1])).astype(dtype)
+        lse_smem.at[wg][...] = jnp.where(seen, m * LN2 + jnp.log(jnp.where(seen, denom, 1.0)),
+                                         -jnp.inf)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_smem, out_ref.at[b, pl.ds(q0, BLOCK_Q), head])
+        plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, head, pl.ds(q0, BLOCK_Q)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+        kv_head = lax.div(head, jnp.array(groups, head.dtype))
+
+        @pl.loop(0, steps)
+        def _load(i):
+            slot = lax.rem(i, stages)
+            cols = pl.ds(order_ref[b, pair, i] * block_kv, block_kv)
+            for ref, smem, ready, free in ((k_ref, k_smem, k_ready, k_free),
+                                           (v_ref, v_smem, v_ready, v_free)):
+                # The slot is free once both consumers are done with its last tile.
+                pl.when(i >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
+                plgpu.copy_gmem_to_smem(ref.at[b, cols, kv_head], smem.at[slot],
+                                        ready.at[slot])
+
+
+def _pad(x, length, mode="constant"):
+    if x.shape[1] == length:
+        return x
+    width = [(0, 0)] * x.ndim
+    width[1] = (0, length - x.shape[1])
+    return jnp.pad(x, width, mode=mode)
+
+
+def forward(q, k, v, mask, spec):
+    b, sq, h, d = q.shape
+    skv, kh = k.shape[1], k.shape[2]
+    q_pos, kv_pos, q_seg, kv_seg = (x.astype(jnp.int32) for x in mask.arrays())
+    block_kv, stages = FWD
+    order, counts = tile_lists(q_pos, kv_pos, q_seg, kv_seg, spec.causal, 2 * BLOCK_Q,
+                               block_kv)
+    n_pairs = -(-sq // (2 * BLOCK_Q))
+    sq_pad, skv_pad = n_pairs * 2 * BLOCK_Q, -(-skv // block_kv) * block_kv
+    q, q_pos, q_seg = _pad(q, sq_pad), _pad(q_pos, sq_pad, "edge"), _pad(q_seg, sq_pad, "edge")
+    k, v = _pad(k, skv_pad), _pad(v, skv_pad)
+    kv_pos, kv_seg = _pad(kv_pos, skv_pad, "edge"), _pad(kv_seg, skv_pad, "edge")
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    kernel = functools.partial(_kernel, causal=bool(spec.causal),
+                               scale_log2=float(spec.scale * LOG2E), groups=h // kh, skv=skv,
+                               n_pairs=n_pairs, block_kv=block_kv, stages=stages)
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scratch: kernel(*refs, scratch),
+            (plgpu.SMEM((2, BLOCK_Q, d), q.dtype, transforms=tiled),
+             plgpu.SMEM((stages, block_kv, d), k.dtype, transforms=tiled),
+             plgpu.SMEM((stages, block_kv, d), v.dtype, transforms=tiled),
+             plgpu.SMEM((2, BLOCK_Q), jnp.float32)),
+            (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=stages)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg")
+
+    out, lse = plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((b, h, sq_pad), jnp.float32)),
+        grid=(h, n_pairs, b), grid_names=("heads", "pairs", "batch"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, q_pos, kv_pos, q_seg, kv_seg, order, counts)
+    # In a scanned training step XLA ran this kernel twice per layer (bench/NOTES.md): once
+    # for the next projection and once more late in the layer for the saved residuals. A
+    # barrier as its only user leaves XLA nothing to duplicate.
+    return lax.optimization_barrier((out[:, :sq], lse[:, :, :sq]))
+
+
+def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
+    """The Triton backward: it takes any final out/lse, so it pairs with this forward."""
+    from longvila_jax.kernels import triton  # jax-triton: a GPU extra
+
+    return triton.backward(q, k, v, mask, out, lse, d_out, d_lse, spec)
