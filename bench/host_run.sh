@@ -8,7 +8,7 @@
 # PART:
 #   sp              bench/sequence_parallel.py (ring over N, Ulysses over N, 2D, all-gather KV)
 #                   at each of $SP_TOKENS tokens per GPU
-#   train-POLICY    bench/train_step.py, remat POLICY (none|selective|full): the longest
+#   train-POLICY    bench/train_step.py, remat POLICY (none|selective|offload|full): the longest
 #                   sequence whose compiled step fits (doubling from $TRAIN_START, one
 #                   bisection), then one timed step there; 1 video frame per 256 tokens
 #   video           bench/inference.py --longest: the longest video whose prefill + one decoded
@@ -19,7 +19,7 @@
 # TRAIN_START (131072; 16384 for none), VIDEO_FRAMES (2048), VIDEO_SECONDS (420), MEMORY_GIB
 # (the device's own limit when unset); tests/test_bench.py runs every part on 8 CPU devices.
 set -euo pipefail
-part=${1:?usage: bash bench/host_run.sh sp|train-none|train-selective|train-full|video [OUT_DIR]}
+part=${1:?usage: bash bench/host_run.sh sp|train-none|train-selective|train-offload|train-full|video [OUT_DIR]}
 out=${2:-${OUT:?give OUT_DIR or set OUT}}
 mkdir -p "$out"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -47,7 +47,7 @@ case $part in
         --kv-heads "$kv_heads" --head-dim "$head_dim" --json "$out/sp_$tokens.json" \
         | tee "$out/sp_$tokens.txt"
     done ;;
-  train-none|train-selective|train-full)
+  train-none|train-selective|train-offload|train-full)
     policy=${part#train-}
     start=${TRAIN_START:-$([[ $policy == none ]] && echo 16384 || echo 131072)}
     "$python" "$here/train_step.py" --model "$model" --mesh "$mesh" --seq "$start" \
@@ -67,6 +67,6 @@ case $part in
       --frames "${VIDEO_FRAMES:-2048}" --longest "${VIDEO_SECONDS:-420}" "${memory[@]}" \
       --json "$out/video.jsonl" | tee "$out/video.txt" ;;
   *)
-    echo "host_run.sh: unknown part '$part' (sp, train-none, train-selective, train-full, video)" >&2
+    echo "host_run.sh: unknown part '$part' (sp, train-none, train-selective, train-offload, train-full, video)" >&2
     exit 2 ;;
 esac

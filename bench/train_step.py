@@ -194,7 +194,8 @@ def main():
     parser.add_argument("--mesh", default="1,1,1", help="data,node,local")
     parser.add_argument("--attention", default="auto", help="sequence-parallel scheme")
     parser.add_argument("--kernel", default="auto", help="model.attention_backend")
-    parser.add_argument("--remat", default="none,selective,full")
+    parser.add_argument("--remat", default="none,selective,full",
+                        help="policies to time: none, selective, offload, full")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--longest", default="", help="remat policies to find the longest for")
     parser.add_argument("--memory-gib", type=float, default=None,

@@ -105,6 +105,10 @@ def remat_policy(remat: str):
         return None
     if remat == "selective":  # the attention's out and lse, as its forward rules name them
         return jax.checkpoint_policies.save_only_these_names(*REMAT_NAMES)
+    if remat == "offload":  # selective's residuals, parked in host memory until the backward
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=(), names_which_can_be_offloaded=REMAT_NAMES,
+            offload_src="device", offload_dst="pinned_host")
     if remat == "full":
         return jax.checkpoint_policies.nothing_saveable
     raise ValueError(f"model.remat: unknown policy {remat!r}")
