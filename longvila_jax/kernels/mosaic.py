@@ -14,7 +14,9 @@ Both sides walk one list per query pair, `tiles.tile_lists`: the kv tiles it may
 ascending, as a masked head, a run of fully visible tiles and a masked tail. Hidden tiles
 are never loaded; only the masked loops read positions and segment ids (from global
 memory, a few hundred bytes per tile) and build the mask. The softmax works in base 2 with
-the scale folded into one multiply-add, as the Triton kernel does.
+the scale folded into one multiply-add, as the Triton kernel does. The lists are
+quadratic in tiles (int32 per tile pair: 256 KB at 32K tokens, 16 MB at 256K tokens per
+device and batch row), built by XLA before each call.
 
 Layouts match the API: q/out `[b, sq, h, d]`, k/v `[b, skv, kh, d]`, lse `[b, h, sq]`.
 GQA reads K/V head `h // (h // kh)` without repeating it. Lengths that are not multiples

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from longvila_jax.data.media import IGNORE_INDEX
 from longvila_jax.kernels.manual_axes import varying_like
@@ -54,22 +57,87 @@ def token_nll(logits, targets):
 
 def chunked_token_nll(h, weight, targets, chunk: int):
     """`token_nll(h @ weight, targets)` without holding all logits: positions in chunks of
-    `chunk`, each chunk's float32 logits recomputed in the backward. At long context the
-    logits are the largest activation (32K tokens x 152K vocab x 4 B = 20 GB)."""
-    with jax.named_scope("logits_and_loss"):  # a profile's name for this work
-        if h.shape[1] <= chunk:
-            return token_nll(float32_logits(h, weight), targets)
-        pieces = _pieces(h, targets, chunk)
+    `chunk`. At long context the logits are the largest activation (32K tokens x 152K
+    vocab x 4 B = 20 GB).
 
-        @jax.checkpoint
-        def one(carry, piece):
-            nll, count = token_nll(float32_logits(piece[0], weight), piece[1])
-            return (carry[0] + nll, carry[1] + count), None
+    Differentiated, each chunk's gradients are formed beside its loss (d logits = softmax
+    - one-hot, then the two products), so the backward does not recompute the logits:
+    three vocabulary-sized products per chunk instead of four. Gradients are only formed
+    for the arguments being differentiated.
+    """
+    with jax.named_scope("logits_and_loss"):  # a profile's name for this work
+        # Typed like h, the weight's gradient may vary where h does; JAX sums it back.
+        return _chunked_nll(h, varying_like(weight, h), targets, chunk)
+
+
+def _nll_and_grads(h, weight, targets, chunk, want_h, want_weight):
+    """((summed NLL, count), (dNLL/dh or None, dNLL/dweight or None))."""
+    compute = jnp.promote_types(h.dtype, weight.dtype)
+
+    def piece(h, targets):
+        logits = jnp.dot(h, weight, preferred_element_type=jnp.float32)
+        valid = targets != IGNORE_INDEX
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None],
+                                     -1)[..., 0]
+        sums = (jnp.where(valid, logz - picked, 0.0).sum(), valid.sum())
+        if not (want_h or want_weight):
+            return sums, None, None
+        vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+        d_logits = jnp.exp(logits - logz[..., None]) - (vocab == targets[..., None])
+        d_logits = jnp.where(valid[..., None], d_logits, 0.0).astype(compute)
+        d_h = jnp.einsum("...v,dv->...d", d_logits, weight,
+                         preferred_element_type=jnp.float32).astype(h.dtype) \
+            if want_h else None
+        d_weight = jnp.einsum("...d,...v->dv", h, d_logits,
+                              preferred_element_type=jnp.float32) if want_weight else None
+        return sums, d_h, d_weight
+
+    if h.shape[1] <= chunk:
+        sums, d_h, d_weight = piece(h, targets)
+    else:
+        b, s, _ = h.shape
+
+        def one(carry, pieces):
+            (nll, count), d_weight = carry
+            (p_nll, p_count), d_h, p_weight = piece(*pieces)
+            if want_weight:
+                d_weight = d_weight + p_weight
+            return ((nll + p_nll, count + p_count), d_weight), d_h
 
         # Inside shard_map the sums vary over the axes the inputs vary over; so must the start.
         zero = (varying_like(jnp.zeros((), jnp.float32), h, targets),
                 varying_like(jnp.zeros((), jnp.int32), h, targets))
-        return jax.lax.scan(one, zero, pieces)[0]
+        d_weight = varying_like(jnp.zeros(weight.shape, jnp.float32), weight, h) \
+            if want_weight else None
+        (sums, d_weight), d_h = jax.lax.scan(one, (zero, d_weight),
+                                             _pieces(h, targets, chunk))
+        if want_h:  # [pieces, b, chunk, d] -> [b, s, d]
+            d_h = d_h.swapaxes(0, 1).reshape(b, -1, h.shape[-1])[:, :s]
+    if want_weight:
+        d_weight = d_weight.astype(weight.dtype)
+    return sums, (d_h, d_weight)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _chunked_nll(h, weight, targets, chunk):
+    return _nll_and_grads(h, weight, targets, chunk, False, False)[0]
+
+
+def _chunked_nll_fwd(h, weight, targets, chunk):
+    sums, grads = _nll_and_grads(h.value, weight.value, targets.value, chunk, h.perturbed,
+                                 weight.perturbed)
+    return sums, grads
+
+
+def _chunked_nll_bwd(chunk, grads, cotangents):
+    d_nll = cotangents[0]  # the count is an integer: no cotangent
+    if isinstance(d_nll, SymbolicZero):
+        d_nll = jnp.zeros((), jnp.float32)
+    return (*(None if g is None else (g * d_nll).astype(g.dtype) for g in grads), None)
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd, symbolic_zeros=True)
 
 
 def token_logprobs(logits, targets):
@@ -93,9 +161,10 @@ def token_entropy(logits, targets):
 
 def chunked_token_logprobs(h, weight, targets, chunk: int, *, entropy: bool = False):
     """`token_logprobs(h @ weight, targets)` `[b, s]`, the logits formed `chunk` positions
-    at a time and recomputed in the backward (see `chunked_token_nll`): RL's per-token
-    log-probabilities of the sampled answers. With `entropy`, `(log-probabilities,
-    token_entropy)` from the same logits."""
+    at a time and recomputed in the backward (each position's gradient depends on the
+    policy-gradient weights downstream, so it cannot be formed beside the forward as
+    `chunked_token_nll` does): RL's per-token log-probabilities of the sampled answers.
+    With `entropy`, `(log-probabilities, token_entropy)` from the same logits."""
     with jax.named_scope("logits_and_loss"):
         b, s, _ = h.shape
 

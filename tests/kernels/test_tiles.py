@@ -41,17 +41,24 @@ def kernel_test(q_stats, kv_stats, causal):
     return ~hidden
 
 
+def random_case(rng):
+    """Offset queries against keys from 0, 1-4 sorted documents, odd lengths and tiles:
+    `((q_pos, kv_pos, q_seg, kv_seg), block_m, block_n, documents)`."""
+    sq, skv = (int(n) for n in rng.integers(1, 200, 2))
+    bm, bn = int(rng.choice([16, 32])), int(rng.choice([8, 16]))
+    q_pos = (rng.integers(0, 100) + np.arange(sq))[None].astype(np.int32)
+    kv_pos = np.arange(skv, dtype=np.int32)[None]
+    docs = int(rng.integers(1, 5))
+    q_seg = np.sort(rng.integers(0, docs, sq))[None].astype(np.int32)
+    kv_seg = np.sort(rng.integers(0, docs, skv))[None].astype(np.int32)
+    return (q_pos, kv_pos, q_seg, kv_seg), bm, bn, docs
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("over_q", [False, True])
 def test_schedule_covers_visible_tiles_and_full_ranges_are_full(rng, causal, over_q):
     for _ in range(8):
-        sq, skv = (int(n) for n in rng.integers(1, 200, 2))
-        bm, bn = int(rng.choice([16, 32])), int(rng.choice([8, 16]))
-        q_pos = (rng.integers(0, 100) + np.arange(sq))[None].astype(np.int32)
-        kv_pos = np.arange(skv, dtype=np.int32)[None]
-        docs = int(rng.integers(1, 5))
-        q_seg = np.sort(rng.integers(0, docs, sq))[None].astype(np.int32)
-        kv_seg = np.sort(rng.integers(0, docs, skv))[None].astype(np.int32)
+        (q_pos, kv_pos, q_seg, kv_seg), bm, bn, docs = random_case(rng)
         q_stats, kv_stats, ranges = schedule(
             *map(jnp.asarray, (q_pos, kv_pos, q_seg, kv_seg)), causal, bm, bn, over_q=over_q)
         visible, full = truth(q_pos, kv_pos, q_seg, kv_seg, causal, bm, bn)
@@ -75,13 +82,7 @@ def test_tile_lists_walk_visible_tiles_in_order_head_full_tail(rng, causal):
     """The Mosaic forward's list: every tile the schedule may see, ascending, nothing else;
     the counts split it into the same masked head, full run and masked tail."""
     for _ in range(8):
-        sq, skv = (int(n) for n in rng.integers(1, 200, 2))
-        bm, bn = int(rng.choice([16, 32])), int(rng.choice([8, 16]))
-        q_pos = (rng.integers(0, 100) + np.arange(sq))[None].astype(np.int32)
-        kv_pos = np.arange(skv, dtype=np.int32)[None]
-        docs = int(rng.integers(1, 5))
-        q_seg = np.sort(rng.integers(0, docs, sq))[None].astype(np.int32)
-        kv_seg = np.sort(rng.integers(0, docs, skv))[None].astype(np.int32)
+        (q_pos, kv_pos, q_seg, kv_seg), bm, bn, _ = random_case(rng)
         arrays = [jnp.asarray(x) for x in (q_pos, kv_pos, q_seg, kv_seg)]
         order, counts = tile_lists(*arrays, causal, bm, bn)
         q_stats, kv_stats, ranges = schedule(*arrays, causal, bm, bn, over_q=False)

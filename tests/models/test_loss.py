@@ -76,9 +76,9 @@ def _nll_gradients_float64(h, weight, targets):
     return g @ weight.T.astype(np.float64), np.einsum("bsd,bsv->dv", h.astype(np.float64), g)
 
 
-def test_logits_gradients_match_float64_in_float32_and_bfloat16(rng):
-    """The logits' own backward (its cotangent rounded to the operands' dtype): exact in
-    float32; in bf16 within bf16 rounding of the float64 gradient."""
+def test_nll_gradients_match_float64_in_float32_and_bfloat16(rng):
+    """The loss's own backward (gradients formed beside each chunk's loss, in the operands'
+    dtype): exact in float32; in bf16 within bf16 rounding of the float64 gradient."""
     h = rng.normal(size=(2, 30, 16)).astype(np.float32)
     weight = rng.normal(size=(16, 48)).astype(np.float32) / 4
     targets = rng.integers(0, 48, (2, 30)).astype(np.int32)
@@ -87,11 +87,19 @@ def test_logits_gradients_match_float64_in_float32_and_bfloat16(rng):
         hh, ww = jnp.asarray(h, dtype), jnp.asarray(weight, dtype)
         want = _nll_gradients_float64(np.asarray(hh, np.float64), np.asarray(ww, np.float64),
                                       targets)
-        got = jax.grad(lambda a, b: chunked_token_nll(a, b, targets, 8)[0], (0, 1))(hh, ww)
-        for g, w in zip(got, want, strict=True):
-            assert g.dtype == dtype
-            err = np.abs(np.asarray(g, np.float64) - w).max() / np.abs(w).max()
-            assert err <= rtol, (dtype, err)
+        for chunk, argnums in ((8, (0, 1)), (64, (0, 1)), (8, (0,)), (8, (1,))):
+            # A mean (the count's cotangent is dropped); one argument alone (LoRA's frozen
+            # output weight), in chunks and in one piece.
+            def mean(a, b, chunk=chunk):
+                nll, count = chunked_token_nll(a, b, targets, chunk)
+                return nll / count
+
+            got = jax.grad(mean, argnums)(hh, ww)
+            count = (targets != IGNORE_INDEX).sum()
+            for g, w in zip(got, [want[i] / count for i in argnums], strict=True):
+                assert g.dtype == dtype
+                err = np.abs(np.asarray(g, np.float64) - w).max() / np.abs(w).max()
+                assert err <= rtol, (dtype, chunk, argnums, err)
 
 
 def test_logits_weight_gradient_sums_over_sequence_shards(rng):
