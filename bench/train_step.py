@@ -20,6 +20,8 @@ behind for the next (`--json` appends).
   python bench/train_step.py --model qwen2_1_5b --seq 32768 --torch --json out.jsonl
   python bench/train_step.py --model qwen2_7b --seq 131072 --frames 512 --mesh 1,1,4 \
       --remat full --longest full
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= python bench/train_step.py ... --profile DIR
+      (then `python bench/profile_breakdown.py DIR`: where the step's GPU time goes)
 """
 
 from __future__ import annotations
