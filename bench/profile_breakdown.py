@@ -59,22 +59,13 @@ def category(kernel: str, stack: str) -> str:
     return "other kernels"
 
 
-def _union(intervals):
-    """Total length of the union of `(start, end)` intervals."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b > end:
-            total += b - max(a, end)
-            end = b
-    return total
-
-
 def _overlap(interval, merged):
     a, b = interval
     return sum(max(0.0, min(b, y) - max(a, x)) for x, y in merged)
 
 
 def _merge(intervals):
+    """The union of `(start, end)` intervals as sorted disjoint `[start, end]` pairs."""
     out = []
     for a, b in sorted(intervals):
         if out and a <= out[-1][1]:
@@ -107,7 +98,7 @@ def breakdown(trace: dict) -> dict:
             else:
                 times[name] += e["dur"]
         step = max(b for _, b in spans) - min(a for a, _ in spans)
-        times["idle"] = step - _union(spans)
+        times["idle"] = step - sum(b - a for a, b in _merge(spans))
         times["step"] = step
         per_gpu.append(times)
     if not per_gpu:

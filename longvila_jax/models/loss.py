@@ -36,10 +36,19 @@ def _logits_fwd(h, weight):
 
 def _logits_bwd(residuals, d_logits):
     h, weight = residuals
+    d_h, d_weight = _logit_products(h, weight, d_logits, True, True)
+    return d_h, d_weight.astype(weight.dtype)
+
+
+def _logit_products(h, weight, d_logits, want_h, want_weight):
+    """The gradient products of `h @ weight` given d logits, in the operands' dtype
+    (float32 accumulation): (dh in h's dtype or None, dweight in float32 or None)."""
     d_logits = d_logits.astype(jnp.promote_types(h.dtype, weight.dtype))
-    d_h = jnp.einsum("...v,dv->...d", d_logits, weight, preferred_element_type=jnp.float32)
-    d_weight = jnp.einsum("...d,...v->dv", h, d_logits, preferred_element_type=jnp.float32)
-    return d_h.astype(h.dtype), d_weight.astype(weight.dtype)
+    d_h = jnp.einsum("...v,dv->...d", d_logits, weight,
+                     preferred_element_type=jnp.float32).astype(h.dtype) if want_h else None
+    d_weight = jnp.einsum("...d,...v->dv", h, d_logits,
+                          preferred_element_type=jnp.float32) if want_weight else None
+    return d_h, d_weight
 
 
 _logits.defvjp(_logits_fwd, _logits_bwd)
@@ -48,11 +57,15 @@ _logits.defvjp(_logits_fwd, _logits_bwd)
 def token_nll(logits, targets):
     """(summed cross-entropy, count) of `logits[..., t, :]` against `targets[..., t]`,
     skipping IGNORE_INDEX; sums rather than a mean so that shards can add them up."""
-    logits = logits.astype(jnp.float32)
+    return _nll_terms(logits.astype(jnp.float32), targets)[0]
+
+
+def _nll_terms(logits, targets):
+    """((summed NLL, count), logsumexp per position, valid mask) of float32 logits."""
     valid = targets != IGNORE_INDEX
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], -1)[..., 0]
-    return jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()
+    return (jnp.where(valid, logz - picked, 0.0).sum(), valid.sum()), logz, valid
 
 
 def chunked_token_nll(h, weight, targets, chunk: int):
@@ -72,26 +85,15 @@ def chunked_token_nll(h, weight, targets, chunk: int):
 
 def _nll_and_grads(h, weight, targets, chunk, want_h, want_weight):
     """((summed NLL, count), (dNLL/dh or None, dNLL/dweight or None))."""
-    compute = jnp.promote_types(h.dtype, weight.dtype)
-
     def piece(h, targets):
         logits = jnp.dot(h, weight, preferred_element_type=jnp.float32)
-        valid = targets != IGNORE_INDEX
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None],
-                                     -1)[..., 0]
-        sums = (jnp.where(valid, logz - picked, 0.0).sum(), valid.sum())
+        sums, logz, valid = _nll_terms(logits, targets)
         if not (want_h or want_weight):
             return sums, None, None
         vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
         d_logits = jnp.exp(logits - logz[..., None]) - (vocab == targets[..., None])
-        d_logits = jnp.where(valid[..., None], d_logits, 0.0).astype(compute)
-        d_h = jnp.einsum("...v,dv->...d", d_logits, weight,
-                         preferred_element_type=jnp.float32).astype(h.dtype) \
-            if want_h else None
-        d_weight = jnp.einsum("...d,...v->dv", h, d_logits,
-                              preferred_element_type=jnp.float32) if want_weight else None
-        return sums, d_h, d_weight
+        d_logits = jnp.where(valid[..., None], d_logits, 0.0)
+        return (sums, *_logit_products(h, weight, d_logits, want_h, want_weight))
 
     if h.shape[1] <= chunk:
         sums, d_h, d_weight = piece(h, targets)
