@@ -10,8 +10,8 @@ cuDNN on the same 32K tokens as one dense causal sequence (cuDNN has no segment 
                             [--json PATH] [--sweep [--sweep-seq 32768]]
       (--sweep: first try the kernels' block configs, keep the best)
   python bench/attention.py --interleave 7 [--seqs 32768] [--backends triton,mosaic]
-      (forward only, each backend and cuDNN timed alternately N times: cuDNN's own time
-       moves by ~10% between runs, so one pair of numbers is a weak basis for a ratio)
+      (each backend and cuDNN timed alternately N times, forward and forward+backward:
+       cuDNN's own time moves by ~10% between runs, so one pair is a weak basis for a ratio)
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def causal_fwd_flops(seq: int) -> float:
 
 SWEEP = {  # (kernel module, config name): configs that compile without spills or ptxas
     # serialisation warnings, or nearly; Triton (BLOCK_M, BLOCK_N, warps, stages),
-    # Mosaic (block_kv, stages)
+    # Mosaic (block_kv, stages); which backward the mosaic backend runs
     ("triton", "FWD"): [(128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
     ("triton", "BWD_KV"): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)],
     ("triton", "BWD_Q"): [(128, 128, 8, 2), (64, 64, 4, 3)],
     ("mosaic", "FWD"): [(128, 2), (64, 2), (64, 3), (64, 4)],
+    ("mosaic", "BACKWARD"): ["mosaic", "triton"],
 }
 
 
@@ -76,7 +77,8 @@ def sweep(backends, seq=32768):
         kernels = importlib.import_module(f"longvila_jax.kernels.{backend}")
         best = None
         for config in configs:
-            setattr(kernels, name, kernels.Blocks(*config))
+            setattr(kernels, name, kernels.Blocks(*config) if isinstance(config, tuple)
+                    else config)
             fwd, fwd_bwd = functions(backend, None)
             try:
                 t = timed(fwd, q, k, v, reps=3) if name == "FWD" else timed(
@@ -87,31 +89,36 @@ def sweep(backends, seq=32768):
                 continue
             print(f"  {backend} {name} {config}: {t * 1e3:.3f} ms", flush=True)
             best = min(best or (t, config), (t, config))
-        setattr(kernels, name, kernels.Blocks(*best[1]))
+        setattr(kernels, name, kernels.Blocks(*best[1]) if isinstance(best[1], tuple)
+                else best[1])
         print(f"  -> {backend} {name} = {best[1]}")
 
 
 def interleave(seq, rounds, backends):
-    """Alternate each backend's forward timing with cuDNN's; print each ratio (cuDNN time
-    over the backend's: throughput relative to cuDNN) and the median."""
-    q, k, v, _ = inputs(seq, jax.random.key(0))
+    """Alternate each backend's timings with cuDNN's, forward and forward+backward; print
+    each ratio (cuDNN time over the backend's: throughput relative to cuDNN) and the
+    median."""
+    q, k, v, do = inputs(seq, jax.random.key(0))
     names = [b for b in backends if b != "cudnn"]
-    fns = {b: functions(b, None)[0] for b in (*names, "cudnn")}
-    ratios = {b: [] for b in names}
+    fns = {b: functions(b, None) for b in (*names, "cudnn")}
+    ratios = {(b, d): [] for b in names for d in ("fwd", "fwd+bwd")}
     for r in range(rounds):
-        t = {b: timed(f, q, k, v, reps=10) for b, f in fns.items()}
-        for b in names:
-            ratios[b].append(t["cudnn"] / t[b])
-        print(f"round {r}: " + ", ".join(f"{b} {x * 1e3:.3f} ms" for b, x in t.items()),
+        t = {}
+        for b, (fwd, fwd_bwd) in fns.items():
+            t[b, "fwd"] = timed(fwd, q, k, v, reps=10)
+            t[b, "fwd+bwd"] = timed(fwd_bwd, q, k, v, do, reps=4)
+        for b, d in ratios:
+            ratios[b, d].append(t["cudnn", d] / t[b, d])
+        print(f"round {r}: " + ", ".join(f"{b} {d} {x * 1e3:.3f} ms" for (b, d), x in t.items()),
               flush=True)
-    for b in names:
-        print(f"{b}/cudnn throughput at {seq}, median of {rounds}: "
-              f"{float(np.median(ratios[b])):.3f} (min {min(ratios[b]):.3f}, "
-              f"max {max(ratios[b]):.3f})")
+    for (b, d), xs in ratios.items():
+        print(f"{b}/cudnn {d} throughput at {seq}, median of {rounds}: "
+              f"{float(np.median(xs)):.3f} (min {min(xs):.3f}, max {max(xs):.3f})")
     return ratios
 
 
 def main():
+    global HEADS, KV_HEADS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seqs", default="4096,8192,16384,32768,65536")
     parser.add_argument("--backends", default="triton,mosaic,cudnn,xla")
@@ -122,10 +129,9 @@ def main():
                         help="tune the kernels' block configs first")
     parser.add_argument("--sweep-seq", type=int, default=32768)
     parser.add_argument("--interleave", type=int, default=0, metavar="N",
-                        help="only: N alternating forward timings per length, each backend "
-                             "against cuDNN")
+                        help="only: N alternating timings per length, each backend against "
+                             "cuDNN")
     args = parser.parse_args()
-    global HEADS, KV_HEADS
     HEADS, KV_HEADS = (int(x) for x in args.heads.split(","))
     backends = args.backends.split(",")
     if args.interleave:
@@ -139,7 +145,7 @@ def main():
     print(f"{'seq':>6} {'backend':>7} {'fwd ms':>8} {'fwd TF/s':>9} {'f+b ms':>8} {'f+b TF/s':>9}")
     for seq in seqs:
         q, k, v, do = inputs(seq, key)
-        reps = max(2, int(2e12 // causal_fwd_flops(seq)))
+        reps = max(2, min(100, int(2e12 // causal_fwd_flops(seq))))
         for backend in backends:
             fwd, fwd_bwd = functions(backend, None)
             t_f = timed(fwd, q, k, v, reps=reps)

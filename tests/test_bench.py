@@ -118,3 +118,18 @@ def test_profile_breakdown_sorts_kernels_and_finds_idle_and_exposed_time(tmp_pat
             "rematerialised recompute": 1.0, "logits and loss": 0.5, "optimizer": 0.5,
             "vision tower": 0.0, "idle": 0.5, "step": 10.0}
     assert got == pytest.approx(want)
+
+
+def test_attention_benchmark_runs_end_to_end_on_cpu(tmp_path):
+    """The GPU session cannot afford a script that fails on its arguments: run the table
+    path at a tiny length with the XLA backend and check the JSON rows."""
+    out = tmp_path / "attention.json"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "attention.py"), "--seqs", "256", "--heads", "4,2",
+         "--backends", "xla", "--json", str(out)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+        timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["seq"] == 256 and row["backend"] == "xla"
+    assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0

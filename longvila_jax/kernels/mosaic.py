@@ -1,4 +1,4 @@
-"""Attention forward for Hopper in Pallas Mosaic GPU; the backward is the Triton kernels'.
+"""Attention for Hopper in Pallas Mosaic GPU: a forward, and a backward (Triton's by default).
 
 Why a second kernel: every sequence-parallel step attends with positions and segment ids,
 which cuDNN cannot take, and our Triton forward reaches ~0.8x cuDNN on an H200. Mosaic GPU
@@ -17,6 +17,10 @@ memory, a few hundred bytes per tile) and build the mask. The softmax works in b
 the scale folded into one multiply-add, as the Triton kernel does. The lists are
 quadratic in tiles (int32 per tile pair: 256 KB at 32K tokens, 16 MB at 256K tokens per
 device and batch row), built by XLA before each call.
+
+The Mosaic backward (`backward` with BACKWARD = "mosaic") is described where it is defined;
+it is correct on every GPU test case but slower than the Triton backward, which `backward`
+runs by default.
 
 Layouts match the API: q/out `[b, sq, h, d]`, k/v `[b, skv, kh, d]`, lse `[b, h, sq]`.
 GQA reads K/V head `h // (h // kh)` without repeating it. Lengths that are not multiples
@@ -242,8 +246,206 @@ def forward(q, k, v, mask, spec):
     return lax.optimization_barrier((out[:, :sq], lse[:, :, :sq]))
 
 
-def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
-    """The Triton backward: it takes any final out/lse, so it pairs with this forward."""
-    from longvila_jax.kernels import triton  # jax-triton: a GPU extra
+# Which backward the mosaic backend runs: "triton" (the Triton kernels; they take any final
+# out/lse) or "mosaic" (`_backward_kernel`). Picked by `bench/attention.py --sweep` on an
+# H200: the Mosaic backward is correct but slower, 32K fwd+bwd ~93-100 ms against ~73 ms
+# with Triton's (bench/NOTES.md), so Triton's stays.
+BACKWARD = "triton"
+BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 209 KB at head dim 128)
 
-    return triton.backward(q, k, v, mask, out, lse, d_out, d_lse, spec)
+
+def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_ref, q_seg_ref,
+                     kv_seg_ref, order_ref, counts_ref, dq_ref, dk_ref, dv_ref, scratch, *,
+                     causal, scale_log2, groups, skv, stages):
+    (k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, f32_smem), \
+        (k_ready, v_ready, q_ready, do_ready, stats_ready), q_free = scratch
+    block = lax.axis_index("kv")
+    head = lax.axis_index("heads")
+    b = lax.axis_index("batch")
+    wg = lax.axis_index("wg")
+    n_head, n_full, n_tail = (counts_ref[r, b, block] for r in range(3))
+    steps = n_head + n_full + n_tail
+    dtype = q_ref.dtype
+    d = q_ref.shape[-1]
+    shape = (BLOCK_Q, BLOCK_Q)  # [key rows, query columns]: the transposed scores
+
+    def cols(x):
+        return lax.broadcast_in_dim(x, shape, [1])
+
+    def rows(x):
+        return lax.broadcast_in_dim(x, shape, [0])
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(240, action="increase")
+        kv0 = block * (2 * BLOCK_Q) + wg * BLOCK_Q
+        kv_head = lax.div(head, jnp.array(groups, head.dtype))
+        my_k, my_v, my_ds, my_f32 = (x.at[wg] for x in (k_smem, v_smem, ds_smem, f32_smem))
+        plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kv0, BLOCK_Q), kv_head], my_k, k_ready.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kv0, BLOCK_Q), kv_head], my_v, v_ready.at[wg])
+        kv_pos = plgpu.load(kv_pos_ref.at[b, pl.ds(kv0, BLOCK_Q)], layout=_ROW, optimized=False)
+        kv_seg = plgpu.load(kv_seg_ref.at[b, pl.ds(kv0, BLOCK_Q)], layout=_ROW, optimized=False)
+        plgpu.barrier_wait(k_ready.at[wg])
+        plgpu.barrier_wait(v_ready.at[wg])
+        zeros = plgpu.layout_cast(jnp.zeros((BLOCK_Q, d), jnp.float32), _ACC)
+
+        def visible(q0):
+            q_rows = pl.ds(q0, BLOCK_Q)
+            q_seg = plgpu.load(q_seg_ref.at[b, q_rows], layout=_COL, optimized=False)
+            seen = rows(kv_seg) == cols(q_seg)
+            if causal:
+                q_pos = plgpu.load(q_pos_ref.at[b, q_rows], layout=_COL, optimized=False)
+                seen &= rows(kv_pos) <= cols(q_pos)
+            if skv % (2 * BLOCK_Q):  # keys padded to the block: hide them by index
+                index = plgpu.broadcasted_iota(jnp.int32, shape, 0, layout=_ACC)
+                seen &= index + kv0 < skv
+            return seen
+
+        def step(i, carry, masked):
+            dk, dv = carry
+            slot = lax.rem(i, stages)
+            q0 = order_ref[b, block, i] * BLOCK_Q
+            q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
+            for ready in (q_ready, do_ready, stats_ready):
+                plgpu.barrier_wait(ready.at[slot])
+
+            def scores(refs):
+                s_ref, dp_ref = refs
+                plgpu.wgmma(s_ref, my_k, q_tile.transpose((1, 0)))
+                plgpu.wgmma(dp_ref, my_v, do_tile.transpose((1, 0)))
+                return s_ref[...], dp_ref[...]
+
+            s, dp = pl.run_scoped(scores, (plgpu.ACC(shape, jnp.float32),) * 2)
+            lse2 = plgpu.load(stats_smem.at[slot, 0], layout=_COL)
+            delta = plgpu.load(stats_smem.at[slot, 1], layout=_COL)
+            p = jnp.exp2(s * scale_log2 - cols(lse2))  # rows that saw nothing: lse2 = +inf
+            if masked:
+                p = jnp.where(visible(q0), p, 0.0)
+            ds = p * (dp - cols(delta))
+            ds16, p16 = ds.astype(dtype), p.astype(dtype)
+            my_ds[...] = ds16  # dQ = dS K takes dS as its left operand from shared memory
+            plgpu.commit_smem()
+
+            def grads(refs):
+                dv_ref, dk_ref = refs
+                plgpu.wgmma(dv_ref, p16, do_tile)
+                plgpu.wgmma(dk_ref, ds16, q_tile)
+
+            dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            plgpu.barrier_arrive(q_free.at[slot])
+
+            def d_query(acc_ref):
+                plgpu.wgmma(acc_ref, my_ds.transpose((1, 0)), my_k)
+                return acc_ref[...]
+
+            dq = pl.run_scoped(d_query, plgpu.ACC((BLOCK_Q, d), jnp.float32))
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's dQ has left
+            my_f32[...] = dq
+            plgpu.commit_smem()
+            # Every key block adds its part of this query tile's dQ: a TMA reduction.
+            plgpu.copy_smem_to_gmem(my_f32, dq_ref.at[b, pl.ds(q0, BLOCK_Q), head],
+                                    reduction_op="add")
+            return dk, dv
+
+        carry = (zeros, zeros)
+        for start, count, masked in ((0, n_head, True), (n_head, n_full, False),
+                                     (n_head + n_full, n_tail, True)):
+            carry = lax.fori_loop(
+                0, count, lambda j, c, start=start, masked=masked: step(start + j, c, masked),
+                carry)
+        for grad, out_ref in zip(carry, (dk_ref, dv_ref), strict=True):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            my_f32[...] = grad
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_f32, out_ref.at[b, pl.ds(kv0, BLOCK_Q), head])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(24, action="decrease")
+
+        @pl.loop(0, steps)
+        def _load(i):
+            slot = lax.rem(i, stages)
+            q_rows = pl.ds(order_ref[b, block, i] * BLOCK_Q, BLOCK_Q)
+            # The slot is free once both consumers are done with its last tile.
+            pl.when(i >= stages)(lambda: plgpu.barrier_wait(q_free.at[slot]))
+            plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, head], q_smem.at[slot], q_ready.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[b, q_rows, head], do_smem.at[slot],
+                                    do_ready.at[slot])
+            plgpu.copy_gmem_to_smem(stats_ref.at[b, head, :, q_rows], stats_smem.at[slot],
+                                    stats_ready.at[slot])
+
+
+def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
+    """dq, dk, dv from the final out/lse (a ring's merged ones too).
+
+    One program per (block of 128 keys, query head, batch row): two consumer warpgroups each
+    keep 64 key rows of K/V in shared memory and walk the query tiles that block may see
+    (`tile_lists(over_q=True)`) as a producer streams Q, dO, lse and delta in; per tile,
+    five products (S^T, dP^T, dV, dK, dQ). dQ leaves each tile as a float32 partial, added
+    into one float32 buffer by TMA reductions (no second pass over K/V for dQ, as the Triton
+    backward makes). dK/dV leave per query head in float32 and XLA sums each KV head's group.
+    """
+    if BACKWARD == "triton":
+        from longvila_jax.kernels import triton  # jax-triton: a GPU extra
+
+        return triton.backward(q, k, v, mask, out, lse, d_out, d_lse, spec)
+    b, sq, h, d = q.shape
+    skv, kh = k.shape[1], k.shape[2]
+    d_out = d_out.astype(q.dtype)
+    # delta = rowsum(dO * O); an LSE cotangent enters as P * d_lse, i.e. delta - d_lse.
+    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    if d_lse is not None:
+        delta = delta - d_lse.astype(jnp.float32)
+    # Base-2 LSE, +inf on rows that see nothing (and on padded rows) so exp2(s - lse2) = 0.
+    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
+    q_pos, kv_pos, q_seg, kv_seg = (x.astype(jnp.int32) for x in mask.arrays())
+    order, counts = tile_lists(q_pos, kv_pos, q_seg, kv_seg, spec.causal, BLOCK_Q, 2 * BLOCK_Q,
+                               over_q=True)
+    n_blocks = -(-skv // (2 * BLOCK_Q))
+    sq_pad, skv_pad = -(-sq // BLOCK_Q) * BLOCK_Q, n_blocks * 2 * BLOCK_Q
+    stats = jnp.stack([jnp.pad(lse2, [(0, 0), (0, 0), (0, sq_pad - sq)],
+                               constant_values=jnp.inf),
+                       jnp.pad(delta, [(0, 0), (0, 0), (0, sq_pad - sq)])], axis=2)
+    q, d_out = _pad(q, sq_pad), _pad(d_out, sq_pad)
+    q_pos, q_seg = _pad(q_pos, sq_pad, "edge"), _pad(q_seg, sq_pad, "edge")
+    k, v = _pad(k, skv_pad), _pad(v, skv_pad)
+    kv_pos, kv_seg = _pad(kv_pos, skv_pad, "edge"), _pad(kv_seg, skv_pad, "edge")
+
+    tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    tiled32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+    kernel = functools.partial(_backward_kernel, causal=bool(spec.causal),
+                               scale_log2=float(spec.scale * LOG2E), groups=h // kh, skv=skv,
+                               stages=BWD_STAGES)
+    stages = BWD_STAGES
+
+    def entry(*refs):
+        pl.run_scoped(
+            lambda *scratch: kernel(*refs, scratch),
+            (plgpu.SMEM((2, BLOCK_Q, d), k.dtype, transforms=tiled),
+             plgpu.SMEM((2, BLOCK_Q, d), v.dtype, transforms=tiled),
+             plgpu.SMEM((stages, BLOCK_Q, d), q.dtype, transforms=tiled),
+             plgpu.SMEM((stages, BLOCK_Q, d), q.dtype, transforms=tiled),
+             plgpu.SMEM((stages, 2, BLOCK_Q), jnp.float32),
+             plgpu.SMEM((2, BLOCK_Q, BLOCK_Q), q.dtype, transforms=tiled),
+             plgpu.SMEM((2, BLOCK_Q, d), jnp.float32, transforms=tiled32)),
+            (plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 3,
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            collective_axes="wg")
+
+    dq_acc = jax.new_ref(jnp.zeros((b, sq_pad, h, d), jnp.float32))
+    per_head = jax.ShapeDtypeStruct((b, skv_pad, h, d), jnp.float32)
+    dk, dv = plgpu.kernel(
+        entry, out_type=(per_head, per_head),
+        grid=(n_blocks, h, b), grid_names=("kv", "heads", "batch"),
+        num_threads=3, thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, k, v, d_out, stats, q_pos, kv_pos, q_seg, kv_seg, order, counts, dq_acc)
+    scale = float(spec.scale)
+    dq = (jax.freeze(dq_acc)[:, :sq] * scale).astype(q.dtype)
+
+    def group_sum(x):
+        return x[:, :skv].reshape(b, skv, kh, h // kh, d).sum(3)
+
+    return dq, (group_sum(dk) * scale).astype(k.dtype), group_sum(dv).astype(v.dtype)

@@ -61,17 +61,20 @@ def _ranges(visible, full):
     return jnp.stack([lo, full_lo, full_hi, hi, n_head, n_tail]).astype(jnp.int32)
 
 
-def tile_lists(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n):
+def tile_lists(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q=False):
     """`(order, counts)` for kernels whose loader walks a list instead of searching.
 
     order int32 `[b, nq, nk]`: per q tile, the kv tiles it may see in ascending order, the
     hidden ones after them; counts int32 `[3, b, nq]`: how many of those come before the
     first run of fully visible tiles, in it, and after it (so the list is masked head, full
-    run, masked tail, as in `schedule`).
+    run, masked tail, as in `schedule`). `over_q` gives the transposed lists, per kv tile
+    over q tiles (`[b, nk, nq]`, `[3, b, nk]`), for backward kernels that hold K/V.
     """
     visible, full = _classify(_tile_stats(q_pos, q_seg, block_m),
                               _tile_stats(kv_pos, kv_seg, block_n), causal, q_pos.shape[1],
                               kv_pos.shape[1], block_m, block_n)
+    if over_q:
+        visible, full = jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2)
     _, full_lo, full_hi, _, n_head, n_tail = _ranges(visible, full)
     order = jnp.argsort(~visible, axis=-1, stable=True).astype(jnp.int32)
     return order, jnp.stack([n_head, full_hi - full_lo, n_tail]).astype(jnp.int32)

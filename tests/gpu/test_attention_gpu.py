@@ -66,10 +66,22 @@ def assert_matches_xla(qkv, mask, causal, backend, key):
         assert rel_err(a, r) <= BF16_RTOL, (name, rel_err(a, r))
 
 
-KERNELS = ["triton", "mosaic"]
+KERNELS = ["triton", "mosaic", "mosaic-bwd"]
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.fixture
+def backend(request, monkeypatch):
+    """A KERNELS name as the API's backend; "mosaic-bwd" is mosaic with its own backward
+    (`mosaic.BACKWARD`, Triton's by default), read when the backward runs."""
+    if request.param != "mosaic-bwd":
+        return request.param
+    from longvila_jax.kernels import mosaic
+
+    monkeypatch.setattr(mosaic, "BACKWARD", "mosaic")
+    return "mosaic"
+
+
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("ratio", [1, 4, 7])
 @pytest.mark.parametrize("packed,offset,orphans", [(False, False, False), (True, False, False),
@@ -82,7 +94,7 @@ def test_kernel_matches_xla(rng, backend, causal, ratio, packed, offset, orphans
     assert_matches_xla(qkv, mask, causal, backend, jax.random.key(int(rng.integers(1 << 30))))
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 @pytest.mark.parametrize("causal", [False, True])
 def test_kernel_matches_xla_in_float16(rng, backend, causal):
     qkv, mask = make_case(rng, b=2, sq=640, skv=896, h=8, kh=2, d=128, packed=True,
@@ -90,7 +102,7 @@ def test_kernel_matches_xla_in_float16(rng, backend, causal):
     assert_matches_xla(qkv, mask, causal, backend, jax.random.key(int(rng.integers(1 << 30))))
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 def test_every_output_element_is_written(rng, backend):
     """Fill the allocator with NaN buffers of the outputs' sizes, free them, then run: any
     element the kernel leaves unwritten would come back NaN (fully masked rows included)."""
@@ -119,7 +131,7 @@ def test_triton_siglip_head_dim_72_matches_xla(rng):
     assert_matches_xla(qkv, mask, False, "triton", jax.random.key(1))
 
 
-@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("backend", KERNELS, indirect=True)
 def test_offsets_past_2_to_31_elements(rng, backend):
     """q and k with more than 2^31 elements (int64 row offsets in the kernels): the last
     packed document of a ~528K-token call equals that document attended alone, forward

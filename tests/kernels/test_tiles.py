@@ -78,16 +78,20 @@ def test_schedule_covers_visible_tiles_and_full_ranges_are_full(rng, causal, ove
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_tile_lists_walk_visible_tiles_in_order_head_full_tail(rng, causal):
-    """The Mosaic forward's list: every tile the schedule may see, ascending, nothing else;
-    the counts split it into the same masked head, full run and masked tail."""
+@pytest.mark.parametrize("over_q", [False, True])
+def test_tile_lists_walk_visible_tiles_in_order_head_full_tail(rng, causal, over_q):
+    """The Mosaic kernels' lists: every tile the schedule may see, ascending, nothing else;
+    the counts split it into the same masked head, full run and masked tail. `over_q`: per
+    kv tile over q tiles (the backward's)."""
     for _ in range(8):
         (q_pos, kv_pos, q_seg, kv_seg), bm, bn, _ = random_case(rng)
         arrays = [jnp.asarray(x) for x in (q_pos, kv_pos, q_seg, kv_seg)]
-        order, counts = tile_lists(*arrays, causal, bm, bn)
-        q_stats, kv_stats, ranges = schedule(*arrays, causal, bm, bn, over_q=False)
+        order, counts = tile_lists(*arrays, causal, bm, bn, over_q=over_q)
+        q_stats, kv_stats, ranges = schedule(*arrays, causal, bm, bn, over_q=over_q)
         visible, full = truth(q_pos, kv_pos, q_seg, kv_seg, causal, bm, bn)
         accepted = kernel_test(np.asarray(q_stats)[:, 0], np.asarray(kv_stats)[:, 0], causal)
+        if over_q:
+            visible, full, accepted = visible.T, full.T, accepted.T
         for row, (n_head, n_full, n_tail) in enumerate(np.asarray(counts)[:, 0].T):
             walked = np.asarray(order)[0, row, :n_head + n_full + n_tail]
             assert (walked == np.flatnonzero(accepted[row])).all()
