@@ -133,3 +133,26 @@ def test_attention_benchmark_runs_end_to_end_on_cpu(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["seq"] == 256 and row["backend"] == "xla"
     assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+
+
+def test_mosaic_profile_sums_regions_per_warpgroup_role():
+    """bench/mosaic_profile.py's summary of a Mosaic GPU trace: two programs, each with two
+    consumers and a producer; shares are over each role's summed busy spans."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from mosaic_profile import summarise
+
+    events = []
+    for program in range(2):
+        for wg in range(3):
+            tid = 1 + wg + 3 * program
+            name = "wait_free" if wg == 2 else "scores"
+            for start, stop in ((0.0, 1.0), (2.0, 4.0)):
+                events += [dict(name=name, ph="B", ts=start, tid=tid, pid=1),
+                           dict(name=name, ph="E", ts=stop, tid=tid, pid=1)]
+            if wg < 2:
+                events += [dict(name="grads", ph="B", ts=4.0, tid=tid, pid=1),
+                           dict(name="grads", ph="E", ts=8.0, tid=tid, pid=1)]
+    rows = summarise({"traceEvents": events})
+    assert rows["consumer", "scores"] == dict(calls=8, mean_us=1.5, share=12.0 / 32.0)
+    assert rows["consumer", "grads"] == dict(calls=4, mean_us=4.0, share=16.0 / 32.0)
+    assert rows["producer", "wait_free"] == dict(calls=4, mean_us=1.5, share=6.0 / 8.0)

@@ -39,6 +39,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from longvila_jax.kernels.softmax_rows import LOG2E, backward_rows
 from longvila_jax.kernels.tiles import tile_lists
 
 BLOCK_Q = 64  # query rows per consumer warpgroup; a program holds two
@@ -54,8 +55,11 @@ class Blocks(NamedTuple):
 # Picked by `bench/attention.py --sweep` on an H200 (bench/NOTES.md).
 FWD = Blocks(block_kv=128, stages=2)
 HEAD_DIMS = (64, 128)
-LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+
+# Mosaic GPU's in-kernel profiler: (ranges per warpgroup, trace directory), or None.
+# `bench/mosaic_profile.py` sets it and sums the kernels' named regions per warpgroup.
+PROFILE: tuple[int, str] | None = None
 
 _ACC = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per query row
@@ -123,7 +127,8 @@ def _kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, o
                 take_turn()  # the other consumer's softmax runs while these products do
                 return acc_ref[...]
 
-            s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
+            with jax.named_scope("scores"):
+                s = pl.run_scoped(scores, plgpu.ACC(shape, jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
             if masked:
                 s = jnp.where(visible(i), s, -jnp.inf)
@@ -146,7 +151,8 @@ def _kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, o
                 pl.when(i + 1 < steps)(
                     lambda: plgpu.barrier_wait(k_ready.at[lax.rem(i + 1, stages)]))
 
-            acc = pl.run_state(values)(plgpu.ACC.init(acc))
+            with jax.named_scope("values"):
+                acc = pl.run_state(values)(plgpu.ACC.init(acc))
             plgpu.barrier_arrive(v_free.at[slot])
             return acc, m_new, denom
 
@@ -191,6 +197,15 @@ def _kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, o
                 pl.when(i >= stages)(lambda free=free: plgpu.barrier_wait(free.at[slot]))
                 plgpu.copy_gmem_to_smem(ref.at[b, cols, kv_head], smem.at[slot],
                                         ready.at[slot])
+
+
+def _compiler_params():
+    if PROFILE is None:
+        return plgpu.CompilerParams(approx_math=True)
+    # The profiler's buffers take shared memory (16 bytes per region and warpgroup): the
+    # backward leaves ~18 KB, so regions past the space are dropped, not an error.
+    return plgpu.CompilerParams(approx_math=True, profile_space=PROFILE[0],
+                                profile_dir=PROFILE[1], profile_bounds_check=True)
 
 
 def _pad(x, length, mode="constant"):
@@ -238,7 +253,7 @@ def forward(q, k, v, mask, spec):
                   jax.ShapeDtypeStruct((b, h, sq_pad), jnp.float32)),
         grid=(h, n_pairs, b), grid_names=("heads", "pairs", "batch"),
         num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_compiler_params(),
     )(q, k, v, q_pos, kv_pos, q_seg, kv_seg, order, counts)
     # In a scanned training step XLA ran this kernel twice per layer (bench/NOTES.md): once
     # for the next projection and once more late in the layer for the saved residuals. A
@@ -306,8 +321,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             slot = lax.rem(i, stages)
             q0 = order_ref[b, block, i] * BLOCK_Q
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
-            for ready in (q_ready, do_ready, stats_ready):
-                plgpu.barrier_wait(ready.at[slot])
+            with jax.named_scope("wait_tiles"):
+                for ready in (q_ready, do_ready, stats_ready):
+                    plgpu.barrier_wait(ready.at[slot])
 
             def scores(refs):
                 s_ref, dp_ref = refs
@@ -315,36 +331,42 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                 plgpu.wgmma(dp_ref, my_v, do_tile.transpose((1, 0)))
                 return s_ref[...], dp_ref[...]
 
-            s, dp = pl.run_scoped(scores, (plgpu.ACC(shape, jnp.float32),) * 2)
-            lse2 = plgpu.load(stats_smem.at[slot, 0], layout=_COL)
-            delta = plgpu.load(stats_smem.at[slot, 1], layout=_COL)
-            p = jnp.exp2(s * scale_log2 - cols(lse2))  # rows that saw nothing: lse2 = +inf
-            if masked:
-                p = jnp.where(visible(q0), p, 0.0)
-            ds = p * (dp - cols(delta))
-            ds16, p16 = ds.astype(dtype), p.astype(dtype)
-            my_ds[...] = ds16  # dQ = dS K takes dS as its left operand from shared memory
-            plgpu.commit_smem()
+            with jax.named_scope("scores"):
+                s, dp = pl.run_scoped(scores, (plgpu.ACC(shape, jnp.float32),) * 2)
+            with jax.named_scope("softmax_terms"):
+                lse2 = plgpu.load(stats_smem.at[slot, 0], layout=_COL)
+                delta = plgpu.load(stats_smem.at[slot, 1], layout=_COL)
+                p = jnp.exp2(s * scale_log2 - cols(lse2))  # rows that saw nothing: +inf
+                if masked:
+                    p = jnp.where(visible(q0), p, 0.0)
+                ds = p * (dp - cols(delta))
+                ds16, p16 = ds.astype(dtype), p.astype(dtype)
+            with jax.named_scope("store_ds"):
+                my_ds[...] = ds16  # dQ = dS K takes dS as its left operand from smem
+                plgpu.commit_smem()
 
             def grads(refs):
                 dv_ref, dk_ref = refs
                 plgpu.wgmma(dv_ref, p16, do_tile)
                 plgpu.wgmma(dk_ref, ds16, q_tile)
 
-            dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
+            with jax.named_scope("grads"):
+                dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             plgpu.barrier_arrive(q_free.at[slot])
 
             def d_query(acc_ref):
                 plgpu.wgmma(acc_ref, my_ds.transpose((1, 0)), my_k)
                 return acc_ref[...]
 
-            dq = pl.run_scoped(d_query, plgpu.ACC((BLOCK_Q, d), jnp.float32))
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's dQ has left
-            my_f32[...] = dq
-            plgpu.commit_smem()
-            # Every key block adds its part of this query tile's dQ: a TMA reduction.
-            plgpu.copy_smem_to_gmem(my_f32, dq_ref.at[b, pl.ds(q0, BLOCK_Q), head],
-                                    reduction_op="add")
+            with jax.named_scope("d_query"):
+                dq = pl.run_scoped(d_query, plgpu.ACC((BLOCK_Q, d), jnp.float32))
+            with jax.named_scope("store_dq"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's dQ left
+                my_f32[...] = dq
+                plgpu.commit_smem()
+                # Every key block adds its part of this query tile's dQ: a TMA reduction.
+                plgpu.copy_smem_to_gmem(my_f32, dq_ref.at[b, pl.ds(q0, BLOCK_Q), head],
+                                        reduction_op="add")
             return dk, dv
 
         carry = (zeros, zeros)
@@ -369,7 +391,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             slot = lax.rem(i, stages)
             q_rows = pl.ds(order_ref[b, block, i] * BLOCK_Q, BLOCK_Q)
             # The slot is free once both consumers are done with its last tile.
-            pl.when(i >= stages)(lambda: plgpu.barrier_wait(q_free.at[slot]))
+            with jax.named_scope("wait_free"):
+                pl.when(i >= stages)(lambda: plgpu.barrier_wait(q_free.at[slot]))
             plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, head], q_smem.at[slot], q_ready.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[b, q_rows, head], do_smem.at[slot],
                                     do_ready.at[slot])
@@ -394,12 +417,7 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     b, sq, h, d = q.shape
     skv, kh = k.shape[1], k.shape[2]
     d_out = d_out.astype(q.dtype)
-    # delta = rowsum(dO * O); an LSE cotangent enters as P * d_lse, i.e. delta - d_lse.
-    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    if d_lse is not None:
-        delta = delta - d_lse.astype(jnp.float32)
-    # Base-2 LSE, +inf on rows that see nothing (and on padded rows) so exp2(s - lse2) = 0.
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
+    delta, lse2 = backward_rows(out, lse, d_out, d_lse)
     q_pos, kv_pos, q_seg, kv_seg = (x.astype(jnp.int32) for x in mask.arrays())
     order, counts = tile_lists(q_pos, kv_pos, q_seg, kv_seg, spec.causal, BLOCK_Q, 2 * BLOCK_Q,
                                over_q=True)
@@ -440,7 +458,7 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
         entry, out_type=(per_head, per_head),
         grid=(n_blocks, h, b), grid_names=("kv", "heads", "batch"),
         num_threads=3, thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=_compiler_params(),
     )(q, k, v, d_out, stats, q_pos, kv_pos, q_seg, kv_seg, order, counts, dq_acc)
     scale = float(spec.scale)
     dq = (jax.freeze(dq_acc)[:, :sq] * scale).astype(q.dtype)

@@ -16,7 +16,6 @@ heads, so K/V are never repeated and no atomics are needed.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
@@ -25,9 +24,8 @@ import jax_triton as jt
 import triton
 import triton.language as tl
 
+from longvila_jax.kernels.softmax_rows import LOG2E, backward_rows
 from longvila_jax.kernels.tiles import schedule
-
-LOG2E = math.log2(math.e)
 
 
 class Blocks(NamedTuple):
@@ -378,12 +376,7 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     causal, scale = spec.causal, spec.scale
     skv, kh = k.shape[1], k.shape[2]
     d_out = d_out.astype(q.dtype)
-    # delta = rowsum(dO * O); an LSE cotangent enters as P * d_lse, i.e. delta - d_lse.
-    delta = jnp.einsum("bqhd,bqhd->bhq", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    if d_lse is not None:
-        delta = delta - d_lse.astype(jnp.float32)
-    # Base-2 LSE, +inf on rows that see nothing so that exp2(s - lse2) = 0 there.
-    lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf).astype(jnp.float32)
+    delta, lse2 = backward_rows(out, lse, d_out, d_lse)
     ints = [x.astype(jnp.int32) for x in mask.arrays()]
     common = dict(**_common(q, k, causal, scale), scale=float(scale))
     inputs = (q, k, v, d_out, lse2, delta, *ints)
