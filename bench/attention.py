@@ -75,10 +75,14 @@ def sweep(backends, seq=32768):
         if backend not in backends:
             continue
         kernels = importlib.import_module(f"longvila_jax.kernels.{backend}")
-        best = None
-        for config in configs:
+
+        def setting(config, kernels=kernels, name=name):  # block shapes, or a backward's name
             setattr(kernels, name, kernels.Blocks(*config) if isinstance(config, tuple)
                     else config)
+
+        best = None
+        for config in configs:
+            setting(config)
             fwd, fwd_bwd = functions(backend, None)
             try:
                 t = timed(fwd, q, k, v, reps=3) if name == "FWD" else timed(
@@ -89,8 +93,7 @@ def sweep(backends, seq=32768):
                 continue
             print(f"  {backend} {name} {config}: {t * 1e3:.3f} ms", flush=True)
             best = min(best or (t, config), (t, config))
-        setattr(kernels, name, kernels.Blocks(*best[1]) if isinstance(best[1], tuple)
-                else best[1])
+        setting(best[1])
         print(f"  -> {backend} {name} = {best[1]}")
 
 

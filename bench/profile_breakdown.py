@@ -30,7 +30,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ATTENTION_FWD = re.compile(r"mosaic_gpu|_fwd_kernel|sdpa.*fprop|flash_fprop")
-ATTENTION_BWD = re.compile(r"_bwd_(kv|q)_kernel|sdpa.*bprop|flash_bprop")
+ATTENTION_BWD = re.compile(r"_bwd_(kv|q)_kernel|attention_backward_mosaic|sdpa.*bprop|flash_bprop")
 GEMM = re.compile(r"nvjet|gemm|xmma|cutlass|cublas", re.I)
 NCCL = re.compile(r"nccl", re.I)
 SCOPES = (("rematerialised recompute", "rematted_computation"),

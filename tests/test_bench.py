@@ -93,11 +93,14 @@ def test_profile_breakdown_sorts_kernels_and_finds_idle_and_exposed_time(tmp_pat
               for p, n in ((1, "/device:GPU:0"), (2, "/device:GPU:1"), (3, "/host:CPU"))]
     for pid in (1, 2):
         events += [
-            kernel(pid, 0, 1000, "entry_mosaic_gpu_kernel", "jit(step)/jvp()/mpmd_map"),
+            kernel(pid, 0, 1000, "attention_forward_mosaic_gpu_kernel",
+                   "jit(step)/jvp()/mpmd_map"),
             kernel(pid, 1000, 2000, "nvjet_sm90_tst_128x160", "jit(step)/jvp()/dot_general"),
             kernel(pid, 3000, 500, "ncclDevKernel_AllGather", "jit(step)/all_gather"),
             kernel(pid, 3000, 300, "loop_add_fusion", "jit(step)/jvp()/add"),
-            kernel(pid, 4000, 3000, "_bwd_kv_kernel", "transpose(jvp())/triton_kernel_call"),
+            kernel(pid, 4000, 1500, "_bwd_kv_kernel", "transpose(jvp())/triton_kernel_call"),
+            kernel(pid, 5500, 1500, "attention_backward_mosaic_gpu_kernel",
+                   "transpose(jvp())/mpmd_map"),
             kernel(pid, 7000, 1000, "nvjet_sm90_tst_256x128", "transpose(jvp())/dot_general"),
             kernel(pid, 8000, 1000, "nvjet_sm90_tst_128x160",
                    "transpose(jvp())/checkpoint/rematted_computation/dot_general"),

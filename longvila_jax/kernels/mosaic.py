@@ -74,10 +74,10 @@ def supports(q) -> bool:
 
 
 def _kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, order_ref,
-            counts_ref, out_ref, lse_ref, scratch, *, causal, scale_log2, groups, skv,
-            n_pairs, block_kv, stages):
-    (qo_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free), turn \
-        = scratch
+            counts_ref, out_ref, lse_ref, smem, ready, free, turn, *, causal, scale_log2, groups,
+            skv, n_pairs, block_kv, stages):
+    (qo_smem, k_smem, v_smem, lse_smem), (q_ready, k_ready, v_ready), (k_free, v_free) = \
+        smem, ready, free
     head = lax.axis_index("heads")
     pair = n_pairs - 1 - lax.axis_index("pairs")  # causal: the longest rows start first
     b = lax.axis_index("batch")
@@ -161,15 +161,7 @@ def _kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, o
         acc = plgpu.layout_cast(jnp.zeros((BLOCK_Q, q_ref.shape[-1]), jnp.float32), _ACC)
         pl.when(steps > 0)(lambda: plgpu.barrier_wait(k_ready.at[0]))
         pl.when(wg == 1)(take_turn)
-        carry = (acc, m, denom)
-        # Counted from 0: under shard_map the counts vary over the mesh, and a loop whose
-        # index starts at one of them fails JAX's carry-type check inside the kernel.
-        for start, count, masked in ((0, n_head, True), (n_head, n_full, False),
-                                     (n_head + n_full, n_tail, True)):
-            carry = lax.fori_loop(
-                0, count, lambda j, c, start=start, masked=masked: step(start + j, c, masked),
-                carry)
-        acc, m, denom = carry
+        acc, m, denom = _walk((n_head, n_full, n_tail), step, (acc, m, denom))
         pl.when(wg == 0)(take_turn)
 
         seen = denom > 0.0
@@ -199,6 +191,22 @@ def _kernel(q_ref, k_ref, v_ref, q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, o
                                         ready.at[slot])
 
 
+def _walk(counts, step, carry):
+    """Run `step(i, carry, masked)` over a tile list's masked head, full run and masked
+    tail (`tiles.tile_lists` counts), i counting through the whole list.
+
+    Each loop counts from 0: under shard_map the counts vary over the mesh, and a loop
+    whose index starts at one of them fails JAX's carry-type check inside the kernel.
+    """
+    n_head, n_full, _ = counts
+    for start, count, masked in zip((0, n_head, n_head + n_full), counts, (True, False, True),
+                                    strict=True):
+        carry = lax.fori_loop(
+            0, count, lambda j, c, start=start, masked=masked: step(start + j, c, masked),
+            carry)
+    return carry
+
+
 def _compiler_params():
     if PROFILE is None:
         return plgpu.CompilerParams(approx_math=True)
@@ -216,27 +224,34 @@ def _pad(x, length, mode="constant"):
     return jnp.pad(x, width, mode=mode)
 
 
+def _padded(arrays, sq_pad, skv_pad):
+    """The mask's int32 positions and segment ids, edge-padded to the kernels' lengths (a
+    padded row or key repeats the last one's; the kernels hide padded keys by index)."""
+    q_pos, kv_pos, q_seg, kv_seg = arrays
+    return (_pad(q_pos, sq_pad, "edge"), _pad(kv_pos, skv_pad, "edge"),
+            _pad(q_seg, sq_pad, "edge"), _pad(kv_seg, skv_pad, "edge"))
+
+
 def forward(q, k, v, mask, spec):
     b, sq, h, d = q.shape
     skv, kh = k.shape[1], k.shape[2]
-    q_pos, kv_pos, q_seg, kv_seg = (x.astype(jnp.int32) for x in mask.arrays())
+    arrays = [x.astype(jnp.int32) for x in mask.arrays()]
     block_kv, stages = FWD
-    order, counts = tile_lists(q_pos, kv_pos, q_seg, kv_seg, spec.causal, 2 * BLOCK_Q,
-                               block_kv)
+    order, counts = tile_lists(*arrays, spec.causal, 2 * BLOCK_Q, block_kv)
     n_pairs = -(-sq // (2 * BLOCK_Q))
     sq_pad, skv_pad = n_pairs * 2 * BLOCK_Q, -(-skv // block_kv) * block_kv
-    q, q_pos, q_seg = _pad(q, sq_pad), _pad(q_pos, sq_pad, "edge"), _pad(q_seg, sq_pad, "edge")
-    k, v = _pad(k, skv_pad), _pad(v, skv_pad)
-    kv_pos, kv_seg = _pad(kv_pos, skv_pad, "edge"), _pad(kv_seg, skv_pad, "edge")
+    q, k, v = _pad(q, sq_pad), _pad(k, skv_pad), _pad(v, skv_pad)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     kernel = functools.partial(_kernel, causal=bool(spec.causal),
                                scale_log2=float(spec.scale * LOG2E), groups=h // kh, skv=skv,
                                n_pairs=n_pairs, block_kv=block_kv, stages=stages)
 
-    def entry(*refs):
-        pl.run_scoped(
-            lambda *scratch: kernel(*refs, scratch),
+    out, lse = plgpu.kernel(
+        kernel,
+        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
+                  jax.ShapeDtypeStruct((b, h, sq_pad), jnp.float32)),
+        scratch_types=(
             (plgpu.SMEM((2, BLOCK_Q, d), q.dtype, transforms=tiled),
              plgpu.SMEM((stages, block_kv, d), k.dtype, transforms=tiled),
              plgpu.SMEM((stages, block_kv, d), v.dtype, transforms=tiled),
@@ -244,17 +259,11 @@ def forward(q, k, v, mask, spec):
             (plgpu.Barrier(num_barriers=2), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=stages)),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=2),
-            collective_axes="wg")
-
-    out, lse = plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct(q.shape, q.dtype),
-                  jax.ShapeDtypeStruct((b, h, sq_pad), jnp.float32)),
+            plgpu.Barrier(num_arrivals=2)),
         grid=(h, n_pairs, b), grid_names=("heads", "pairs", "batch"),
-        num_threads=3, thread_name="wg",
+        num_threads=3, thread_name="wg", kernel_name="attention_forward",
         compiler_params=_compiler_params(),
-    )(q, k, v, q_pos, kv_pos, q_seg, kv_seg, order, counts)
+    )(q, k, v, *_padded(arrays, sq_pad, skv_pad), order, counts)
     # In a scanned training step XLA ran this kernel twice per layer (bench/NOTES.md): once
     # for the next projection and once more late in the layer for the saved residuals. A
     # barrier as its only user leaves XLA nothing to duplicate.
@@ -270,10 +279,10 @@ BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 209 KB at head d
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_ref, q_seg_ref,
-                     kv_seg_ref, order_ref, counts_ref, dq_ref, dk_ref, dv_ref, scratch, *,
-                     causal, scale_log2, groups, skv, stages):
-    (k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, f32_smem), \
-        (k_ready, v_ready, q_ready, do_ready, stats_ready), q_free = scratch
+                     kv_seg_ref, order_ref, counts_ref, dq_ref, dk_ref, dv_ref, smem, ready,
+                     q_free, *, causal, scale_log2, groups, skv, stages):
+    k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, f32_smem = smem
+    k_ready, v_ready, q_ready, do_ready, stats_ready = ready
     block = lax.axis_index("kv")
     head = lax.axis_index("heads")
     b = lax.axis_index("batch")
@@ -369,13 +378,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                                         reduction_op="add")
             return dk, dv
 
-        carry = (zeros, zeros)
-        for start, count, masked in ((0, n_head, True), (n_head, n_full, False),
-                                     (n_head + n_full, n_tail, True)):
-            carry = lax.fori_loop(
-                0, count, lambda j, c, start=start, masked=masked: step(start + j, c, masked),
-                carry)
-        for grad, out_ref in zip(carry, (dk_ref, dv_ref), strict=True):
+        grads = _walk((n_head, n_full, n_tail), step, (zeros, zeros))
+        for grad, out_ref in zip(grads, (dk_ref, dv_ref), strict=True):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             my_f32[...] = grad
             plgpu.commit_smem()
@@ -418,29 +422,26 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     skv, kh = k.shape[1], k.shape[2]
     d_out = d_out.astype(q.dtype)
     delta, lse2 = backward_rows(out, lse, d_out, d_lse)
-    q_pos, kv_pos, q_seg, kv_seg = (x.astype(jnp.int32) for x in mask.arrays())
-    order, counts = tile_lists(q_pos, kv_pos, q_seg, kv_seg, spec.causal, BLOCK_Q, 2 * BLOCK_Q,
-                               over_q=True)
+    arrays = [x.astype(jnp.int32) for x in mask.arrays()]
+    order, counts = tile_lists(*arrays, spec.causal, BLOCK_Q, 2 * BLOCK_Q, over_q=True)
     n_blocks = -(-skv // (2 * BLOCK_Q))
     sq_pad, skv_pad = -(-sq // BLOCK_Q) * BLOCK_Q, n_blocks * 2 * BLOCK_Q
     stats = jnp.stack([jnp.pad(lse2, [(0, 0), (0, 0), (0, sq_pad - sq)],
                                constant_values=jnp.inf),
                        jnp.pad(delta, [(0, 0), (0, 0), (0, sq_pad - sq)])], axis=2)
-    q, d_out = _pad(q, sq_pad), _pad(d_out, sq_pad)
-    q_pos, q_seg = _pad(q_pos, sq_pad, "edge"), _pad(q_seg, sq_pad, "edge")
-    k, v = _pad(k, skv_pad), _pad(v, skv_pad)
-    kv_pos, kv_seg = _pad(kv_pos, skv_pad, "edge"), _pad(kv_seg, skv_pad, "edge")
+    q, d_out, k, v = _pad(q, sq_pad), _pad(d_out, sq_pad), _pad(k, skv_pad), _pad(v, skv_pad)
 
     tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     tiled32 = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+    stages = BWD_STAGES
     kernel = functools.partial(_backward_kernel, causal=bool(spec.causal),
                                scale_log2=float(spec.scale * LOG2E), groups=h // kh, skv=skv,
-                               stages=BWD_STAGES)
-    stages = BWD_STAGES
-
-    def entry(*refs):
-        pl.run_scoped(
-            lambda *scratch: kernel(*refs, scratch),
+                               stages=stages)
+    dq_acc = jax.new_ref(jnp.zeros((b, sq_pad, h, d), jnp.float32))
+    per_head = jax.ShapeDtypeStruct((b, skv_pad, h, d), jnp.float32)
+    dk, dv = plgpu.kernel(
+        kernel, out_type=(per_head, per_head),
+        scratch_types=(
             (plgpu.SMEM((2, BLOCK_Q, d), k.dtype, transforms=tiled),
              plgpu.SMEM((2, BLOCK_Q, d), v.dtype, transforms=tiled),
              plgpu.SMEM((stages, BLOCK_Q, d), q.dtype, transforms=tiled),
@@ -449,17 +450,11 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
              plgpu.SMEM((2, BLOCK_Q, BLOCK_Q), q.dtype, transforms=tiled),
              plgpu.SMEM((2, BLOCK_Q, d), jnp.float32, transforms=tiled32)),
             (plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 3,
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            collective_axes="wg")
-
-    dq_acc = jax.new_ref(jnp.zeros((b, sq_pad, h, d), jnp.float32))
-    per_head = jax.ShapeDtypeStruct((b, skv_pad, h, d), jnp.float32)
-    dk, dv = plgpu.kernel(
-        entry, out_type=(per_head, per_head),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
         grid=(n_blocks, h, b), grid_names=("kv", "heads", "batch"),
-        num_threads=3, thread_name="wg",
+        num_threads=3, thread_name="wg", kernel_name="attention_backward",
         compiler_params=_compiler_params(),
-    )(q, k, v, d_out, stats, q_pos, kv_pos, q_seg, kv_seg, order, counts, dq_acc)
+    )(q, k, v, d_out, stats, *_padded(arrays, sq_pad, skv_pad), order, counts, dq_acc)
     scale = float(spec.scale)
     dq = (jax.freeze(dq_acc)[:, :sq] * scale).astype(q.dtype)
 

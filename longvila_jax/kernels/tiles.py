@@ -61,6 +61,17 @@ def _ranges(visible, full):
     return jnp.stack([lo, full_lo, full_hi, hi, n_head, n_tail]).astype(jnp.int32)
 
 
+def _classified(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q):
+    """`(q_stats, kv_stats, visible, full)`, the last two per kv tile when `over_q`."""
+    q_stats = _tile_stats(q_pos, q_seg, block_m)
+    kv_stats = _tile_stats(kv_pos, kv_seg, block_n)
+    visible, full = _classify(q_stats, kv_stats, causal, q_pos.shape[1], kv_pos.shape[1],
+                              block_m, block_n)
+    if over_q:
+        visible, full = jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2)
+    return q_stats, kv_stats, visible, full
+
+
 def tile_lists(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q=False):
     """`(order, counts)` for kernels whose loader walks a list instead of searching.
 
@@ -70,11 +81,8 @@ def tile_lists(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q=Fa
     run, masked tail, as in `schedule`). `over_q` gives the transposed lists, per kv tile
     over q tiles (`[b, nk, nq]`, `[3, b, nk]`), for backward kernels that hold K/V.
     """
-    visible, full = _classify(_tile_stats(q_pos, q_seg, block_m),
-                              _tile_stats(kv_pos, kv_seg, block_n), causal, q_pos.shape[1],
-                              kv_pos.shape[1], block_m, block_n)
-    if over_q:
-        visible, full = jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2)
+    *_, visible, full = _classified(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n,
+                                    over_q)
     _, full_lo, full_hi, _, n_head, n_tail = _ranges(visible, full)
     order = jnp.argsort(~visible, axis=-1, stable=True).astype(jnp.int32)
     return order, jnp.stack([n_head, full_hi - full_lo, n_tail]).astype(jnp.int32)
@@ -82,10 +90,6 @@ def tile_lists(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q=Fa
 
 def schedule(q_pos, kv_pos, q_seg, kv_seg, causal, block_m, block_n, over_q: bool):
     """`(q_stats, kv_stats, ranges)`; `over_q` gives ranges per kv tile (over q tiles)."""
-    q_stats = _tile_stats(q_pos, q_seg, block_m)
-    kv_stats = _tile_stats(kv_pos, kv_seg, block_n)
-    visible, full = _classify(q_stats, kv_stats, causal, q_pos.shape[1], kv_pos.shape[1],
-                              block_m, block_n)
-    if over_q:
-        visible, full = jnp.swapaxes(visible, 1, 2), jnp.swapaxes(full, 1, 2)
+    q_stats, kv_stats, visible, full = _classified(q_pos, kv_pos, q_seg, kv_seg, causal,
+                                                   block_m, block_n, over_q)
     return q_stats, kv_stats, _ranges(visible, full)

@@ -127,9 +127,8 @@ def _chunked_nll(h, weight, targets, chunk):
 
 
 def _chunked_nll_fwd(h, weight, targets, chunk):
-    sums, grads = _nll_and_grads(h.value, weight.value, targets.value, chunk, h.perturbed,
-                                 weight.perturbed)
-    return sums, grads
+    return _nll_and_grads(h.value, weight.value, targets.value, chunk, h.perturbed,
+                          weight.perturbed)
 
 
 def _chunked_nll_bwd(chunk, grads, cotangents):
