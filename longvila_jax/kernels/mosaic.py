@@ -281,7 +281,7 @@ BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 209 KB at head d
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_ref, q_seg_ref,
                      kv_seg_ref, order_ref, counts_ref, dq_ref, dk_ref, dv_ref, smem, ready,
                      q_free, *, causal, scale_log2, groups, skv, stages):
-    k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, f32_smem = smem
+    k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, f32_smem, tile_smem = smem
     k_ready, v_ready, q_ready, do_ready, stats_ready = ready
     block = lax.axis_index("kv")
     head = lax.axis_index("heads")
@@ -328,11 +328,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
         def step(i, carry, masked):
             dk, dv = carry
             slot = lax.rem(i, stages)
-            q0 = order_ref[b, block, i] * BLOCK_Q
             q_tile, do_tile = q_smem.at[slot], do_smem.at[slot]
             with jax.named_scope("wait_tiles"):
                 for ready in (q_ready, do_ready, stats_ready):
                     plgpu.barrier_wait(ready.at[slot])
+            # The producer left the tile's index in shared memory: a global read here
+            # stalled every step (~0.6 us, bench/NOTES.md).
+            q0 = tile_smem[slot] * BLOCK_Q
 
             def scores(refs):
                 s_ref, dp_ref = refs
@@ -393,10 +395,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
         @pl.loop(0, steps)
         def _load(i):
             slot = lax.rem(i, stages)
-            q_rows = pl.ds(order_ref[b, block, i] * BLOCK_Q, BLOCK_Q)
+            tile = order_ref[b, block, i]
+            q_rows = pl.ds(tile * BLOCK_Q, BLOCK_Q)
             # The slot is free once both consumers are done with its last tile.
             with jax.named_scope("wait_free"):
                 pl.when(i >= stages)(lambda: plgpu.barrier_wait(q_free.at[slot]))
+            tile_smem[slot] = tile  # before the barrier arrivals that publish it
             plgpu.copy_gmem_to_smem(q_ref.at[b, q_rows, head], q_smem.at[slot], q_ready.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[b, q_rows, head], do_smem.at[slot],
                                     do_ready.at[slot])
@@ -448,7 +452,8 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
              plgpu.SMEM((stages, BLOCK_Q, d), q.dtype, transforms=tiled),
              plgpu.SMEM((stages, 2, BLOCK_Q), jnp.float32),
              plgpu.SMEM((2, BLOCK_Q, BLOCK_Q), q.dtype, transforms=tiled),
-             plgpu.SMEM((2, BLOCK_Q, d), jnp.float32, transforms=tiled32)),
+             plgpu.SMEM((2, BLOCK_Q, d), jnp.float32, transforms=tiled32),
+             plgpu.SMEM((stages,), jnp.int32)),
             (plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 3,
             plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
         grid=(n_blocks, h, b), grid_names=("kv", "heads", "batch"),
