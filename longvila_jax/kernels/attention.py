@@ -64,11 +64,11 @@ def _backend(name: str):
 
 
 def _choose(backend: str, q, unmasked: bool) -> str:
-    """Resolve 'auto' to the fastest correct backend, per direction where they differ
-    (bench/attention.py, docs/benchmarks.md): on a GPU, cuDNN for plain (unpacked,
-    default-position) attention, both directions; for everything else our Mosaic GPU
-    forward with the Triton backward on Hopper (bf16/fp16, head dim 64 or 128), the Triton
-    kernels elsewhere; the blockwise XLA path off GPU and for decoding's few query rows."""
+    """Resolve 'auto' to the fastest correct backend (bench/attention.py,
+    docs/benchmarks.md): on a GPU, cuDNN for plain (unpacked, default-position) attention;
+    for everything else our Mosaic GPU kernels on Hopper (bf16/fp16, head dim 64 or 128),
+    the Triton kernels elsewhere; the blockwise XLA path off GPU and for decoding's few
+    query rows."""
     if backend != "auto":
         if backend == "cudnn" and not unmasked:
             raise ValueError("flash_attention: backend 'cudnn' takes no positions or segment "

@@ -1,4 +1,4 @@
-"""Attention for Hopper in Pallas Mosaic GPU: a forward, and a backward (Triton's by default).
+"""Attention for Hopper in Pallas Mosaic GPU: a forward and a backward.
 
 Why a second kernel: every sequence-parallel step attends with positions and segment ids,
 which cuDNN cannot take, and our Triton forward reaches ~0.8x cuDNN on an H200. Mosaic GPU
@@ -18,9 +18,8 @@ the scale folded into one multiply-add, as the Triton kernel does. The lists are
 quadratic in tiles (int32 per tile pair: 256 KB at 32K tokens, 16 MB at 256K tokens per
 device and batch row), built by XLA before each call.
 
-The Mosaic backward (`backward` with BACKWARD = "mosaic") is described where it is defined;
-it is correct on every GPU test case but slower than the Triton backward, which `backward`
-runs by default.
+The backward (`backward`) is described where it is defined; `BACKWARD = "triton"` swaps
+in the Triton kernels' instead.
 
 Layouts match the API: q/out `[b, sq, h, d]`, k/v `[b, skv, kh, d]`, lse `[b, h, sq]`.
 GQA reads K/V head `h // (h // kh)` without repeating it. Lengths that are not multiples
@@ -270,17 +269,17 @@ def forward(q, k, v, mask, spec):
     return lax.optimization_barrier((out[:, :sq], lse[:, :, :sq]))
 
 
-# Which backward the mosaic backend runs: "triton" (the Triton kernels; they take any final
-# out/lse) or "mosaic" (`_backward_kernel`). Picked by `bench/attention.py --sweep` on an
-# H200: the Mosaic backward is correct but slower, 32K fwd+bwd ~93-100 ms against ~73 ms
-# with Triton's (bench/NOTES.md), so Triton's stays.
-BACKWARD = "triton"
-BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 209 KB at head dim 128)
+# Which backward the mosaic backend runs: "mosaic" (`_backward_kernel`) or "triton" (the
+# Triton kernels). Picked by `bench/attention.py --sweep` on an H200: fwd+bwd at 8K / 16K /
+# 32K 4.5 / 16.2 / 64.9 ms with this backward, 5.2 / 18.1 / 72.4 with Triton's
+# (bench/NOTES.md).
+BACKWARD = "mosaic"
+BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 225 KB at head dim 128)
 
 
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_ref, q_seg_ref,
                      kv_seg_ref, order_ref, counts_ref, dq_ref, dk_ref, dv_ref, smem, ready,
-                     q_free, *, causal, scale_log2, groups, skv, stages):
+                     q_free, ds_ready, *, causal, scale_log2, groups, skv, stages):
     k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, f32_smem, tile_smem = smem
     k_ready, v_ready, q_ready, do_ready, stats_ready = ready
     block = lax.axis_index("kv")
@@ -304,7 +303,7 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
         plgpu.set_max_registers(240, action="increase")
         kv0 = block * (2 * BLOCK_Q) + wg * BLOCK_Q
         kv_head = lax.div(head, jnp.array(groups, head.dtype))
-        my_k, my_v, my_ds, my_f32 = (x.at[wg] for x in (k_smem, v_smem, ds_smem, f32_smem))
+        my_k, my_v, my_f32 = (x.at[wg] for x in (k_smem, v_smem, f32_smem))
         plgpu.copy_gmem_to_smem(k_ref.at[b, pl.ds(kv0, BLOCK_Q), kv_head], my_k, k_ready.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[b, pl.ds(kv0, BLOCK_Q), kv_head], my_v, v_ready.at[wg])
         kv_pos = plgpu.load(kv_pos_ref.at[b, pl.ds(kv0, BLOCK_Q)], layout=_ROW, optimized=False)
@@ -352,9 +351,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                     p = jnp.where(visible(q0), p, 0.0)
                 ds = p * (dp - cols(delta))
                 ds16, p16 = ds.astype(dtype), p.astype(dtype)
+            # The consumers take turns at this tile's dQ: the one whose turn it is sums both
+            # halves of the block (dS from smem), one reduction per 128 keys.
+            turn = lax.rem(i, 2)
             with jax.named_scope("store_ds"):
-                my_ds[...] = ds16  # dQ = dS K takes dS as its left operand from smem
+                ds_smem.at[turn, wg][...] = ds16
                 plgpu.commit_smem()
+                plgpu.barrier_arrive(ds_ready.at[turn])
 
             def grads(refs):
                 dv_ref, dk_ref = refs
@@ -366,18 +369,26 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             plgpu.barrier_arrive(q_free.at[slot])
 
             def d_query(acc_ref):
-                plgpu.wgmma(acc_ref, my_ds.transpose((1, 0)), my_k)
+                for w in (0, 1):
+                    plgpu.wgmma(acc_ref, ds_smem.at[turn, w].transpose((1, 0)), k_smem.at[w])
                 return acc_ref[...]
 
-            with jax.named_scope("d_query"):
-                dq = pl.run_scoped(d_query, plgpu.ACC((BLOCK_Q, d), jnp.float32))
-            with jax.named_scope("store_dq"):
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's dQ left
-                my_f32[...] = dq
-                plgpu.commit_smem()
-                # Every key block adds its part of this query tile's dQ: a TMA reduction.
-                plgpu.copy_smem_to_gmem(my_f32, dq_ref.at[b, pl.ds(q0, BLOCK_Q), head],
-                                        reduction_op="add")
+            @pl.when(turn == wg)
+            def _d_query():
+                # Each turn's barrier has one waiter, so its phases stay in step. Slot
+                # `turn` is written again two tiles on: by this consumer after this
+                # product, by the other after waiting at the next tile for this one's
+                # arrival, which follows this product.
+                plgpu.barrier_wait(ds_ready.at[turn])
+                with jax.named_scope("d_query"):
+                    dq = pl.run_scoped(d_query, plgpu.ACC((BLOCK_Q, d), jnp.float32))
+                with jax.named_scope("store_dq"):
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last dQ left
+                    my_f32[...] = dq
+                    plgpu.commit_smem()
+                    # Every key block adds its part of this query tile's dQ: a TMA reduction.
+                    plgpu.copy_smem_to_gmem(my_f32, dq_ref.at[b, pl.ds(q0, BLOCK_Q), head],
+                                            reduction_op="add")
             return dk, dv
 
         grads = _walk((n_head, n_full, n_tail), step, (zeros, zeros))
@@ -411,12 +422,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
 def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     """dq, dk, dv from the final out/lse (a ring's merged ones too).
 
-    One program per (block of 128 keys, query head, batch row): two consumer warpgroups each
+    One program per (query head, block of 128 keys, batch row): two consumer warpgroups each
     keep 64 key rows of K/V in shared memory and walk the query tiles that block may see
-    (`tile_lists(over_q=True)`) as a producer streams Q, dO, lse and delta in; per tile,
-    five products (S^T, dP^T, dV, dK, dQ). dQ leaves each tile as a float32 partial, added
-    into one float32 buffer by TMA reductions (no second pass over K/V for dQ, as the Triton
-    backward makes). dK/dV leave per query head in float32 and XLA sums each KV head's group.
+    (`tile_lists(over_q=True)`) as a producer streams Q, dO, lse and delta (and the tile's
+    index) in; per tile each consumer makes S^T, dP^T, dV and dK for its 64 keys, and the
+    two take turns at dQ for all 128 (both dS^T through shared memory), which leaves as a
+    float32 partial added into one float32 buffer by a TMA reduction: no second pass over
+    K/V as the Triton backward makes, and half the reductions of one per consumer.
+    dK/dV leave per query head in float32 and XLA sums each KV head's group.
     """
     if BACKWARD == "triton":
         from longvila_jax.kernels import triton  # jax-triton: a GPU extra
@@ -451,12 +464,15 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
              plgpu.SMEM((stages, BLOCK_Q, d), q.dtype, transforms=tiled),
              plgpu.SMEM((stages, BLOCK_Q, d), q.dtype, transforms=tiled),
              plgpu.SMEM((stages, 2, BLOCK_Q), jnp.float32),
-             plgpu.SMEM((2, BLOCK_Q, BLOCK_Q), q.dtype, transforms=tiled),
+             plgpu.SMEM((2, 2, BLOCK_Q, BLOCK_Q), q.dtype, transforms=tiled),
              plgpu.SMEM((2, BLOCK_Q, d), jnp.float32, transforms=tiled32),
              plgpu.SMEM((stages,), jnp.int32)),
             (plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 3,
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages)),
-        grid=(n_blocks, h, b), grid_names=("kv", "heads", "batch"),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=2)),
+        # Heads vary fastest, so the programs running at once share their query tiles in
+        # L2 (Q, dO and dQ's reductions): kv blocks fastest made 32K 29 % slower.
+        grid=(h, n_blocks, b), grid_names=("heads", "kv", "batch"),
         num_threads=3, thread_name="wg", kernel_name="attention_backward",
         compiler_params=_compiler_params(),
     )(q, k, v, d_out, stats, *_padded(arrays, sq_pad, skv_pad), order, counts, dq_acc)

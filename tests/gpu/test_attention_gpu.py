@@ -66,18 +66,18 @@ def assert_matches_xla(qkv, mask, causal, backend, key):
         assert rel_err(a, r) <= BF16_RTOL, (name, rel_err(a, r))
 
 
-KERNELS = ["triton", "mosaic", "mosaic-bwd"]
+KERNELS = ["triton", "mosaic", "mosaic+triton-bwd"]
 
 
 @pytest.fixture
 def backend(request, monkeypatch):
-    """A KERNELS name as the API's backend; "mosaic-bwd" is mosaic with its own backward
-    (`mosaic.BACKWARD`, Triton's by default), read when the backward runs."""
-    if request.param != "mosaic-bwd":
+    """A KERNELS name as the API's backend; "mosaic+triton-bwd" is the Mosaic forward with
+    the Triton backward (`mosaic.BACKWARD`, read when the backward runs)."""
+    if request.param != "mosaic+triton-bwd":
         return request.param
     from longvila_jax.kernels import mosaic
 
-    monkeypatch.setattr(mosaic, "BACKWARD", "mosaic")
+    monkeypatch.setattr(mosaic, "BACKWARD", "triton")
     return "mosaic"
 
 

@@ -35,8 +35,7 @@ def test_forward_lowers_for_cuda(causal, sq, skv, head_dim):
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,skv,head_dim", [(256, 256, 128), (200, 333, 64)])
-def test_backward_lowers_for_cuda(monkeypatch, causal, sq, skv, head_dim):
-    monkeypatch.setattr(mosaic, "BACKWARD", "mosaic")  # the default is Triton's
+def test_backward_lowers_for_cuda(causal, sq, skv, head_dim):
     q = jax.ShapeDtypeStruct((2, sq, 8, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, skv, 2, head_dim), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((2, 8, sq), jnp.float32)
@@ -49,8 +48,7 @@ def test_backward_lowers_for_cuda(monkeypatch, causal, sq, skv, head_dim):
     assert text.count("mosaic_gpu") >= 1
 
 
-def test_forward_and_backward_lower_inside_shard_map_with_varying_positions(monkeypatch):
-    monkeypatch.setattr(mosaic, "BACKWARD", "mosaic")
+def test_forward_and_backward_lower_inside_shard_map_with_varying_positions():
     mesh = jax.make_mesh((2,), ("sp",), devices=jax.devices()[:2])
     spec = AttentionSpec(True, 128**-0.5, "mosaic")
 
