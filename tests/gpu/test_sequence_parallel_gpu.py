@@ -1,5 +1,5 @@
 """Sequence-parallel attention on the GPUs at hand, through the kernels `auto` picks (on
-Hopper our Mosaic GPU forward and Triton backward), against the blockwise XLA reference
+Hopper our Mosaic GPU forward and backward), against the blockwise XLA reference
 on one device (bf16 inputs, fp32 reference).
 
 On GPU the ring makes no `lax.cond` around piece pairs (the kernel skips hidden tiles
