@@ -326,7 +326,7 @@ def test_public_backward_equals_autodiff(rng):
 
 def test_auto_picks_the_fastest_correct_backend_per_case(monkeypatch):
     """On a GPU: cuDNN for plain attention, the Mosaic kernels for masked attention where
-    they run, Triton where it does not, XLA for decoding rows; off GPU XLA."""
+    they run, Triton where they do not, XLA for decoding rows; off GPU XLA."""
     def q(rows, head_dim, dtype=jnp.bfloat16):
         return jax.ShapeDtypeStruct((1, rows, 4, head_dim), dtype)
 
