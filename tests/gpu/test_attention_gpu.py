@@ -66,18 +66,22 @@ def assert_matches_xla(qkv, mask, causal, backend, key):
         assert rel_err(a, r) <= BF16_RTOL, (name, rel_err(a, r))
 
 
-KERNELS = ["triton", "mosaic", "mosaic+triton-bwd"]
+# Mosaic variants: module settings read when the kernels are traced.
+MOSAIC_VARIANTS = {"mosaic+triton-bwd": ("BACKWARD", "triton"),
+                   "mosaic+dkv-tma": ("DKV_SUM", "tma")}
+KERNELS = ["triton", "mosaic", *MOSAIC_VARIANTS]
 
 
 @pytest.fixture
 def backend(request, monkeypatch):
-    """A KERNELS name as the API's backend; "mosaic+triton-bwd" is the Mosaic forward with
-    the Triton backward (`mosaic.BACKWARD`, read when the backward runs)."""
-    if request.param != "mosaic+triton-bwd":
+    """A KERNELS name as the API's backend; the MOSAIC_VARIANTS run the mosaic backend with
+    one of `kernels/mosaic.py`'s settings changed (the Triton backward, or dK/dV summed
+    per KV head by TMA reductions)."""
+    if request.param not in MOSAIC_VARIANTS:
         return request.param
     from longvila_jax.kernels import mosaic
 
-    monkeypatch.setattr(mosaic, "BACKWARD", "triton")
+    monkeypatch.setattr(mosaic, *MOSAIC_VARIANTS[request.param])
     return "mosaic"
 
 
