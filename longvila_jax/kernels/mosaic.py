@@ -396,15 +396,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             return dk, dv
 
         grads = _walk((n_head, n_full, n_tail), step, (zeros, zeros))
+        # "tma": the group's programs add into their KV head's rows.
+        out_head, reduction = (kv_head, "add") if DKV_SUM == "tma" else (head, None)
         for grad, out_ref in zip(grads, (dk_ref, dv_ref), strict=True):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             my_f32[...] = grad
             plgpu.commit_smem()
-            if DKV_SUM == "tma":  # the group's programs add into their KV head's rows
-                plgpu.copy_smem_to_gmem(my_f32, out_ref.at[b, pl.ds(kv0, BLOCK_Q), kv_head],
-                                        reduction_op="add")
-            else:
-                plgpu.copy_smem_to_gmem(my_f32, out_ref.at[b, pl.ds(kv0, BLOCK_Q), head])
+            plgpu.copy_smem_to_gmem(my_f32, out_ref.at[b, pl.ds(kv0, BLOCK_Q), out_head],
+                                    reduction_op=reduction)
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -493,8 +492,7 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
       *dkv_acc)
     scale = float(spec.scale)
     dq = (jax.freeze(dq_acc)[:, :sq] * scale).astype(q.dtype)
-    if DKV_SUM == "tma":
-        dk, dv = (jax.freeze(x)[:, :skv] for x in dkv_acc)
-    else:
-        dk, dv = (x[:, :skv].reshape(b, skv, kh, h // kh, d).sum(3) for x in dkv)
+    # Per KV head already ("tma": groups of one) or per query head: sum each KV head's group.
+    per_head = [jax.freeze(x) for x in dkv_acc] if dkv_acc else dkv
+    dk, dv = (x[:, :skv].reshape(b, skv, kh, -1, d).sum(3) for x in per_head)
     return dq, (dk * scale).astype(k.dtype), dv.astype(v.dtype)
