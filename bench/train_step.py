@@ -15,7 +15,7 @@ autocast and fused AdamW, on one GPU (a separate process: JAX holds most GPU mem
 Run one remat policy per process too, so a policy that runs out of memory leaves nothing
 behind for the next (`--json` appends).
 
-  for r in none selective full; do python bench/train_step.py --model qwen2_1_5b \
+  for r in none selective dots full; do python bench/train_step.py --model qwen2_1_5b \
       --seq 32768 --remat $r --json out.jsonl; done
   python bench/train_step.py --model qwen2_1_5b --seq 32768 --torch --json out.jsonl
   python bench/train_step.py --model qwen2_7b --seq 131072 --frames 512 --mesh 1,1,4 \
@@ -196,8 +196,8 @@ def main():
     parser.add_argument("--mesh", default="1,1,1", help="data,node,local")
     parser.add_argument("--attention", default="auto", help="sequence-parallel scheme")
     parser.add_argument("--kernel", default="auto", help="model.attention_backend")
-    parser.add_argument("--remat", default="none,selective,full",
-                        help="policies to time: none, selective, offload, full")
+    parser.add_argument("--remat", default="none,selective,dots,full",
+                        help="policies to time: none, selective, dots, offload, full")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--longest", default="", help="remat policies to find the longest for")
     parser.add_argument("--memory-gib", type=float, default=None,

@@ -23,7 +23,7 @@ PROJECTORS = ("mlp2x_gelu", "mlp_downsample", "mlp_downsample_2x2_fix", "mlp_dow
 ROPE_SCALING = ("none", "linear", "llama3")
 DTYPES = ("float32", "bfloat16", "float16")
 VISION_ACTS = ("gelu_pytorch_tanh", "gelu")
-REMAT = ("none", "selective", "offload", "full")
+REMAT = ("none", "selective", "dots", "offload", "full")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DATA_KINDS = ("conversations", "text")
 NONFINITE = ("stop", "skip")
@@ -84,7 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
     model.param_dtype = "float32"
     # Activation rematerialisation per decoder/encoder layer (models/layers.py `REMAT`):
     # none keeps everything, selective keeps only each layer's attention output and LSE
-    # (recomputing the cheap matmuls, never the quadratic attention), offload keeps the same
+    # (recomputing the cheap matmuls, never the quadratic attention), dots keeps those and
+    # every projection's output too (recomputing only elementwise work; Qwen2-1.5B at 32K
+    # tokens: 72 GiB against selective's 37, a 5 % faster step), offload keeps selective's set
     # in host memory (device memory for longer contexts, at the cost of host transfers),
     # full keeps only the layer input.
     model.remat = "none"

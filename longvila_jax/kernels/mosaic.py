@@ -274,10 +274,6 @@ def forward(q, k, v, mask, spec):
 # 32K 4.5 / 16.2 / 64.9 ms with this backward, 5.2 / 18.1 / 72.4 with Triton's
 # (bench/NOTES.md).
 BACKWARD = "mosaic"
-# How dK/dV reach each KV head: "xla" (float32 per query head, XLA sums each group after
-# the kernel) or "tma" (TMA reductions into float32 per KV head: 1/groups the bytes). Not
-# yet timed or GPU-tested (bench/NOTES.md), so "xla" stays until the sweep picks.
-DKV_SUM = "xla"
 BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 225 KB at head dim 128)
 
 
@@ -396,14 +392,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             return dk, dv
 
         grads = _walk((n_head, n_full, n_tail), step, (zeros, zeros))
-        # "tma": the group's programs add into their KV head's rows.
-        out_head, reduction = (kv_head, "add") if DKV_SUM == "tma" else (head, None)
+        # The query heads of a KV head's group add into its rows: a TMA reduction.
         for grad, out_ref in zip(grads, (dk_ref, dv_ref), strict=True):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             my_f32[...] = grad
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(my_f32, out_ref.at[b, pl.ds(kv0, BLOCK_Q), out_head],
-                                    reduction_op=reduction)
+            plgpu.copy_smem_to_gmem(my_f32, out_ref.at[b, pl.ds(kv0, BLOCK_Q), kv_head],
+                                    reduction_op="add")
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
@@ -436,8 +431,9 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     two take turns at dQ for all 128 (both dS^T through shared memory), which leaves as a
     float32 partial added into one float32 buffer by a TMA reduction: no second pass over
     K/V as the Triton backward makes, and half the reductions of one per consumer.
-    dK/dV leave per query head in float32 and XLA sums each KV head's group (or, with
-    `DKV_SUM = "tma"`, TMA reductions sum them per KV head).
+    dK/dV are summed over each KV head's group the same way, by TMA reductions into float32
+    per KV head: summing per query head in XLA after the kernel moved `groups` times the
+    bytes (packed 16 x 2K documents at 32K: 6.3 -> 6.0-6.2 ms fwd+bwd; bench/NOTES.md).
     """
     if BACKWARD == "triton":
         from longvila_jax.kernels import triton  # jax-triton: a GPU extra
@@ -463,14 +459,10 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
                                scale_log2=float(spec.scale * LOG2E), groups=h // kh, skv=skv,
                                stages=stages)
     dq_acc = jax.new_ref(jnp.zeros((b, sq_pad, h, d), jnp.float32))
-    if DKV_SUM == "tma":
-        dkv_acc = [jax.new_ref(jnp.zeros((b, skv_pad, kh, d), jnp.float32)) for _ in range(2)]
-        out_type = ()
-    else:
-        dkv_acc = []
-        out_type = (jax.ShapeDtypeStruct((b, skv_pad, h, d), jnp.float32),) * 2
-    dkv = plgpu.kernel(
-        kernel, out_type=out_type,
+    dk_acc, dv_acc = (jax.new_ref(jnp.zeros((b, skv_pad, kh, d), jnp.float32))
+                      for _ in range(2))
+    plgpu.kernel(
+        kernel, out_type=(),
         scratch_types=(
             (plgpu.SMEM((2, BLOCK_Q, d), k.dtype, transforms=tiled),
              plgpu.SMEM((2, BLOCK_Q, d), v.dtype, transforms=tiled),
@@ -489,10 +481,8 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
         num_threads=3, thread_name="wg", kernel_name="attention_backward",
         compiler_params=_compiler_params(),
     )(q, k, v, d_out, stats, *_padded(arrays, sq_pad, skv_pad), order, counts, dq_acc,
-      *dkv_acc)
+      dk_acc, dv_acc)
     scale = float(spec.scale)
     dq = (jax.freeze(dq_acc)[:, :sq] * scale).astype(q.dtype)
-    # Per KV head already ("tma": groups of one) or per query head: sum each KV head's group.
-    per_head = [jax.freeze(x) for x in dkv_acc] if dkv_acc else dkv
-    dk, dv = (x[:, :skv].reshape(b, skv, kh, -1, d).sum(3) for x in per_head)
+    dk, dv = (jax.freeze(x)[:, :skv] for x in (dk_acc, dv_acc))
     return dq, (dk * scale).astype(k.dtype), dv.astype(v.dtype)

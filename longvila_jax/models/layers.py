@@ -105,6 +105,10 @@ def remat_policy(remat: str):
         return None
     if remat == "selective":  # the attention's out and lse, as its forward rules name them
         return jax.checkpoint_policies.save_only_these_names(*REMAT_NAMES)
+    if remat == "dots":  # selective's and every projection's output: only elementwise redone
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.save_only_these_names(*REMAT_NAMES),
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
     if remat == "offload":  # selective's residuals, parked in host memory until the backward
         return jax.checkpoint_policies.save_and_offload_only_these_names(
             names_which_can_be_saved=(), names_which_can_be_offloaded=REMAT_NAMES,
@@ -121,8 +125,8 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = 
     None) and `ys` the `y`s stacked over layers (inference passes each layer's KV cache in
     and takes its new keys and values out; a `y` nobody reads is never computed).
 
-    Scanning keeps compile time flat in depth (28-80 decoder layers). `remat` ('none',
-    'selective', 'full') picks what each layer keeps for the backward pass. `gather`, if
+    Scanning keeps compile time flat in depth (28-80 decoder layers). `remat` (a
+    `remat_policy` name) picks what each layer keeps for the backward pass. `gather`, if
     given, maps one layer's parameter state (sharded, FSDP) to the full state inside the
     scanned step, so only one layer is ever gathered, and under remat the backward gathers
     it again instead of keeping it.

@@ -33,11 +33,9 @@ def test_forward_lowers_for_cuda(causal, sq, skv, head_dim):
     assert "mosaic_gpu" in text
 
 
-@pytest.mark.parametrize("dkv_sum", ["xla", "tma"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sq,skv,head_dim", [(256, 256, 128), (200, 333, 64)])
-def test_backward_lowers_for_cuda(monkeypatch, dkv_sum, causal, sq, skv, head_dim):
-    monkeypatch.setattr(mosaic, "DKV_SUM", dkv_sum)
+def test_backward_lowers_for_cuda(causal, sq, skv, head_dim):
     q = jax.ShapeDtypeStruct((2, sq, 8, head_dim), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((2, skv, 2, head_dim), jnp.bfloat16)
     lse = jax.ShapeDtypeStruct((2, 8, sq), jnp.float32)

@@ -313,7 +313,7 @@ def test_bfloat16_compute_close_to_float32(rng, random_model):
     assert np.max(np.abs(got - ref)) > 0
 
 
-@pytest.mark.parametrize("policy", ["selective", "offload", "full"])
+@pytest.mark.parametrize("policy", ["selective", "dots", "offload", "full"])
 def test_remat_gives_same_logits_and_gradients(rng, random_model, policy):
     cfg = random_llm_config(rng)
     cfg.model.llm.num_layers = 2
