@@ -351,6 +351,8 @@ def test_remat_gives_same_logits_and_gradients(rng, random_model, policy):
     (b, s), layers = ids.shape, llm.num_layers
     attention = {(layers, b, llm.num_heads, s), (layers, b, s, llm.num_heads, llm.head_dim)}
     assert attention & saved == (set() if policy == "full" else attention)
+    # dots keeps every projection's output too: the MLP's gate and up products among them.
+    assert ((layers, b, s, llm.intermediate_size) in saved) == (policy == "dots"), saved
     # offload keeps them in host memory until the backward; the others keep nothing there.
     jaxpr = str(jax.make_jaxpr(jax.grad(lambda st: loss(nnx.merge(graphdef, st))[0]))(state))
     assert ("MemorySpace.Host" in jaxpr) == (policy == "offload")
