@@ -55,8 +55,7 @@ def causal_fwd_flops(seq: int) -> float:
 
 SWEEP = {  # (kernel module, config name): configs that compile without spills or ptxas
     # serialisation warnings, or nearly; Triton (BLOCK_M, BLOCK_N, warps, stages),
-    # Mosaic (block_kv, stages); which backward the mosaic backend runs, and how its dK/dV
-    # reach each KV head
+    # Mosaic (block_kv, stages); which backward the mosaic backend runs
     ("triton", "FWD"): [(128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 2)],
     ("triton", "BWD_KV"): [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 3)],
     ("triton", "BWD_Q"): [(128, 128, 8, 2), (64, 64, 4, 3)],

@@ -271,8 +271,8 @@ def forward(q, k, v, mask, spec):
 
 # Which backward the mosaic backend runs: "mosaic" (`_backward_kernel`) or "triton" (the
 # Triton kernels). Picked by `bench/attention.py --sweep` on an H200: fwd+bwd at 8K / 16K /
-# 32K 4.5 / 16.2 / 64.9 ms with this backward, 5.2 / 18.1 / 72.4 with Triton's
-# (bench/NOTES.md).
+# 32K 4.5 / 16.2 / 64.9 ms with this backward, 5.2 / 18.1 / 72.4 with Triton's (measured
+# before the in-kernel dK/dV sum, which is even on dense rows; bench/NOTES.md).
 BACKWARD = "mosaic"
 BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 225 KB at head dim 128)
 

@@ -147,8 +147,10 @@ def test_offsets_past_2_to_31_elements(rng, backend):
     seg = pos // doc
     assert q.size >= 2**31 and k.size >= 2**31
 
-    @jax.jit  # as in a step: eagerly, every op of the backward holds its own copies and the
-    def run(q, k, v, d_out, pos, seg):  # ~528K-token call overflowed the H200
+    # Jitted, as in a step: eagerly every op of the backward held its own copies and the
+    # ~528K-token call ran out of the H200's memory.
+    @jax.jit
+    def run(q, k, v, d_out, pos, seg):
         out, vjp = jax.vjp(lambda q, k, v: flash_attention(
             q, k, v, Mask.self_attention(pos, seg), AttentionSpec(backend=backend))[0],
                            q, k, v)
