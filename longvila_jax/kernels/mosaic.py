@@ -272,7 +272,8 @@ def forward(q, k, v, mask, spec):
 # Which backward the mosaic backend runs: "mosaic" (`_backward_kernel`) or "triton" (the
 # Triton kernels). Picked by `bench/attention.py --sweep` on an H200: fwd+bwd at 8K / 16K /
 # 32K 4.5 / 16.2 / 64.9 ms with this backward, 5.2 / 18.1 / 72.4 with Triton's (measured
-# before the in-kernel dK/dV sum, which is even on dense rows; bench/NOTES.md).
+# before the in-kernel dK/dV sum and the dS store under dV/dK, which made it faster since;
+# bench/NOTES.md).
 BACKWARD = "mosaic"
 BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 225 KB at head dim 128)
 
@@ -354,15 +355,17 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             # The consumers take turns at this tile's dQ: the one whose turn it is sums both
             # halves of the block (dS from smem), one reduction per 128 keys.
             turn = lax.rem(i, 2)
-            with jax.named_scope("store_ds"):
-                ds_smem.at[turn, wg][...] = ds16
-                plgpu.commit_smem()
-                plgpu.barrier_arrive(ds_ready.at[turn])
 
             def grads(refs):
                 dv_ref, dk_ref = refs
                 plgpu.wgmma(dv_ref, p16, do_tile)
                 plgpu.wgmma(dk_ref, ds16, q_tile)
+                # dS goes to shared memory while the products run (before them: 8K and
+                # the packed case 4-5 % slower, bench/NOTES.md).
+                with jax.named_scope("store_ds"):
+                    ds_smem.at[turn, wg][...] = ds16
+                    plgpu.commit_smem()
+                    plgpu.barrier_arrive(ds_ready.at[turn])
 
             with jax.named_scope("grads"):
                 dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
