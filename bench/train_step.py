@@ -12,11 +12,12 @@ first failure, with the given remat policies (compiles only, no run).
 `--torch` times, instead, the baseline a PyTorch user would pick for a text-only LLM step:
 a Hugging Face transformers Qwen2 with SDPA attention, gradient checkpointing, bf16
 autocast and fused AdamW, on one GPU (a separate process: JAX holds most GPU memory).
-Run one remat policy per process too, so a policy that runs out of memory leaves nothing
-behind for the next (`--json` appends).
+Several `--remat` policies run one per child process: the device's peak-memory counter
+only grows within a process (a later policy would report an earlier one's peak), and a
+policy that ran out of memory leaves nothing behind for the next (`--json` appends).
 
-  for r in none selective dots full; do python bench/train_step.py --model qwen2_1_5b \
-      --seq 32768 --remat $r --json out.jsonl; done
+  python bench/train_step.py --model qwen2_1_5b --seq 32768 --remat none,selective,dots \
+      --json out.jsonl
   python bench/train_step.py --model qwen2_1_5b --seq 32768 --torch --json out.jsonl
   python bench/train_step.py --model qwen2_7b --seq 131072 --frames 512 --mesh 1,1,4 \
       --remat full --longest full
@@ -29,6 +30,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import subprocess
+import sys
 import time
 
 import jax
@@ -208,12 +211,32 @@ def main():
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="also trace one step with XLA's profiler into DIR")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    mesh = args.mesh
     args.mesh = tuple(int(x) for x in args.mesh.split(","))
     rng = np.random.default_rng(0)
     rows = []
-    print("| model | remat | tokens | frames | mesh | step s | tok/s/GPU | TF/s/GPU | MFU | "
-          "peak GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    policies = [r for r in args.remat.split(",") if r]
+    if not args.child:
+        print("| model | remat | tokens | frames | mesh | step s | tok/s/GPU | TF/s/GPU | MFU | "
+              "peak GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+              flush=True)
+    if len(policies) > 1 and not args.torch:
+        # Before this process touches a device: it would hold memory the children need.
+        for remat in policies:
+            child = [sys.executable, __file__, "--child", "--remat", remat, "--model", args.model,
+                     "--seq", str(args.seq), "--frames", str(args.frames), "--mesh", mesh,
+                     "--attention", args.attention, "--kernel", args.kernel,
+                     "--steps", str(args.steps)]
+            child += ["--json", args.json] if args.json else []
+            child += ["--profile", args.profile] if args.profile else []
+            if subprocess.run(child).returncode:
+                print(f"| {args.model} | {remat} | {args.seq} | | | failed (see above) "
+                      "| | | | |", flush=True)
+        if not args.longest:
+            return
+        policies = []
 
     def show(r):
         if "error" in r:
@@ -234,7 +257,7 @@ def main():
     if args.memory_gib is None:
         stats = jax.local_devices()[0].memory_stats() or {}
         args.memory_gib = stats.get("bytes_limit", 16 * GIB) / GIB
-    for remat in [r for r in args.remat.split(",") if r]:
+    for remat in policies:
         try:
             rows.append(measure(args, remat, rng))
         except Exception as e:  # an out-of-memory policy is a result, not a crash
