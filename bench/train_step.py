@@ -224,6 +224,7 @@ def main():
               flush=True)
     if len(policies) > 1 and not args.torch:
         # Before this process touches a device: it would hold memory the children need.
+        failed = []
         for remat in policies:
             child = [sys.executable, __file__, "--child", "--remat", remat, "--model", args.model,
                      "--seq", str(args.seq), "--frames", str(args.frames), "--mesh", mesh,
@@ -231,9 +232,10 @@ def main():
                      "--steps", str(args.steps)]
             child += ["--json", args.json] if args.json else []
             child += ["--profile", args.profile] if args.profile else []
-            if subprocess.run(child).returncode:
-                print(f"| {args.model} | {remat} | {args.seq} | | | failed (see above) "
-                      "| | | | |", flush=True)
+            if subprocess.run(child).returncode:  # out of memory is a row, not a failure
+                failed.append(remat)
+        if failed:
+            raise SystemExit(f"failed (see above): --remat {','.join(failed)}")
         if not args.longest:
             return
         policies = []

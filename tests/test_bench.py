@@ -68,6 +68,23 @@ def test_longest_video_search_runs_and_stops_at_a_limit(tmp_path):
     assert f"longest video run: {longest} frames" in printed
 
 
+@pytest.mark.slow
+def test_several_remat_policies_run_one_process_each(tmp_path):
+    """Each policy in its own process (the device's peak-memory counter only grows within
+    one): one table header, a row per policy, both rows in --json."""
+    out = tmp_path / "steps.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_step.py"), "--model", "tiny", "--seq",
+         "128", "--remat", "none,full", "--steps", "1", "--json", str(out)],
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}, capture_output=True,
+        text=True, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| model | remat |") == 1
+    rows = jsonl(out)
+    assert [r["remat"] for r in rows] == ["none", "full"]
+    assert all(r["step_s"] > 0 and r["seq"] == 128 for r in rows)
+
+
 @pytest.mark.parametrize("part", ["nonsense"])
 def test_unknown_part_is_named(tmp_path, part):
     result = subprocess.run(["bash", str(ROOT / "bench" / "host_run.sh"), part, str(tmp_path)],
