@@ -213,7 +213,6 @@ def main():
                         help="also trace one step with XLA's profiler into DIR")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    mesh = args.mesh
     args.mesh = tuple(int(x) for x in args.mesh.split(","))
     rng = np.random.default_rng(0)
     rows = []
@@ -226,12 +225,9 @@ def main():
         # Before this process touches a device: it would hold memory the children need.
         failed = []
         for remat in policies:
-            child = [sys.executable, __file__, "--child", "--remat", remat, "--model", args.model,
-                     "--seq", str(args.seq), "--frames", str(args.frames), "--mesh", mesh,
-                     "--attention", args.attention, "--kernel", args.kernel,
-                     "--steps", str(args.steps)]
-            child += ["--json", args.json] if args.json else []
-            child += ["--profile", args.profile] if args.profile else []
+            # This command line with the later options overriding: one policy, no search.
+            child = [sys.executable, __file__, *sys.argv[1:], "--child", "--remat", remat,
+                     "--longest", ""]
             if subprocess.run(child).returncode:  # out of memory is a row, not a failure
                 failed.append(remat)
         if failed:
