@@ -316,7 +316,12 @@ def test_bfloat16_compute_close_to_float32(rng, random_model):
 @pytest.mark.parametrize("policy", ["selective", "dots", "offload", "full"])
 def test_remat_gives_same_logits_and_gradients(rng, random_model, policy):
     cfg = random_llm_config(rng)
-    cfg.model.llm.num_layers = 2
+    llm = cfg.model.llm
+    llm.num_layers = 2
+    # The MLP wider than every other layer width, so its residual's shape names it below
+    # (a random draw equal to the hidden size made the layer input look like it).
+    llm.intermediate_size = max(llm.hidden_size, llm.num_heads * llm.head_dim) + int(
+        rng.integers(1, 16))
     model = random_model(lambda: build_model(cfg))
     remat = clone_with(cfg, model, remat=policy)
     assert remat.llm.remat == policy and model.llm.remat == "none"
@@ -347,7 +352,6 @@ def test_remat_gives_same_logits_and_gradients(rng, random_model, policy):
     graphdef, state = nnx.split(remat)
     saved = {a.shape for a, _ in saved_residuals(
         lambda st: loss(nnx.merge(graphdef, st))[0], state)}
-    llm = cfg.model.llm
     (b, s), layers = ids.shape, llm.num_layers
     attention = {(layers, b, llm.num_heads, s), (layers, b, s, llm.num_heads, llm.head_dim)}
     assert attention & saved == (set() if policy == "full" else attention)
