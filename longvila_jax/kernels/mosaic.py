@@ -280,7 +280,7 @@ BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 225 KB at head d
 
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_ref, q_seg_ref,
                      kv_seg_ref, order_ref, counts_ref, dq_ref, dk_ref, dv_ref, smem, ready,
-                     q_free, ds_ready, *, causal, scale_log2, groups, skv, stages):
+                     q_free, ds_ready, ds_free, *, causal, scale_log2, groups, skv, stages):
     k_smem, v_smem, q_smem, do_smem, stats_smem, ds_smem, f32_smem, tile_smem = smem
     k_ready, v_ready, q_ready, do_ready, stats_ready = ready
     block = lax.axis_index("kv")
@@ -334,7 +334,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                     plgpu.barrier_wait(ready.at[slot])
             # The producer left the tile's index in shared memory: a global read here
             # stalled every step (~0.6 us, bench/NOTES.md).
-            q0 = tile_smem[slot] * BLOCK_Q
+            tile = tile_smem[slot]
+            q0 = tile * BLOCK_Q
 
             def scores(refs):
                 s_ref, dp_ref = refs
@@ -352,9 +353,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                     p = jnp.where(visible(q0), p, 0.0)
                 ds = p * (dp - cols(delta))
                 ds16, p16 = ds.astype(dtype), p.astype(dtype)
-            # The consumers take turns at this tile's dQ: the one whose turn it is sums both
-            # halves of the block (dS from smem), one reduction per 128 keys.
+            # Consumer `w` makes dQ for the tiles with i % 2 == w, one step late: dS^T of
+            # tile i goes to slot i % 2, read by that slot's owner after its next tile's
+            # dV/dK, by when the other consumer stored its half long ago. In the same step
+            # (as before) each consumer waited at every other tile for the other to finish
+            # a dQ: 1-2 % slower at 32K, 2-3 % at 8K, up to 6 % packed (bench/NOTES.md).
             turn = lax.rem(i, 2)
+            mine = turn == wg
 
             def grads(refs):
                 dv_ref, dk_ref = refs
@@ -363,6 +368,9 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                 # dS goes to shared memory while the products run (before them: 8K and
                 # the packed case 4-5 % slower, bench/NOTES.md).
                 with jax.named_scope("store_ds"):
+                    # The other's slot: wait until its dQ two tiles back has read it.
+                    pl.when(jnp.logical_and(i >= 2, jnp.logical_not(mine)))(
+                        lambda: plgpu.barrier_wait(ds_free.at[turn]))
                     ds_smem.at[turn, wg][...] = ds16
                     plgpu.commit_smem()
                     plgpu.barrier_arrive(ds_ready.at[turn])
@@ -371,30 +379,39 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                 dv, dk = pl.run_state(grads)((plgpu.ACC.init(dv), plgpu.ACC.init(dk)))
             plgpu.barrier_arrive(q_free.at[slot])
 
-            def d_query(acc_ref):
-                for w in (0, 1):
-                    plgpu.wgmma(acc_ref, ds_smem.at[turn, w].transpose((1, 0)), k_smem.at[w])
-                return acc_ref[...]
+            @pl.when(mine)
+            def _remember():  # the query tile of the dQ it makes next step
+                tile_smem[stages + wg] = tile
 
-            @pl.when(turn == wg)
-            def _d_query():
-                # Each turn's barrier has one waiter, so its phases stay in step. Slot
-                # `turn` is written again two tiles on: by this consumer after this
-                # product, by the other after waiting at the next tile for this one's
-                # arrival, which follows this product.
-                plgpu.barrier_wait(ds_ready.at[turn])
-                with jax.named_scope("d_query"):
-                    dq = pl.run_scoped(d_query, plgpu.ACC((BLOCK_Q, d), jnp.float32))
-                with jax.named_scope("store_dq"):
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last dQ left
-                    my_f32[...] = dq
-                    plgpu.commit_smem()
-                    # Every key block adds its part of this query tile's dQ: a TMA reduction.
-                    plgpu.copy_smem_to_gmem(my_f32, dq_ref.at[b, pl.ds(q0, BLOCK_Q), head],
-                                            reduction_op="add")
+            pl.when(jnp.logical_and(i >= 1, jnp.logical_not(mine)))(
+                lambda: d_query(tile_smem[stages + wg] * BLOCK_Q))
             return dk, dv
 
+        def d_query(q0):
+            """This consumer's dQ for all 128 keys of the tile whose dS^T is in its slot."""
+            slot = wg  # its tiles, i % 2 == wg
+
+            def product(acc_ref):
+                for w in (0, 1):
+                    plgpu.wgmma(acc_ref, ds_smem.at[slot, w].transpose((1, 0)), k_smem.at[w])
+                return acc_ref[...]
+
+            # Each slot's barrier has one waiter, so its phases stay in step.
+            plgpu.barrier_wait(ds_ready.at[slot])
+            with jax.named_scope("d_query"):
+                dq = pl.run_scoped(product, plgpu.ACC((BLOCK_Q, d), jnp.float32))
+            plgpu.barrier_arrive(ds_free.at[slot])  # the other may store its dS here
+            with jax.named_scope("store_dq"):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last dQ left
+                my_f32[...] = dq
+                plgpu.commit_smem()
+                # Every key block adds its part of this query tile's dQ: a TMA reduction.
+                plgpu.copy_smem_to_gmem(my_f32, dq_ref.at[b, pl.ds(q0, BLOCK_Q), head],
+                                        reduction_op="add")
+
         grads = _walk((n_head, n_full, n_tail), step, (zeros, zeros))
+        pl.when(jnp.logical_and(steps >= 1, lax.rem(steps - 1, 2) == wg))(  # the last tile's
+            lambda: d_query(tile_smem[stages + wg] * BLOCK_Q))
         # The query heads of a KV head's group add into its rows: a TMA reduction.
         for grad, out_ref in zip(grads, (dk_ref, dv_ref), strict=True):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -431,9 +448,9 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
     keep 64 key rows of K/V in shared memory and walk the query tiles that block may see
     (`tile_lists(over_q=True)`) as a producer streams Q, dO, lse and delta (and the tile's
     index) in; per tile each consumer makes S^T, dP^T, dV and dK for its 64 keys, and the
-    two take turns at dQ for all 128 (both dS^T through shared memory), which leaves as a
-    float32 partial added into one float32 buffer by a TMA reduction: no second pass over
-    K/V as the Triton backward makes, and half the reductions of one per consumer.
+    two take turns at dQ for all 128, a tile late (both dS^T through shared memory), which
+    leaves as a float32 partial added into one float32 buffer by a TMA reduction: no second
+    pass over K/V as the Triton backward makes, and half the reductions of one per consumer.
     dK/dV are summed over each KV head's group the same way, by TMA reductions into float32
     per KV head: summing per query head in XLA after the kernel moved `groups` times the
     bytes (packed 16 x 2K documents at 32K: 6.3 -> 6.0-6.2 ms fwd+bwd; bench/NOTES.md).
@@ -474,10 +491,12 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
              plgpu.SMEM((stages, 2, BLOCK_Q), jnp.float32),
              plgpu.SMEM((2, 2, BLOCK_Q, BLOCK_Q), q.dtype, transforms=tiled),
              plgpu.SMEM((2, BLOCK_Q, d), jnp.float32, transforms=tiled32),
-             plgpu.SMEM((stages,), jnp.int32)),
+             # each stage's query tile, then each consumer's tile for its next dQ
+             plgpu.SMEM((stages + 2,), jnp.int32)),
             (plgpu.Barrier(num_barriers=2),) * 2 + (plgpu.Barrier(num_barriers=stages),) * 3,
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-            plgpu.Barrier(num_arrivals=2, num_barriers=2)),
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),
+            plgpu.Barrier(num_barriers=2)),
         # Heads vary fastest, so the programs running at once share their query tiles in
         # L2 (Q, dO and dQ's reductions): kv blocks fastest made 32K 29 % slower.
         grid=(h, n_blocks, b), grid_names=("heads", "kv", "batch"),
