@@ -479,8 +479,9 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
                                scale_log2=float(spec.scale * LOG2E), groups=h // kh, skv=skv,
                                stages=stages)
     dq_acc = jax.new_ref(jnp.zeros((b, sq_pad, h, d), jnp.float32))
-    # One buffer for dK and dV. As two refs of equal zeros, dK came out wrong under jit (the
-    # ring's GPU test; eager tests passed): likely both operands got one merged buffer.
+    # One buffer for dK and dV. As two refs of equal zeros, both kernel operands got one
+    # merged buffer under jit (dK's error in the ring's GPU test was that of dK + dV;
+    # eager tests passed; bench/NOTES.md).
     dkv_acc = jax.new_ref(jnp.zeros((2, b, skv_pad, kh, d), jnp.float32))
     plgpu.kernel(
         kernel, out_type=(),
