@@ -383,24 +383,23 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             def _remember():  # the query tile of the dQ it makes next step
                 tile_smem[stages + wg] = tile
 
-            pl.when(jnp.logical_and(i >= 1, jnp.logical_not(mine)))(
-                lambda: d_query(tile_smem[stages + wg] * BLOCK_Q))
+            pl.when(jnp.logical_and(i >= 1, jnp.logical_not(mine)))(d_query)
             return dk, dv
 
-        def d_query(q0):
-            """This consumer's dQ for all 128 keys of the tile whose dS^T is in its slot."""
-            slot = wg  # its tiles, i % 2 == wg
+        def d_query():
+            """This consumer's dQ for all 128 keys of its pending tile (dS^T slot `wg`)."""
+            q0 = tile_smem[stages + wg] * BLOCK_Q
 
             def product(acc_ref):
                 for w in (0, 1):
-                    plgpu.wgmma(acc_ref, ds_smem.at[slot, w].transpose((1, 0)), k_smem.at[w])
+                    plgpu.wgmma(acc_ref, ds_smem.at[wg, w].transpose((1, 0)), k_smem.at[w])
                 return acc_ref[...]
 
             # Each slot's barrier has one waiter, so its phases stay in step.
-            plgpu.barrier_wait(ds_ready.at[slot])
+            plgpu.barrier_wait(ds_ready.at[wg])
             with jax.named_scope("d_query"):
                 dq = pl.run_scoped(product, plgpu.ACC((BLOCK_Q, d), jnp.float32))
-            plgpu.barrier_arrive(ds_free.at[slot])  # the other may store its dS here
+            plgpu.barrier_arrive(ds_free.at[wg])  # the other may store its dS here
             with jax.named_scope("store_dq"):
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # its last dQ left
                 my_f32[...] = dq
@@ -410,8 +409,8 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
                                         reduction_op="add")
 
         grads = _walk((n_head, n_full, n_tail), step, (zeros, zeros))
-        pl.when(jnp.logical_and(steps >= 1, lax.rem(steps - 1, 2) == wg))(  # the last tile's
-            lambda: d_query(tile_smem[stages + wg] * BLOCK_Q))
+        # The last tile's dQ.
+        pl.when(jnp.logical_and(steps >= 1, lax.rem(steps - 1, 2) == wg))(d_query)
         # The query heads of a KV head's group add into its rows: a TMA reduction.
         for grad, out_ref in zip(grads, (dkv_ref.at[0], dkv_ref.at[1]), strict=True):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
