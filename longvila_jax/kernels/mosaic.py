@@ -478,9 +478,9 @@ def backward(q, k, v, mask, out, lse, d_out, d_lse, spec):
                                scale_log2=float(spec.scale * LOG2E), groups=h // kh, skv=skv,
                                stages=stages)
     dq_acc = jax.new_ref(jnp.zeros((b, sq_pad, h, d), jnp.float32))
-    # One buffer for dK and dV. As two refs of equal zeros, both kernel operands got one
-    # merged buffer under jit (dK's error in the ring's GPU test was that of dK + dV;
-    # eager tests passed; bench/NOTES.md).
+    # One buffer for dK and dV: as two refs of equal zeros, XLA's dynamic-slice fusion
+    # (the kernel's inputs sliced from bigger arrays, as the ring's pieces are) passed
+    # both operands one buffer (jax 0.11.2; bench/NOTES.md item 38).
     dkv_acc = jax.new_ref(jnp.zeros((2, b, skv_pad, kh, d), jnp.float32))
     plgpu.kernel(
         kernel, out_type=(),
