@@ -117,7 +117,7 @@ def test_kernel_on_slices_of_bigger_arrays(rng, backend):
     """Inputs sliced out of bigger arrays inside the jit, as the ring's pieces are. In that
     dynamic-slice fusion XLA (jax 0.11.2) passed two equal zero arrays, the Mosaic
     backward's dK and dV accumulators then, to the kernel as one buffer: dK came out as
-    dK + dV / scale while every other test here passed (bench/NOTES.md)."""
+    dK + dV / scale while every other test here passed (bench/NOTES.md item 38)."""
     qkv, mask = make_case(rng, b=1, sq=1024, skv=1024, h=8, kh=2, d=128, packed=True,
                           offset=False)
     assert_matches_xla(qkv, mask, True, backend, jax.random.key(int(rng.integers(1 << 30))),
