@@ -50,7 +50,7 @@ LONGEST_STEP = 16384  # --longest's bisection granularity (tokens)
 def bench_config(args, remat: str, seq: int):
     config = model_config(args.model)
     config.model.update(remat=remat, dtype="bfloat16", param_dtype="float32",
-                        attention_backend=args.kernel)
+                        attention_backend=args.kernel, scan_layers=not args.unroll)
     data, node, local = args.mesh
     config.parallel.update(data=data, node=node, local=local, attention=args.attention)
     config.train.update(seq_len=seq, max_frames=max(args.frames, 1), batch_size=data,
@@ -105,7 +105,8 @@ def measure(args, remat: str, rng) -> dict:
     model_flops = flops.train_step_flops(config.model, packed["segment_ids"], args.frames
                                          * args.mesh[0])
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
-    return {"model": args.model, "remat": remat, "seq": args.seq, "frames": args.frames,
+    return {"model": args.model, "remat": remat, "unrolled": args.unroll, "seq": args.seq,
+            "frames": args.frames,
             "mesh": list(args.mesh), "kernel": args.kernel, "step_s": step, "compile_s": compile_s,
             "tokens_per_s_per_gpu": args.seq * args.mesh[0] / step / devices,
             "model_tflops_per_gpu": model_flops / step / devices / 1e12,
@@ -201,6 +202,8 @@ def main():
     parser.add_argument("--kernel", default="auto", help="model.attention_backend")
     parser.add_argument("--remat", default="none,selective,dots,full",
                         help="policies to time: none, selective, dots, offload, full")
+    parser.add_argument("--unroll", action="store_true",
+                        help="model.scan_layers = False: layers unrolled, not scanned")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--longest", default="", help="remat policies to find the longest for")
     parser.add_argument("--memory-gib", type=float, default=None,
@@ -219,8 +222,8 @@ def main():
     policies = [r for r in args.remat.split(",") if r]
     if not args.child:
         print("| model | remat | tokens | frames | mesh | step s | tok/s/GPU | TF/s/GPU | MFU | "
-              "peak GiB |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-              flush=True)
+              "peak GiB | compile s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- "
+              "| --- | --- |", flush=True)
     if len(policies) > 1 and not args.torch:
         # Before this process touches a device: it would hold memory the children need.
         failed = []
@@ -241,10 +244,12 @@ def main():
             print(f"| {r['model']} | | {r['seq']} | | | {r['error']} | | | | |", flush=True)
             return
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        print(f"| {r['model']} | {r['remat']} | {r['seq']} | {r['frames']} | "
+        remat = r["remat"] + (" unrolled" if r.get("unrolled") else "")
+        compile_s = f"{r['compile_s']:.0f}" if "compile_s" in r else "-"  # torch: none
+        print(f"| {r['model']} | {remat} | {r['seq']} | {r['frames']} | "
               f"{'x'.join(map(str, r['mesh']))} | {r['step_s']:.3f} | "
               f"{r['tokens_per_s_per_gpu']:.0f} | {r['model_tflops_per_gpu']:.1f} | {mfu} | "
-              f"{r['peak_gib']:.1f} |", flush=True)
+              f"{r['peak_gib']:.1f} | {compile_s} |", flush=True)
 
     if args.torch:
         rows.append(torch_baseline(args))

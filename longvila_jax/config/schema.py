@@ -90,6 +90,10 @@ def base_config() -> ml_collections.ConfigDict:
     # in host memory (device memory for longer contexts, at the cost of host transfers),
     # full keeps only the layer input.
     model.remat = "none"
+    # Layers as one `lax.scan` (compile time flat in depth) or unrolled (no stacks of saved
+    # activations to zero-fill and copy into: a faster step, a longer compile, more memory;
+    # remat none or dots only); see models/layers.py `scan_layers`.
+    model.scan_layers = True
     model.attention_backend = "auto"
     # LoRA adapters on the LLM's linear layers (models/lora.py); rank 0: none.
     model.lora = ml_collections.ConfigDict(
@@ -262,6 +266,14 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("dtype", "param_dtype"):
         _check(model[key] in DTYPES, f"model.{key}", model[key], f"one of {DTYPES}")
     _check(model.remat in REMAT, "model.remat", model.remat, f"one of {REMAT}")
+    _check(isinstance(model.scan_layers, bool), "model.scan_layers", model.scan_layers,
+           "true or false")
+    # Unrolled, XLA's CSE merges a layer's recomputation with its forward (the checkpoint
+    # runs with prevent_cse=False, as a scan allows), so selective/offload/full would keep
+    # about what `none` keeps while claiming less; `dots` keeps somewhat more than its set
+    # (measured, models/layers.py `scan_layers`).
+    _check(model.scan_layers or model.remat in ("none", "dots"), "model.scan_layers",
+           model.scan_layers, f"false needs model.remat none or dots, not {model.remat!r}")
     if "lora" in model:
         _validate_lora(model.lora)
     if "parallel" in config:

@@ -86,6 +86,7 @@ class CausalLM(nnx.Module):
         self.inv_freq = tuple(inverse_frequencies(cfg.head_dim, cfg.rope_theta,
                                                   cfg.rope_scaling).tolist())
         self.dtype, self.remat = dtype, model_cfg.remat
+        self.scan = model_cfg.scan_layers
 
     def embed(self, input_ids):
         """`[batch, seq]` int -> `[batch, seq, hidden]` in the compute dtype."""
@@ -99,7 +100,7 @@ class CausalLM(nnx.Module):
         sequence shard also passes `attend` (see `DecoderLayer`), and FSDP-sharded layers
         a `gather` (see `scan_layers`)."""
         x, _ = scan_layers(self.layers, x, self._layer(mask, attend), remat=self.remat,
-                           gather=gather)
+                           gather=gather, scan=self.scan)
         return self.norm(x)
 
     def hidden_states_and_kv(self, x, mask: Mask | None, attend=None, cache=None,
@@ -110,7 +111,7 @@ class CausalLM(nnx.Module):
         With `unstack`ed layers (inference), the keys and the values are lists of per-layer
         `[batch, seq, kv_heads, head_dim]` arrays and `cache` is a list of per-layer parts."""
         x, kv = scan_layers(self.layers, x, self._layer(mask, attend), remat="none",
-                            gather=gather, xs=cache)
+                            gather=gather, xs=cache, scan=self.scan)
         if isinstance(kv, list):
             kv = ([k for k, _ in kv], [v for _, v in kv])
         return self.norm(x), kv

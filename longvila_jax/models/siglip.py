@@ -64,6 +64,7 @@ class SiglipVisionTower(nnx.Module):
         select = cfg.select_layer
         self.num_run = select if select > 0 else cfg.num_layers + 1 + select
         self.patch_size, self.dtype, self.remat = p, dtype, model_cfg.remat
+        self.scan = model_cfg.scan_layers
 
     def patchify(self, images):
         """`[n, H, W, 3]` -> `[n, grid*grid, p*p*3]`; trailing pixels dropped like a VALID conv."""
@@ -81,4 +82,5 @@ class SiglipVisionTower(nnx.Module):
                         self.dtype)
         x = x + self.position_embedding[...].astype(self.dtype)
         return scan_layers(self.layers, x, lambda layer, h, _: (layer(h), None),
-                           remat=self.remat, count=self.num_run, gather=gather)[0]
+                           remat=self.remat, count=self.num_run, gather=gather,
+                           scan=self.scan)[0]

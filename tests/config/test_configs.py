@@ -81,6 +81,7 @@ def test_published_shapes():
     ("model.media.media_token_id", 10**6),
     ("model.dtype", "float8"),
     ("model.attention_backend", "flash3"),
+    ("model.scan_layers", None),  # ml_collections refuses other types; None it lets through
 ])
 def test_invalid_value_fails_before_compute_naming_the_key(key, value):
     config = load("tiny")
@@ -93,6 +94,16 @@ def test_invalid_value_fails_before_compute_naming_the_key(key, value):
         build_model(config)
     assert str(err.value).startswith(key + ":")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("remat", ["selective", "offload", "full"])
+def test_unrolled_layers_refuse_policies_cse_would_undo(remat):
+    config = load("tiny")
+    config.model.remat, config.model.scan_layers = remat, False
+    with pytest.raises(ConfigError, match=rf"^model\.scan_layers: .*not '{remat}'"):
+        validate(config)
+    config.model.remat = "dots"
+    validate(config)
 
 
 def test_unknown_key_is_named():

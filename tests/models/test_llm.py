@@ -366,3 +366,39 @@ def test_remat_gives_same_logits_and_gradients(rng, random_model, policy):
         scale = np.abs(ga).max()
         np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-5 * scale,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("policy", ["none", "dots"])
+def test_unrolled_layers_match_scan_and_reference(rng, random_model, policy):
+    """`model.scan_layers = False`: the same logits (float64 reference), gradients and
+    per-layer keys and values (stacked as the scan stacks them) as the layer scan."""
+    cfg = random_llm_config(rng)
+    cfg.model.llm.num_layers = int(rng.integers(2, 4))
+    model = random_model(lambda: build_model(cfg))
+    unrolled = clone_with(cfg, model, scan_layers=False, remat=policy)
+    assert not unrolled.llm.scan and model.llm.scan
+    ids, positions, segments = random_batch(rng, cfg.model.llm.vocab_size, 2, 7)
+    got = np.asarray(forward(unrolled, ids, positions, segments))
+    p = llm_params(model.llm)
+    for b in range(2):
+        want = reference_logits(p, cfg.model.llm, ids[b], positions[b], segments[b])
+        assert np.max(np.abs(got[b] - want)) <= TOL, b
+
+    @nnx.jit
+    def grads_and_kv(m):
+        def loss(m):
+            return jnp.sum(jnp.tanh(m(jnp.asarray(ids), positions=jnp.asarray(positions),
+                                      segment_ids=jnp.asarray(segments))))
+        _, kv = m.llm.hidden_states_and_kv(m.llm.embed(jnp.asarray(ids)), None)
+        return nnx.grad(loss)(m), kv
+
+    (grads_a, kv_a), (grads_b, kv_b) = grads_and_kv(model), grads_and_kv(unrolled)
+    for a, b in zip(kv_a, kv_b, strict=True):
+        assert a.shape[0] == cfg.model.llm.num_layers
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+    flat_b = dict(jax.tree_util.tree_leaves_with_path(grads_b))
+    for path, ga in jax.tree_util.tree_leaves_with_path(grads_a):
+        ga, gb = np.asarray(ga), np.asarray(flat_b[path])
+        assert ga.shape == gb.shape and np.abs(ga).max() > 0, jax.tree_util.keystr(path)
+        np.testing.assert_allclose(gb, ga, rtol=1e-4, atol=1e-5 * np.abs(ga).max(),
+                                   err_msg=jax.tree_util.keystr(path))

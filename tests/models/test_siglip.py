@@ -106,10 +106,12 @@ def test_tower_matches_reference(rng, random_model, image_size, patch_size):
         np.testing.assert_array_equal(np.asarray(_tower(tower, jnp.asarray(edge))), got)
 
 
-@pytest.mark.parametrize("select_layer,act", [(-1, "gelu"), (1, "gelu_pytorch_tanh"),
-                                              (-2, "gelu")])
-def test_select_layer_and_activation(rng, random_model, select_layer, act):
+@pytest.mark.parametrize("select_layer,act,scan", [
+    (-1, "gelu", True), (1, "gelu_pytorch_tanh", True), (-2, "gelu", True),
+    (-2, "gelu_pytorch_tanh", False), (1, "gelu", False)])
+def test_select_layer_and_activation(rng, random_model, select_layer, act, scan):
     cfg = vision_config(rng, 28, 7, select_layer=select_layer, act=act)
+    cfg.model.scan_layers = scan  # unrolled: the same layers in a Python loop
     vcfg = cfg.model.vision
     tower = random_model(lambda: SiglipVisionTower(cfg.model, rngs=nnx.Rngs(0)))
     images = rng.normal(size=(1, 28, 28, 3)).astype(np.float32)

@@ -60,16 +60,18 @@ def frames_by_row(frames, frames_per_row):
     return out
 
 
-@pytest.mark.parametrize("data,node,local,scheme,remat", [
-    (1, 8, 1, "ring", "none"), (1, 1, 8, "ulysses", "offload"), (1, 2, 4, "2d", "selective"),
-    (2, 2, 2, "2d", "offload"), (1, 1, 8, "ring", "none"), (2, 1, 4, "ulysses", "none")])
-def test_mmsp_step_equals_single_device(rng, data, node, local, scheme, remat):
+@pytest.mark.parametrize("data,node,local,scheme,remat,scan", [
+    (1, 8, 1, "ring", "none", True), (1, 1, 8, "ulysses", "offload", True),
+    (1, 2, 4, "2d", "selective", True), (2, 2, 2, "2d", "offload", True),
+    (1, 1, 8, "ring", "none", False), (2, 1, 4, "ulysses", "dots", False)])
+def test_mmsp_step_equals_single_device(rng, data, node, local, scheme, remat, scan):
     """Parameters FSDP-sharded over all 8 devices (`fsdp.place`); gradients come back
     sharded the same way; logits in chunks of 3 tokens on some layouts (8 or 16 per
     device: a padded last chunk); remat policies (host offload included) inside the
-    sharded layer scan."""
+    sharded layer scan, or with the layers unrolled (`model.scan_layers`), each layer's
+    parameters gathered in its own step."""
     config = base_config()
-    config.model.remat = remat
+    config.model.remat, config.model.scan_layers = remat, scan
     config.model.media.newline_token_id = 3
     # 8 query heads: Ulysses over 8 devices splits them; 2 KV heads are replicated.
     config.model.llm.num_heads, config.model.llm.num_kv_heads = 8, 2
