@@ -52,8 +52,10 @@ def adapters(model) -> dict:
     return {k: v for k, v in model_params(model).items() if is_lora_path(k)}
 
 
-def test_adapted_logits_match_float64_merged_reference(rng, random_model):
+@pytest.mark.parametrize("scan", [True, False])
+def test_adapted_logits_match_float64_merged_reference(rng, random_model, scan):
     cfg = lora_config(rng)
+    cfg.model.scan_layers = scan  # unrolled: the adapters unstacked with their layers
     model = random_model(lambda: build_model(cfg))  # lora_b drawn random, not zero
     layers, lora = model.llm.layers, cfg.model.lora
     assert all(isinstance(getattr(layers, t), LoRALinear) for t in LORA_TARGETS)
