@@ -170,13 +170,13 @@ def scan_layers(layers: nnx.Module, x, body, *, remat: str, count: int | None = 
         return jax.lax.scan(step, x, (state, xs))
     depth = jax.tree.leaves(state)[0].shape[0]
     ys = []
-    for inputs in zip(_unstack(state, depth), _unstack(xs, depth), strict=True):
+    for inputs in zip(_per_layer(state, depth), _per_layer(xs, depth), strict=True):
         x, y = step(x, inputs)
         ys.append(y)
     return x, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
-def _unstack(tree, depth: int) -> list:
+def _per_layer(tree, depth: int) -> list:
     """`depth` trees, one per layer, from a tree stacked on axis 0 (None: `depth` Nones).
     `jnp.unstack` is one operation whose transpose stacks the layers' gradients at once."""
     if tree is None:
