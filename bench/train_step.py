@@ -106,8 +106,8 @@ def measure(args, remat: str, rng) -> dict:
                                          * args.mesh[0])
     peak = flops.peak_tflops(jax.devices()[0].device_kind)
     return {"model": args.model, "remat": remat, "unrolled": args.unroll, "seq": args.seq,
-            "frames": args.frames,
-            "mesh": list(args.mesh), "kernel": args.kernel, "step_s": step, "compile_s": compile_s,
+            "frames": args.frames, "mesh": list(args.mesh), "kernel": args.kernel,
+            "step_s": step, "compile_s": compile_s,
             "tokens_per_s_per_gpu": args.seq * args.mesh[0] / step / devices,
             "model_tflops_per_gpu": model_flops / step / devices / 1e12,
             "mfu": model_flops / step / devices / (peak * 1e12) if peak else None,
