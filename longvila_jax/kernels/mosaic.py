@@ -278,6 +278,19 @@ BACKWARD = "mosaic"
 BWD_STAGES = 2  # Q/dO ring depth of the Mosaic backward (smem: 225 KB at head dim 128)
 
 
+def _loop_zero(tile):
+    """0, from a tile index (never negative) read inside the loop.
+
+    A shared-memory buffer the loop reads at a fixed index has fixed wgmma descriptors,
+    which LLVM hoists out of the loop: one 64-bit value per 16-column step of each product,
+    32 in the backward. ptxas then kept 64 registers for them and spilled 508 bytes,
+    reloaded before the products every step. Indexed with this zero, the descriptors are
+    recomputed each step by a few integer adds and nothing spills: 32K causal fwd+bwd
+    64.6-65.2 -> 54.0-54.6 ms on an H200 (bench/NOTES.md item 53).
+    """
+    return jnp.minimum(tile, 0)
+
+
 def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_ref, q_seg_ref,
                      kv_seg_ref, order_ref, counts_ref, dq_ref, dkv_ref, smem, ready,
                      q_free, ds_ready, ds_free, *, causal, scale_log2, groups, skv, stages):
@@ -336,11 +349,13 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
             # stalled every step (~0.6 us, bench/NOTES.md).
             tile = tile_smem[slot]
             q0 = tile * BLOCK_Q
+            w = wg + _loop_zero(tile)
+            k_rows, v_rows = k_smem.at[w], v_smem.at[w]
 
             def scores(refs):
                 s_ref, dp_ref = refs
-                plgpu.wgmma(s_ref, my_k, q_tile.transpose((1, 0)))
-                plgpu.wgmma(dp_ref, my_v, do_tile.transpose((1, 0)))
+                plgpu.wgmma(s_ref, k_rows, q_tile.transpose((1, 0)))
+                plgpu.wgmma(dp_ref, v_rows, do_tile.transpose((1, 0)))
                 return s_ref[...], dp_ref[...]
 
             with jax.named_scope("scores"):
@@ -388,11 +403,14 @@ def _backward_kernel(q_ref, k_ref, v_ref, do_ref, stats_ref, q_pos_ref, kv_pos_r
 
         def d_query():
             """This consumer's dQ for all 128 keys of its pending tile (dS^T slot `wg`)."""
-            q0 = tile_smem[stages + wg] * BLOCK_Q
+            pending = tile_smem[stages + wg]
+            q0 = pending * BLOCK_Q
+            zero = _loop_zero(pending)
 
             def product(acc_ref):
                 for w in (0, 1):
-                    plgpu.wgmma(acc_ref, ds_smem.at[wg, w].transpose((1, 0)), k_smem.at[w])
+                    plgpu.wgmma(acc_ref, ds_smem.at[wg + zero, w].transpose((1, 0)),
+                                k_smem.at[w + zero])
                 return acc_ref[...]
 
             # Each slot's barrier has one waiter, so its phases stay in step.
